@@ -1,0 +1,112 @@
+"""lora_analysis.projection: Table 7 (Section 7.3) on planted analytic cases, a dense reference, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora.layers import delta_weight
+from lora_analysis.linalg import WeightSVDCache, top_singular
+from lora_analysis.projection import Table7Row, projection_norm, random_orthonormal, table7_row
+
+F64 = torch.float64
+
+
+def _weight(d_out: int = 40, d_in: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def test_projection_norm_on_own_singular_vectors():
+    W = _weight()
+    svd = top_singular(W, k=5)
+    assert projection_norm(W, svd.U, svd.V) == pytest.approx(float(svd.S.norm()), rel=1e-12)
+    eye_out, eye_in = torch.eye(40, dtype=F64), torch.eye(32, dtype=F64)
+    assert projection_norm(W, eye_out, eye_in) == pytest.approx(float(W.norm()), rel=1e-12)
+
+
+@pytest.mark.parametrize("j,alpha", [(20, 5.0), (31, 0.7)])
+def test_table7_planted_low_energy_direction(j, alpha):
+    """ΔW = α·u_j v_jᵀ along a weak singular pair of W: delta = σ_j, amplification = α / σ_j."""
+    W = _weight()
+    ws = top_singular(W)
+    u, v, sigma = ws.U[:, j : j + 1], ws.V[:, j : j + 1], ws.S[j].item()
+    row = table7_row(W, v.T, u, scaling=alpha)  # A = vᵀ (1, d_in), B = u (d_out, 1)
+    assert isinstance(row, Table7Row) and row.rank == 1
+    assert row.delta == pytest.approx(sigma, rel=1e-10)
+    assert row.dw_norm == pytest.approx(alpha, rel=1e-12)
+    assert row.amplification == pytest.approx(alpha / sigma, rel=1e-10)
+    assert row.weight == pytest.approx(ws.S[0].item(), rel=1e-12)
+    assert row.w_norm == pytest.approx(float(W.norm()), rel=1e-12)
+    assert row.weight > row.delta  # a weak direction projects less than W's top one
+
+
+def test_table7_matches_dense_reference():
+    W = _weight(seed=1)
+    g = torch.Generator().manual_seed(2)
+    A, B = torch.randn(4, 32, generator=g, dtype=F64), torch.randn(40, 4, generator=g, dtype=F64)
+    s = 8 / 4
+    dense = delta_weight(A, B, s)
+    U, S, Vh = torch.linalg.svd(dense)
+    row = table7_row(W, A, B, scaling=s)
+    assert row.delta == pytest.approx(float((U[:, :4].T @ W @ Vh[:4].T).norm()), rel=1e-6)
+    assert row.dw_norm == pytest.approx(float(dense.norm()), rel=1e-10)
+    assert row.amplification == pytest.approx(row.dw_norm / row.delta, rel=1e-12)
+    assert set(row.as_dict()) == {"delta", "weight", "random", "w_norm", "dw_norm", "amplification", "rank"}
+    # top < r uses the top-k subspaces of both.
+    row2 = table7_row(W, A, B, scaling=s, top=2)
+    assert row2.rank == 2
+    assert row2.delta == pytest.approx(float((U[:, :2].T @ W @ Vh[:2].T).norm()), rel=1e-6)
+
+
+def test_table7_random_is_seeded_and_near_its_expectation():
+    W = _weight(200, 160, seed=3)
+    g = torch.Generator().manual_seed(4)
+    A, B = torch.randn(8, 160, generator=g, dtype=F64), torch.randn(200, 8, generator=g, dtype=F64)
+    r0 = table7_row(W, A, B, scaling=1.0, random_seed=0)
+    assert r0.random == table7_row(W, A, B, scaling=1.0, random_seed=0).random
+    assert r0.random != table7_row(W, A, B, scaling=1.0, random_seed=1).random
+    # E‖Uᵀ W V‖_F² = k² ‖W‖_F² / (d_out d_in) for independent Haar U, V.
+    expected = 8 * float(W.norm()) / math.sqrt(200 * 160)
+    assert 0.5 * expected < r0.random < 1.5 * expected
+
+
+def test_table7_shared_w_svd_gives_same_row():
+    W = _weight(seed=5)
+    g = torch.Generator().manual_seed(6)
+    cache = WeightSVDCache()
+    for r in (2, 8):
+        A, B = torch.randn(r, 32, generator=g, dtype=F64), torch.randn(40, r, generator=g, dtype=F64)
+        shared = table7_row(W, A, B, scaling=2.0, w_svd=cache.get("q", W))
+        assert shared == table7_row(W, A, B, scaling=2.0)
+    assert cache.computed == 1
+
+
+def test_table7_zero_update():
+    W = _weight()
+    row = table7_row(W, torch.randn(2, 32, dtype=F64), torch.zeros(40, 2, dtype=F64), scaling=1.0)
+    assert row.dw_norm == 0.0
+    assert row.delta > 0 and row.amplification == 0.0  # zero update: U, V arbitrary, nothing amplified
+
+
+def test_random_orthonormal():
+    Q = random_orthonormal(10, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(Q.T @ Q, torch.eye(4, dtype=F64))
+    with pytest.raises(ValueError, match="k=11"):
+        random_orthonormal(10, 11, generator=torch.Generator())
+
+
+def test_bad_input():
+    W = _weight()
+    A, B = torch.randn(4, 32, dtype=F64), torch.randn(40, 4, dtype=F64)
+    with pytest.raises(ValueError, match=r"\(32, 40\)"):
+        table7_row(W.T, A, B, scaling=1.0)
+    with pytest.raises(ValueError, match="top=5"):
+        table7_row(W, A, B, scaling=1.0, top=5)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        table7_row(W.clone().fill_(float("nan")), A, B, scaling=1.0)
+    with pytest.raises(ValueError, match=r"U \(39, 2\).*\(40, 32\)"):
+        projection_norm(W, torch.ones(39, 2), torch.ones(32, 2))
+    with pytest.raises(ValueError, match="holding 2"):
+        table7_row(W, A, B, scaling=1.0, w_svd=top_singular(W, k=2))
