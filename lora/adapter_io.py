@@ -1,0 +1,877 @@
+"""Adapter files in the PEFT layout: save, load, apply to a base model, import loralib checkpoints.
+
+An adapter directory (the contract every tool in the toolkit reads and writes)::
+
+    adapter_config.json          PEFT's LoraConfig fields + our keys (seed, base_fingerprint, init, lora_toolkit)
+    adapter_model.safetensors    base_model.model.<path>.lora_A.weight (r, d_in), ....lora_B.weight (d_out, r),
+                                 base_model.model.<path>.lora_embedding_A (r, num) / lora_embedding_B (dim, r),
+                                 base_model.model.<head path>.<param> for modules_to_save (a task head)
+    init.safetensors             optional: A at step 0, keyed by module key (``<path>`` or ``<path>:q``)
+
+PEFT (0.21) ignores unknown config keys with a warning, so our extra keys do not stop ``PeftModel.from_pretrained``.
+A *module key* is the PEFT key without ``base_model.model.`` and without ``.lora_A.weight``; a fused GPT-2 slice
+is ``<path>:q``.
+
+**GPT-2's fused ``c_attn`` with only q and v adapted.** PEFT cannot adapt slices of one module (peft issue 852),
+so a :class:`~lora.layers.LoRAFusedQKV` with slices ``S`` (``n = |S|``) is saved as *one* PEFT LoRA on ``c_attn``
+of rank ``n·r`` (``fan_in_fan_out: true``)::
+
+    A = [A_q; A_v]                       (n·r, d_in)
+    B = [[B_q, 0], [0, 0], [0, B_v]]     (3·d_out, n·r): B_t in the rows of slice t, the columns of its A_t
+
+so that ``s' · B A = [s·B_q A_q; 0; s·B_v A_v]`` exactly, with PEFT's scale ``s' = s``: ``lora_alpha`` for that
+module (``alpha_pattern``, rank in ``rank_pattern``) is ``n·alpha`` for ``s = alpha/r`` and ``sqrt(n)·alpha`` for
+rsLoRA (``s = alpha/sqrt(r)``). ``lora_toolkit.fused[<path>]`` records the slices, ``r``, ``alpha`` and ``s``, and
+:func:`load_adapter` splits the pair back into ``<path>:q`` and ``<path>:v`` with the original A, B and scale.
+If the off-block entries of B are no longer zero (the file was trained further in PEFT), or a genuine PEFT
+adapter on ``c_attn`` carries no such record, the module loads as slices ``:q``, ``:k``, ``:v`` that share A:
+``ΔW_t = s · B[rows_t] · A``, which is exact for every slice.
+
+Every bad input raises :class:`~lora.errors.UserError` with one line naming the file. Tensors keep their stored
+dtype; upcasting to float64 is the analysis layer's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lora.errors import UserError
+from lora.fsio import atomic_dir
+from lora.inject import inject_lora, lora_modules
+from lora.layers import (
+    FUSED_SLICES,
+    LoRAEmbedding,
+    LoRAFactors,
+    LoRAFusedQKV,
+    LoRALinear,
+    LoRAModule,
+    lora_scaling,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT versions; read with torch.load(weights_only=True)
+INIT_NAME = "init.safetensors"
+PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the base model
+TOOLKIT_KEY = "lora_toolkit"
+FORMAT_VERSION = 1
+FUSED_MODULE_NAMES = ("c_attn",)  # GPT-2's fused [q | k | v] Conv1D
+
+# PEFT task_type -> the transformers Auto class that owns the task head (used by merge and load_base_model).
+TASK_AUTO_CLASS = {
+    None: "AutoModel",
+    "FEATURE_EXTRACTION": "AutoModel",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+)
+
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B)\.weight$|^(?P<epath>.+)\.(?P<ekind>lora_embedding_[AB])$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The adapter object
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A loaded adapter.
+
+    Attributes:
+        path: the adapter directory (or loralib checkpoint file) it came from; ``None`` if built in memory.
+        config: the parsed ``adapter_config.json`` (PEFT fields and ours).
+        factors: ``{module key: LoRAFactors(A (r, d_in), B (d_out, r), scaling)}`` in the stored dtype.
+        init_A: ``{module key: A at step 0}`` from ``init.safetensors``, or ``None``.
+        extra_tensors: modules_to_save tensors (a task head), keyed by parameter path without ``base_model.model.``.
+    """
+
+    path: Path | None
+    config: dict[str, Any]
+    factors: dict[str, LoRAFactors]
+    init_A: dict[str, Tensor] | None = None
+    extra_tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        """The nominal rank ``r`` (``adapter_config.json`` ``r``; per-module ranks are ``factors[k].rank``)."""
+        return int(self.config["r"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config["lora_alpha"])
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.get("seed")
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        return self.config.get("base_fingerprint")
+
+    @property
+    def task_type(self) -> str | None:
+        return self.config.get("task_type")
+
+    @property
+    def module_paths(self) -> list[str]:
+        """The adapted module paths, fused slices collapsed (``h.0.attn.c_attn:q`` -> ``h.0.attn.c_attn``)."""
+        return list(dict.fromkeys(k.partition(":")[0] for k in self.factors))
+
+    def __repr__(self) -> str:
+        return f"Adapter({self.path}, r={self.config.get('r')}, modules={len(self.factors)})"
+
+
+def _where(adapter: Adapter) -> str:
+    return str(adapter.path) if adapter.path is not None else "adapter"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fingerprint of the base weights
+
+
+def _fingerprint_modules(items: Iterable[tuple[str, nn.Module]]) -> str:
+    h = hashlib.sha256()
+    for name, module in sorted(items, key=lambda kv: kv[0]):
+        if isinstance(module, LoRAModule):
+            if module.merged:
+                raise ValueError(f"{name}: merged LoRA layer; unmerge before fingerprinting its base weights")
+            module = module.base
+        for pname, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if pname.startswith("lora_"):
+                continue
+            # float32 bytes: the same weights loaded in fp32 or upcast from bf16 hash the same.
+            t = p.detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{name}.{pname}:{tuple(t.shape)}\n".encode())
+            h.update(t.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def base_fingerprint(model: nn.Module, *, module_paths: Sequence[str] | None = None) -> str:
+    """sha256 over the names, shapes and float32 bytes of the frozen base parameters that an adapter modifies.
+
+    Args:
+        model: a model with LoRA layers (their base modules are hashed), or a plain base model.
+        module_paths: hash these modules instead; ``None``: the LoRA layers' bases, or every parameter if
+            ``model`` has no LoRA layer.
+
+    Returns:
+        ``"sha256:<hex>"``; the same base weights give the same string whatever LoRA layers sit on top.
+    """
+    if module_paths is not None:
+        return _fingerprint_modules((p, model.get_submodule(p)) for p in module_paths)
+    found = lora_modules(model)
+    if found:
+        return _fingerprint_modules(found.items())
+    return _fingerprint_modules([("", model)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save
+
+
+def _tensor(t: Tensor) -> Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def _match_paths(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    out = {}
+    for name in names:
+        hits = {p: m for p, m in model.named_modules() if p and (p == name or p.endswith("." + name))}
+        hits = {p: m for p, m in hits.items() if not any(p.startswith(q + ".") for q in hits if q != p)}
+        if not hits:
+            raise UserError(f"modules_to_save: {name!r} matches no module of {type(model).__name__}")
+        out.update(hits)
+    return out
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str | None,
+    seed: int | None = None,
+    modules_to_save: Sequence[str] = (),
+    task_type: str | None = None,
+    init_A: Mapping[str, Tensor] | None = None,
+    extra_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the LoRA layers of ``model`` as a PEFT adapter directory, atomically.
+
+    Args:
+        model: a model with LoRA layers (:func:`lora.inject.inject_lora`), unmerged.
+        out_dir: the adapter directory to create.
+        base_model_name_or_path: recorded for PEFT and for :mod:`lora.merge`.
+        seed: the training seed (recorded).
+        modules_to_save: modules trained in full, e.g. ``["classifier"]``; stored as PEFT stores them.
+        task_type: PEFT task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``...), also selects the Auto class on merge.
+        init_A: ``{module key: A at step 0}`` written to ``init.safetensors``.
+        extra_config: extra keys for ``adapter_config.json``; a ``lora_toolkit`` dict is merged into ours.
+        overwrite: replace an existing directory (only once the new one is complete).
+
+    Returns:
+        The final directory.
+    """
+    from safetensors.torch import save_file
+
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no LoRA layers")
+    merged = [p for p, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"save_adapter: unmerge first; merged LoRA layers: {merged[:3]}")
+    rslora = {m.use_rslora for m in layers.values()}
+    if len(rslora) != 1:
+        raise ValueError("save_adapter: PEFT has one use_rslora per adapter; the LoRA layers disagree")
+    use_rslora = rslora.pop()
+    first = next(iter(layers.values()))
+    r0, alpha0 = first.r, first.alpha
+
+    tensors: dict[str, Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    fused_meta: dict[str, dict[str, Any]] = {}
+    has_conv1d = False
+    for path, m in layers.items():
+        if isinstance(m, LoRAFusedQKV):
+            has_conv1d = True
+            n, r, d_out = len(m.slices), m.r, m.d_out
+            facs = m.factors()
+            A = torch.cat([facs[s].A for s in m.slices], dim=0)  # (n·r, d_in)
+            B = A.new_zeros(3 * d_out, n * r)  # (3·d_out, n·r), block structured
+            for i, s in enumerate(m.slices):
+                rows = m._cols(s)
+                B[rows, i * r : (i + 1) * r] = facs[s].B
+            tensors[f"{PREFIX}{path}.lora_A.weight"] = _tensor(A)
+            tensors[f"{PREFIX}{path}.lora_B.weight"] = _tensor(B)
+            rank_pattern[path] = n * r
+            # PEFT's scale alpha'/(n r) (or alpha'/sqrt(n r)) must equal ours alpha/r (or alpha/sqrt(r)).
+            alpha_pattern[path] = m.alpha * (math.sqrt(n) if use_rslora else n)
+            fused_meta[path] = {"slices": list(m.slices), "r": r, "alpha": m.alpha, "scaling": m.scaling, "d_out": d_out}
+        elif isinstance(m, LoRAEmbedding):
+            tensors[f"{PREFIX}{path}.lora_embedding_A"] = _tensor(m.lora_A)
+            tensors[f"{PREFIX}{path}.lora_embedding_B"] = _tensor(m.lora_B)
+        elif isinstance(m, LoRALinear):
+            tensors[f"{PREFIX}{path}.lora_A.weight"] = _tensor(m.lora_A)
+            tensors[f"{PREFIX}{path}.lora_B.weight"] = _tensor(m.lora_B)
+        else:
+            raise TypeError(f"save_adapter: {path}: unsupported LoRA layer {type(m).__name__}")
+        if not isinstance(m, LoRAFusedQKV) and (m.r != r0 or m.alpha != alpha0):
+            rank_pattern[path], alpha_pattern[path] = m.r, m.alpha
+
+    head = _match_paths(model, list(modules_to_save)) if modules_to_save else {}
+    for hpath, hmod in head.items():
+        for k, v in hmod.state_dict().items():
+            tensors[f"{PREFIX}{hpath}.{k}"] = _tensor(v)
+
+    mcfg = getattr(model, "config", None)
+    toolkit: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "base_model_class": type(model).__name__,
+        "fused": fused_meta,
+    }
+    if head and mcfg is not None and getattr(mcfg, "num_labels", None) is not None:
+        toolkit["num_labels"] = int(mcfg.num_labels)
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r0,
+        "lora_alpha": alpha0,
+        "lora_dropout": float(getattr(getattr(first, "lora_dropout", None), "p", 0.0)),
+        "target_modules": list(layers),
+        "fan_in_fan_out": has_conv1d,
+        "use_rslora": use_rslora,
+        "bias": "none",
+        "modules_to_save": list(modules_to_save) or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "seed": seed,
+        "base_fingerprint": base_fingerprint(model),
+        "init": None,
+        TOOLKIT_KEY: toolkit,
+    }
+    for k, v in (extra_config or {}).items():
+        if k == TOOLKIT_KEY and isinstance(v, Mapping):
+            toolkit.update(v)
+        else:
+            config[k] = v
+
+    init_tensors = {k: _tensor(v) for k, v in (init_A or {}).items()}
+    try:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if init_tensors:
+                save_file(init_tensors, str(tmp / INIT_NAME), metadata={"format": "pt"})
+    except FileExistsError:
+        raise UserError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)") from None
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Load
+
+
+def _read_config(cfg_path: Path) -> dict[str, Any]:
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{cfg_path}: cannot read: {exc}") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_path}: invalid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{cfg_path}: must be a JSON object, got {type(config).__name__}")
+    missing = [k for k in ("peft_type", "r", "lora_alpha") if k not in config]
+    if missing:
+        raise UserError(f"{cfg_path}: missing field(s) {', '.join(missing)}")
+    if config["peft_type"] != "LORA":
+        raise UserError(f"{cfg_path}: peft_type is {config['peft_type']!r}; only 'LORA' adapters are supported")
+    r, alpha = config["r"], config["lora_alpha"]
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise UserError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise UserError(f"{cfg_path}: lora_alpha must be a finite number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise UserError(f"{cfg_path}: {key} must be an object, got {type(config[key]).__name__}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise UserError(f"{cfg_path}: use_rslora must be true or false")
+    if config.get("use_dora"):
+        raise UserError(f"{cfg_path}: DoRA adapters (use_dora: true) are not supported; ΔW is not s·B·A there")
+    if config.get("lora_bias"):
+        raise UserError(f"{cfg_path}: lora_bias: true is not supported")
+    toolkit = config.get(TOOLKIT_KEY)
+    if toolkit is not None and not isinstance(toolkit, dict):
+        raise UserError(f"{cfg_path}: {TOOLKIT_KEY} must be an object")
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # SafetensorError, OSError, ...: a truncated or corrupt file
+            raise UserError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+    else:
+        try:
+            tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"{path}: cannot load ({' '.join(str(exc).split())})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+        raise UserError(f"{path}: expected a flat mapping of tensor names to tensors")
+    return tensors
+
+
+def _pattern_value(pattern: Mapping[str, Any] | None, path: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)``."""
+    for key, value in (pattern or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", path):
+                return value
+        except re.error:
+            continue
+    return default
+
+
+def _check_finite(file: Path, name: str, t: Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise UserError(f"{file}: {name} contains NaN or Inf")
+
+
+def _split_fused(
+    file: Path, path: str, A: Tensor, B: Tensor, scaling: float, meta: Mapping[str, Any] | None
+) -> dict[str, LoRAFactors]:
+    """Split one PEFT LoRA on a fused ``[q | k | v]`` module into per-slice factors (see the module docstring)."""
+    if B.shape[0] % 3:
+        raise UserError(f"{file}: {path}: lora_B has {B.shape[0]} rows, not 3·d_out of a fused q/k/v module")
+    d_out = B.shape[0] // 3
+    rows = {s: slice(i * d_out, (i + 1) * d_out) for i, s in enumerate(FUSED_SLICES)}
+    if meta is not None:
+        try:
+            slices, r, s_ours = list(meta["slices"]), int(meta["r"]), float(meta["scaling"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{file}: {TOOLKIT_KEY}.fused[{path!r}] must have slices, r and scaling") from None
+        if not slices or any(s not in FUSED_SLICES for s in slices) or A.shape[0] != len(slices) * r:
+            raise UserError(f"{file}: {path}: fused layout {slices} with r={r} does not fit lora_A {tuple(A.shape)}")
+        mask = torch.ones_like(B, dtype=torch.bool)
+        for i, s in enumerate(slices):
+            mask[rows[s], i * r : (i + 1) * r] = False
+        if not bool((B[mask] == 0).all()):
+            warnings.warn(
+                f"{file}: {path}: lora_B is no longer block-structured (trained further outside this toolkit?); "
+                "loading it as q, k, v slices that share A",
+                stacklevel=3,
+            )
+        else:
+            return {
+                f"{path}:{s}": LoRAFactors(A[i * r : (i + 1) * r], B[rows[s], i * r : (i + 1) * r], s_ours)
+                for i, s in enumerate(slices)
+            }
+    return {f"{path}:{s}": LoRAFactors(A, B[rows[s]], scaling) for s in FUSED_SLICES}
+
+
+def _factors_from_tensors(
+    file: Path, config: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> tuple[dict[str, LoRAFactors], dict[str, Tensor]]:
+    pairs: dict[str, dict[str, Tensor]] = {}
+    extra: dict[str, Tensor] = {}
+    unprefixed = [k for k in tensors if not k.startswith(PREFIX)]
+    if unprefixed:
+        raise UserError(
+            f"{file}: key {unprefixed[0]!r} lacks the '{PREFIX}' prefix; PEFT would silently skip it "
+            f"(B stays 0), so rename the keys to '{PREFIX}<module path>...'"
+        )
+    for key, t in tensors.items():
+        rest = key[len(PREFIX) :]
+        m = _LORA_KEY.match(rest)
+        if m is None:
+            if ".lora_" in rest:
+                raise UserError(f"{file}: unsupported LoRA tensor {key!r} (only lora_A/lora_B/lora_embedding_A/B)")
+            _check_finite(file, key, t)
+            extra[rest] = t
+            continue
+        path = m.group("path") or m.group("epath")
+        kind = (m.group("kind") or m.group("ekind"))[-1]  # "A" or "B"
+        pairs.setdefault(path, {})[kind] = t
+    if not pairs:
+        raise UserError(f"{file}: contains no LoRA tensors (no '*.lora_A.weight' keys)")
+
+    toolkit = config.get(TOOLKIT_KEY) or {}
+    fused = toolkit.get("fused") or {}
+    r_default, alpha_default = int(config["r"]), float(config["lora_alpha"])
+    use_rslora = bool(config.get("use_rslora", False))
+    factors: dict[str, LoRAFactors] = {}
+    for path, ab in pairs.items():
+        for kind in "AB":
+            if kind not in ab:
+                raise UserError(f"{file}: module {path} has lora_{'AB'.replace(kind, '')} but no lora_{kind}")
+        A, B = ab["A"], ab["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise UserError(
+                f"{file}: module {path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B @ A"
+            )
+        r = int(_pattern_value(config.get("rank_pattern"), path, r_default))
+        if A.shape[0] != r:
+            raise UserError(f"{file}: module {path}: lora_A has rank {A.shape[0]} but adapter_config.json says r={r}")
+        _check_finite(file, f"{path} lora_A", A)
+        _check_finite(file, f"{path} lora_B", B)
+        alpha = float(_pattern_value(config.get("alpha_pattern"), path, alpha_default))
+        scaling = lora_scaling(r, alpha, use_rslora=use_rslora)
+        if path in fused or path.rpartition(".")[2] in FUSED_MODULE_NAMES:
+            factors.update(_split_fused(file, path, A, B, scaling, fused.get(path)))
+        else:
+            factors[path] = LoRAFactors(A, B, scaling)
+    return factors, extra
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Load a PEFT-layout LoRA adapter directory (ours or PEFT's).
+
+    Returns:
+        An :class:`Adapter`; tensors keep their stored dtype. Fused GPT-2 ``c_attn`` adapters come back as
+        ``<path>:q`` / ``<path>:v`` (ours) or ``:q``, ``:k``, ``:v`` (a genuine PEFT adapter).
+
+    Raises:
+        UserError: naming the file, for any missing, malformed or inconsistent input.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise UserError(f"{root}: adapter directory does not exist")
+    if not root.is_dir():
+        raise UserError(f"{root}: is a file; expected an adapter directory containing {CONFIG_NAME}")
+    cfg_path = root / CONFIG_NAME
+    if not cfg_path.is_file():
+        what = "directory is empty" if not any(root.iterdir()) else f"no {CONFIG_NAME}"
+        raise UserError(f"{cfg_path}: missing ({what}; not a PEFT adapter directory)")
+    config = _read_config(cfg_path)
+    weights = root / WEIGHTS_NAME
+    if not weights.is_file():
+        legacy = root / LEGACY_WEIGHTS_NAME
+        if not legacy.is_file():
+            raise UserError(f"{weights}: missing (adapter directory has a config but no weights)")
+        weights = legacy
+    factors, extra = _factors_from_tensors(weights, config, _read_tensors(weights))
+
+    init_A = None
+    init_path = root / INIT_NAME
+    if init_path.is_file():
+        init_A = _read_tensors(init_path)
+        for key, t in init_A.items():
+            if key not in factors:
+                raise UserError(f"{init_path}: {key!r} is not a module of this adapter")
+            if tuple(t.shape) != tuple(factors[key].A.shape):
+                raise UserError(
+                    f"{init_path}: {key}: shape {tuple(t.shape)} differs from lora_A {tuple(factors[key].A.shape)}"
+                )
+            _check_finite(init_path, key, t)
+    return Adapter(path=root, config=config, factors=factors, init_A=init_A, extra_tensors=extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Apply to a base model
+
+
+def _resolve_module_path(model: nn.Module, path: str, *, where: str) -> str:
+    """``path`` in ``model``, allowing for a task model's ``base_model_prefix`` (``bert.``) on either side."""
+    names = dict(model.named_modules())
+    if path in names:
+        return path
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix and path.startswith(prefix + ".") and path[len(prefix) + 1 :] in names:
+        return path[len(prefix) + 1 :]
+    if prefix and f"{prefix}.{path}" in names:
+        return f"{prefix}.{path}"
+    raise UserError(f"{where}: module {path} not found in {type(model).__name__}")
+
+
+def _expected_shapes(module: nn.Module, slice_name: str, r: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """``(A shape, B shape)`` that module accepts at rank ``r``; ``None`` if it cannot carry LoRA."""
+    if isinstance(module, LoRAModule):
+        module = module.base
+    w = getattr(module, "weight", None)
+    if w is None or w.ndim != 2:
+        return None
+    if isinstance(module, nn.Linear) and not slice_name:
+        d_out, d_in = w.shape
+    elif isinstance(module, nn.Embedding) and not slice_name:
+        d_in, d_out = w.shape  # E: (num, dim); A (r, num), B (dim, r)
+    elif type(module).__name__ == "Conv1D" and slice_name and w.shape[1] % 3 == 0:
+        d_in, d_out = w.shape[0], w.shape[1] // 3
+    else:
+        return None
+    return (r, d_in), (d_out, r)
+
+
+def apply_adapter(
+    model: nn.Module, adapter: Adapter, *, check_fingerprint: bool = True, load_extra: bool = True
+) -> dict[str, LoRAModule]:
+    """Inject LoRA layers for every module of ``adapter`` into ``model`` and load the factors (and task head).
+
+    Args:
+        model: the base model (unchanged weights; LoRA layers are added in place).
+        adapter: from :func:`load_adapter` or :func:`load_loralib_checkpoint`.
+        check_fingerprint: compare the adapted modules' base weights with ``base_fingerprint`` (if recorded).
+        load_extra: also copy ``extra_tensors`` (modules_to_save, e.g. a classifier head) into the model.
+
+    Returns:
+        ``{module path in model: LoRAModule}``.
+    """
+    where = _where(adapter)
+    by_path: dict[str, dict[str, LoRAFactors]] = {}
+    for key, f in adapter.factors.items():
+        p, _, s = key.partition(":")
+        by_path.setdefault(p, {})[s] = f
+    resolved = {p: _resolve_module_path(model, p, where=where) for p in by_path}
+
+    if check_fingerprint and adapter.base_fingerprint:
+        fp = _fingerprint_modules((p, model.get_submodule(q)) for p, q in resolved.items())
+        if fp != adapter.base_fingerprint:
+            raise UserError(
+                f"{where}: base model fingerprint differs from the one in {CONFIG_NAME}: this adapter was trained "
+                f"on other base weights (skip the check with check_fingerprint=False / --no-fingerprint-check)"
+            )
+
+    # Check every shape before touching the model, so a bad adapter leaves the model as it was.
+    for p, slices in by_path.items():
+        module = model.get_submodule(resolved[p])
+        if isinstance(module, LoRAModule):
+            raise UserError(f"{where}: module {p} already has a LoRA layer")
+        if len({f.rank for f in slices.values()}) != 1 or len({f.scaling for f in slices.values()}) != 1:
+            raise UserError(f"{where}: module {p}: fused slices with different ranks or scales are not supported")
+        for s, f in slices.items():
+            shapes = _expected_shapes(module, s, f.rank)
+            if shapes is None:
+                kind = type(module).__name__
+                raise UserError(f"{where}: module {p}{':' + s if s else ''}: cannot carry LoRA ({kind})")
+            if (tuple(f.A.shape), tuple(f.B.shape)) != shapes:
+                raise UserError(
+                    f"{where}: module {p}{':' + s if s else ''}: lora_A {tuple(f.A.shape)} / lora_B {tuple(f.B.shape)} "
+                    f"do not fit the base module (expected {shapes[0]} / {shapes[1]})"
+                )
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    extra_targets: dict[str, str] = {}
+    if load_extra:
+        for name, t in adapter.extra_tensors.items():
+            q = name if name in params else None
+            prefix = getattr(model, "base_model_prefix", "") or ""
+            if q is None and prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in params:
+                q = name[len(prefix) + 1 :]
+            if q is None:
+                raise UserError(f"{where}: tensor {name} (modules_to_save) has no place in {type(model).__name__}")
+            if tuple(params[q].shape) != tuple(t.shape):
+                raise UserError(
+                    f"{where}: tensor {name} {tuple(t.shape)} does not fit the model's {tuple(params[q].shape)}"
+                )
+            extra_targets[name] = q
+
+    dropout = float(adapter.config.get("lora_dropout") or 0.0)
+    out: dict[str, LoRAModule] = {}
+    for p, slices in by_path.items():
+        f0 = next(iter(slices.values()))
+        targets = [f"{resolved[p]}:{s}" for s in slices] if "" not in slices else [resolved[p]]
+        # alpha only fixes the initial scale; the stored scale is set below (PEFT's alpha_pattern, fused splits).
+        layer = inject_lora(
+            model, targets, r=f0.rank, alpha=f0.rank, dropout=dropout, use_rslora=adapter.use_rslora
+        )[resolved[p]]
+        with torch.no_grad():
+            if isinstance(layer, LoRAFusedQKV):
+                for s, f in slices.items():
+                    getattr(layer, f"lora_A_{s}").copy_(f.A)
+                    getattr(layer, f"lora_B_{s}").copy_(f.B)
+            else:
+                layer.lora_A.copy_(f0.A)
+                layer.lora_B.copy_(f0.B)
+        layer.scaling = f0.scaling
+        layer.alpha = _alpha_for(f0.scaling, f0.rank, adapter.use_rslora)
+        out[resolved[p]] = layer
+    with torch.no_grad():
+        for name, q in extra_targets.items():
+            params[q].copy_(adapter.extra_tensors[name])
+    return out
+
+
+def _alpha_for(scaling: float, r: int, use_rslora: bool) -> float:
+    return scaling * (math.sqrt(r) if use_rslora else r)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loralib checkpoints
+
+
+def load_loralib_checkpoint(
+    path: str | Path,
+    *,
+    alpha: float,
+    base_model_name_or_path: str | None = None,
+    enable_lora: Sequence[bool] = (True, False, True),
+    fused_modules: Sequence[str] = FUSED_MODULE_NAMES,
+    use_rslora: bool = False,
+) -> Adapter:
+    """Import a loralib (microsoft/LoRA) state dict: ``<path>.lora_A`` ``(r, d_in)``, ``<path>.lora_B`` ``(d_out, r)``.
+
+    loralib stores no alpha, so it must be given (its scale is ``alpha / r``). A GPT-2 ``c_attn`` built as
+    ``MergedLinear(enable_lora=[True, False, True])`` stores ``lora_A`` ``(r·n, d_in)`` and ``lora_B``
+    ``(d_out·n, r)`` with ``n = sum(enable_lora)`` and applies them as a grouped ``conv1d`` (``groups=n``):
+    enabled group ``g`` uses ``A[g·r:(g+1)·r]`` and ``B[g·d_out:(g+1)·d_out]`` and its output is padded into the
+    slot of the g-th enabled slice, so ``ΔW_t = s · B_g A_g``. These come back as ``<path>:q`` / ``<path>:v``.
+
+    Args:
+        path: a ``.pt`` file; a dict with ``model_state_dict`` (loralib's GPT-2 example) is unwrapped.
+        alpha: loralib's ``lora_alpha``.
+        base_model_name_or_path: recorded in the synthesized config.
+        enable_lora: the ``MergedLinear`` flags for q, k, v.
+        fused_modules: module names built as ``MergedLinear``.
+        use_rslora: use ``alpha/sqrt(r)`` instead (not loralib's behaviour; for checkpoints trained that way).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{file}: loralib checkpoint does not exist" if not file.exists() else f"{file}: not a file")
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{file}: cannot load as a torch checkpoint ({' '.join(str(exc).split())})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{file}: expected a state dict, got {type(obj).__name__}")
+    if len(enable_lora) != len(FUSED_SLICES) or not any(enable_lora):
+        raise UserError(f"enable_lora: expected three flags for q, k, v with at least one true, got {list(enable_lora)}")
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, t in obj.items():
+        if isinstance(key, str) and key.endswith((".lora_A", ".lora_B")) and isinstance(t, Tensor):
+            pairs.setdefault(key[: -len(".lora_A")], {})[key[-1]] = t
+    if not pairs:
+        raise UserError(f"{file}: no '<module>.lora_A' / '<module>.lora_B' tensors (not a loralib state dict)")
+    slices = [s for s, e in zip(FUSED_SLICES, enable_lora, strict=True) if e]
+    n = len(slices)
+    factors: dict[str, LoRAFactors] = {}
+    ranks = set()
+    for mpath, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"{file}: module {mpath} has only lora_{''.join(ab)}")
+        A, B = ab["A"], ab["B"]
+        if A.ndim != 2 or B.ndim != 2:
+            raise UserError(f"{file}: module {mpath}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are not matrices")
+        _check_finite(file, f"{mpath}.lora_A", A)
+        _check_finite(file, f"{mpath}.lora_B", B)
+        r = B.shape[1]
+        s = lora_scaling(r, alpha, use_rslora=use_rslora)
+        ranks.add(r)
+        if mpath.rpartition(".")[2] in fused_modules:
+            if A.shape[0] != r * n or B.shape[0] % n:
+                raise UserError(
+                    f"{file}: module {mpath}: MergedLinear with enable_lora={list(enable_lora)} needs lora_A "
+                    f"(r·{n}, d_in) and lora_B (d_out·{n}, r); got {tuple(A.shape)} and {tuple(B.shape)}"
+                )
+            d_out = B.shape[0] // n
+            for g, sl in enumerate(slices):  # conv1d groups: group g -> the g-th enabled slice
+                factors[f"{mpath}:{sl}"] = LoRAFactors(
+                    A[g * r : (g + 1) * r], B[g * d_out : (g + 1) * d_out], s
+                )
+        else:
+            if A.shape[0] != r:
+                raise UserError(f"{file}: module {mpath}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B @ A")
+            factors[mpath] = LoRAFactors(A, B, s)
+    config = {
+        "peft_type": "LORA",
+        "r": min(ranks),
+        "lora_alpha": alpha,
+        "use_rslora": use_rslora,
+        "base_model_name_or_path": base_model_name_or_path,
+        "target_modules": sorted({k.partition(":")[0] for k in factors}),
+        TOOLKIT_KEY: {"source": "loralib", "checkpoint": str(file), "enable_lora": list(enable_lora)},
+    }
+    return Adapter(path=file, config=config, factors=factors)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base models and base weights
+
+
+def load_base_model(
+    name_or_path: str | Path,
+    *,
+    task_type: str | None = None,
+    model_class: str | None = None,
+    num_labels: int | None = None,
+    option: str = "--base",
+) -> nn.Module:
+    """Load a transformers model in eval mode, with the class that owns the adapter's paths and task head.
+
+    ``model_class`` (e.g. ``"GPT2LMHeadModel"``, recorded as ``lora_toolkit.base_model_class``) wins, then the
+    Auto class of ``task_type`` (``SEQ_CLS`` -> ``AutoModelForSequenceClassification``), then ``AutoModel``.
+    """
+    import transformers
+
+    cls = getattr(transformers, model_class, None) if model_class else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        cls = getattr(transformers, TASK_AUTO_CLASS.get(task_type, "AutoModel"))
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    p = Path(name_or_path)
+    if p.exists() and not (p.is_dir() and (p / "config.json").is_file()):
+        raise UserError(f"{option} {p}: not a transformers model directory (no config.json)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_pretrained(str(name_or_path), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{option} {name_or_path}: cannot load base model ({' '.join(str(exc).split())[:300]})") from None
+    return model.eval()
+
+
+def base_model_for(adapter: Adapter, base: str | Path | None = None) -> nn.Module:
+    """The base model an adapter was trained on (``base`` overrides ``base_model_name_or_path``)."""
+    name = base or adapter.base_model_name_or_path
+    if not name:
+        raise UserError(f"{_where(adapter)}: records no base_model_name_or_path; pass --base")
+    toolkit = adapter.config.get(TOOLKIT_KEY) or {}
+    model_class = toolkit.get("base_model_class")
+    if model_class is None:
+        model_class = (adapter.config.get("auto_mapping") or {}).get("base_model_class")  # PEFT records this
+    return load_base_model(
+        name, task_type=adapter.task_type, model_class=model_class, num_labels=toolkit.get("num_labels"),
+        option="--base" if base else f"{_where(adapter)}: base_model_name_or_path",
+    )
+
+
+def _w0(module: nn.Module, slice_name: str, where: str, key: str) -> Tensor:
+    if isinstance(module, LoRAModule):
+        return module.base_weights()[slice_name]
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) and not slice_name:
+        return w.detach()
+    if isinstance(module, nn.Embedding) and not slice_name:
+        return w.detach().T  # (dim, num): the map from one-hot tokens
+    if type(module).__name__ == "Conv1D":
+        w = w.detach()  # (d_in, d_out_total), y = x @ W
+        if not slice_name:
+            return w.T
+        d = w.shape[1] // 3
+        t = FUSED_SLICES.index(slice_name)
+        return w[:, t * d : (t + 1) * d].T
+    raise UserError(f"{where}: module {key}: {type(module).__name__} has no LoRA-adaptable weight")
+
+
+def load_base_weights(
+    source: Adapter | str | Path | nn.Module,
+    module_keys: Iterable[str] | None = None,
+    *,
+    base: str | Path | nn.Module | None = None,
+) -> dict[str, Tensor]:
+    """W0 per module key, ``(d_out, d_in)`` (``nn.Linear`` orientation), float64.
+
+    Args:
+        source: an :class:`Adapter` or adapter directory (keys default to its modules, base to its
+            ``base_model_name_or_path``), a transformers model directory, or a loaded model.
+        module_keys: ``<path>`` or ``<path>:q``; required unless ``source`` is an adapter.
+        base: the base model (directory or loaded) to read instead of the adapter's own.
+
+    GPT-2's ``Conv1D`` stores ``(d_in, d_out)``; it is transposed, and a slice ``:q`` takes its columns first.
+    """
+    adapter = None
+    if isinstance(source, Adapter):
+        adapter = source
+    elif isinstance(source, str | Path) and (Path(source) / CONFIG_NAME).is_file():
+        adapter = load_adapter(source)
+    if adapter is not None:
+        keys = list(module_keys) if module_keys is not None else list(adapter.factors)
+        model = base if isinstance(base, nn.Module) else base_model_for(adapter, base)
+        where = _where(adapter)
+    else:
+        if module_keys is None:
+            raise ValueError("load_base_weights: module_keys is required when source is not an adapter")
+        keys = list(module_keys)
+        model = source if isinstance(source, nn.Module) else load_base_model(source, option="base model")
+        where = type(model).__name__ if isinstance(source, nn.Module) else str(source)
+    out = {}
+    for key in keys:
+        p, _, s = key.partition(":")
+        module = model.get_submodule(_resolve_module_path(model, p, where=where))
+        out[key] = _w0(module, s, where, key).to(torch.float64).clone()
+    return out
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files present in ``src`` to ``dst``; returns their names."""
+    src, dst = Path(src), Path(dst)
+    copied = []
+    if src.is_dir():
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
+                copied.append(name)
+    return copied

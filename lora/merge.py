@@ -1,0 +1,83 @@
+"""Merge a LoRA adapter into its base model: ``W <- W0 + s·B·A`` for every adapted matrix, then save.
+
+    python -m lora.merge --adapter runs/x/r8_seed0 --out merged/            # base from the adapter's config
+    python -m lora.merge --adapter peft_dir --base ./my-model --out merged/
+
+The merged directory is a plain transformers model (``AutoModel.from_pretrained`` loads it; no LoRA code
+needed), the zero-latency deployment of the paper's Section 4.2. ΔW comes from the one ΔW function
+(:func:`lora.layers.delta_weight`) through :meth:`LoRAModule.merge`, the same one analysis uses. The output is
+written to a temporary sibling and renamed into place, so on any failure nothing is left at ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from lora.adapter_io import apply_adapter, base_model_for, copy_tokenizer_files, load_adapter
+from lora.errors import ArgumentParser, UserError, run_cli
+from lora.fsio import atomic_dir
+from lora.inject import strip_lora
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="lora-merge",
+        description="Merge a PEFT-layout LoRA adapter into its base model and save a plain transformers model.",
+    )
+    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model directory or hub id (default: the adapter's base_model_name_or_path, the model it was "
+        "trained on)",
+    )
+    p.add_argument("--out", required=True, help="output directory for the merged model (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    p.add_argument(
+        "--no-fingerprint-check",
+        action="store_true",
+        help="merge even if the base weights differ from the ones the adapter was trained on (default: refuse, "
+        "because ΔW is only meaningful on its own base)",
+    )
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    adapter = load_adapter(args.adapter)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    model = base_model_for(adapter, args.base)
+    apply_adapter(model, adapter, check_fingerprint=not args.no_fingerprint_check)
+    strip_lora(model, merge=True)  # W0 + ΔW in place, wrappers replaced by the plain modules
+    base_dir = args.base or adapter.base_model_name_or_path
+    with atomic_dir(out, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        copied = copy_tokenizer_files(base_dir, tmp)
+        info = {
+            "adapter": str(Path(args.adapter).resolve()),
+            "base_model_name_or_path": str(base_dir),
+            "base_fingerprint": adapter.base_fingerprint,
+            "merged_modules": sorted(adapter.factors),
+        }
+        (tmp / "lora_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    if not args.quiet:
+        tok = f", tokenizer files: {len(copied)}" if copied else ""
+        print(f"merged {len(adapter.factors)} LoRA matrices into {type(model).__name__} -> {out}{tok}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,406 @@
+"""lora.adapter_io: PEFT-layout round trips (ours <-> real peft), fused GPT-2 q/v, loralib import, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from lora.adapter_io import (
+    CONFIG_NAME,
+    INIT_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    apply_adapter,
+    base_fingerprint,
+    load_adapter,
+    load_base_weights,
+    load_loralib_checkpoint,
+    save_adapter,
+)
+from lora.errors import UserError
+from lora.inject import inject_lora, lora_modules
+from lora.layers import LoRAFusedQKV
+from lora.merge import main as merge_main
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+BERT_KW = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=64)
+IDS = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]])
+
+
+def _bert_cls():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(num_labels=3, **BERT_KW)).eval()
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    """A saved tiny BERT classifier base; its classifier is re-drawn on every load, like a real task head."""
+    d = tmp_path_factory.mktemp("bert_base")
+    _bert_cls().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("gpt2_base")
+    _gpt2().save_pretrained(d)
+    return d
+
+
+def _load(d: Path, cls_name: str):
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(transformers, cls_name).from_pretrained(d).eval()
+
+
+def _perturb(model, seed: int = 1) -> None:
+    """Give every LoRA factor (and trainable head) nonzero random values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name or name.startswith("classifier"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _trained_bert(bert_dir: Path, *, use_rslora: bool = False, embeddings: bool = False):
+    model = _load(bert_dir, "BertForSequenceClassification")
+    targets = ["query", "value"] + (["word_embeddings"] if embeddings else [])
+    inject_lora(model, targets, r=4, alpha=8, use_rslora=use_rslora, seed=3)
+    _perturb(model)
+    return model
+
+
+def _trained_gpt2(gpt2_dir: Path, *, use_rslora: bool = False):
+    model = _load(gpt2_dir, "GPT2LMHeadModel")
+    inject_lora(model, ["q", "v"], r=2, alpha=6, use_rslora=use_rslora, seed=3)
+    _perturb(model)
+    return model
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+# ------------------------------------------------------------------------------------------------ ours -> ours
+
+
+def test_round_trip_ours_to_ours(tmp_path, bert_dir):
+    model = _trained_bert(bert_dir, embeddings=True)
+    init = {k: torch.randn(4, 32) for k in ("bert.encoder.layer.0.attention.self.query",)}
+    out = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(bert_dir), seed=7,
+                       modules_to_save=["classifier"], task_type="SEQ_CLS", init_A=init,
+                       extra_config={"init": "kaiming", "lora_toolkit": {"nested_init": True}})
+    ad = load_adapter(out)
+    assert (ad.rank, ad.alpha, ad.seed, ad.task_type) == (4, 8.0, 7, "SEQ_CLS")
+    assert ad.config["init"] == "kaiming" and ad.config["lora_toolkit"]["nested_init"] is True
+    assert ad.base_fingerprint == base_fingerprint(model)
+    for path, m in lora_modules(model).items():
+        f = ad.factors[path]
+        assert torch.equal(f.A, m.lora_A) and torch.equal(f.B, m.lora_B) and f.scaling == m.scaling
+    assert torch.equal(ad.init_A["bert.encoder.layer.0.attention.self.query"],
+                       init["bert.encoder.layer.0.attention.self.query"])
+    assert set(ad.extra_tensors) == {"classifier.weight", "classifier.bias"}
+    fresh = _load(bert_dir, "BertForSequenceClassification")
+    assert not torch.allclose(_logits(fresh), _logits(model))  # the head really is re-drawn
+    apply_adapter(fresh, ad)
+    torch.testing.assert_close(_logits(fresh), _logits(model), atol=1e-6, rtol=0)
+
+
+def test_save_refuses_existing_dir_and_overwrites_on_request(tmp_path, bert_dir):
+    model = _trained_bert(bert_dir)
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path=None)
+    with pytest.raises(UserError, match="already exists"):
+        save_adapter(model, tmp_path / "ad", base_model_name_or_path=None)
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path="x", overwrite=True)
+    assert load_adapter(tmp_path / "ad").base_model_name_or_path == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temporary leftovers
+
+
+# ------------------------------------------------------------------------------------------------ ours -> peft
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_ours_loads_in_peft_with_task_head(tmp_path, bert_dir, use_rslora):
+    model = _trained_bert(bert_dir, use_rslora=use_rslora, embeddings=True)
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(bert_dir), modules_to_save=["classifier"],
+                 task_type="SEQ_CLS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about our extra config keys, as documented
+        pm = PeftModel.from_pretrained(_load(bert_dir, "BertForSequenceClassification"), tmp_path / "ad").eval()
+    torch.testing.assert_close(_logits(pm), _logits(model), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_fused_gpt2_qv_exports_to_peft_and_back_exactly(tmp_path, gpt2_dir, use_rslora):
+    model = _trained_gpt2(gpt2_dir, use_rslora=use_rslora)
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(gpt2_dir))
+    cfg = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
+    assert cfg["fan_in_fan_out"] is True and cfg["rank_pattern"]["transformer.h.0.attn.c_attn"] == 4
+    expected_alpha = 6 * (math.sqrt(2) if use_rslora else 2)
+    assert cfg["alpha_pattern"]["transformer.h.0.attn.c_attn"] == pytest.approx(expected_alpha)
+    tensors = load_file(tmp_path / "ad" / WEIGHTS_NAME)
+    B = tensors[f"{PREFIX}transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert B.shape == (96, 4) and torch.count_nonzero(B[32:64]) == 0  # k rows stay zero
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(_load(gpt2_dir, "GPT2LMHeadModel"), tmp_path / "ad").eval()
+    torch.testing.assert_close(_logits(pm), _logits(model), atol=1e-5, rtol=0)
+    # back to ours: the original per-slice A, B and scale, bit for bit
+    ad = load_adapter(tmp_path / "ad")
+    assert sorted(ad.factors) == [f"transformer.h.{i}.attn.c_attn:{s}" for i in range(2) for s in "qv"]
+    for path, m in lora_modules(model).items():
+        for s, f in m.factors().items():
+            g = ad.factors[f"{path}:{s}"]
+            assert torch.equal(g.A, f.A) and torch.equal(g.B, f.B) and g.scaling == f.scaling
+
+
+# ------------------------------------------------------------------------------------------------ peft -> ours
+
+
+def test_peft_adapter_loads_in_ours(tmp_path, bert_dir):
+    base = _load(bert_dir, "BertForSequenceClassification")
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "word_embeddings"],
+                     modules_to_save=["classifier"], task_type="SEQ_CLS",
+                     rank_pattern={"value": 2}, alpha_pattern={"value": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(base, cfg)
+        _perturb(pm)
+        pm.eval()
+        pm.save_pretrained(tmp_path / "peft")
+    ad = load_adapter(tmp_path / "peft")
+    assert ad.factors["bert.encoder.layer.0.attention.self.value"].rank == 2
+    assert ad.factors["bert.encoder.layer.0.attention.self.value"].scaling == 5 / 2
+    ours = _load(bert_dir, "BertForSequenceClassification")
+    apply_adapter(ours, ad)
+    torch.testing.assert_close(_logits(ours), _logits(pm), atol=1e-5, rtol=0)
+
+
+def test_genuine_peft_c_attn_adapter_loads_as_qkv_slices(tmp_path, gpt2_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_load(gpt2_dir, "GPT2LMHeadModel"),
+                            LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn"], fan_in_fan_out=True))
+        _perturb(pm)
+        pm.eval()
+        pm.save_pretrained(tmp_path / "peft")
+    ad = load_adapter(tmp_path / "peft")
+    A = load_file(tmp_path / "peft" / WEIGHTS_NAME)[f"{PREFIX}transformer.h.1.attn.c_attn.lora_A.weight"]
+    for s in "qkv":
+        assert torch.equal(ad.factors[f"transformer.h.1.attn.c_attn:{s}"].A, A)
+    ours = _load(gpt2_dir, "GPT2LMHeadModel")
+    apply_adapter(ours, ad)
+    torch.testing.assert_close(_logits(ours), _logits(pm), atol=1e-5, rtol=0)
+
+
+def test_missing_base_model_prefix_is_refused(tmp_path, bert_dir):
+    model = _trained_bert(bert_dir)
+    d = save_adapter(model, tmp_path / "ad", base_model_name_or_path=None)
+    t = load_file(d / WEIGHTS_NAME)
+    save_file({k.removeprefix(PREFIX): v for k, v in t.items()}, d / WEIGHTS_NAME)
+    with pytest.raises(UserError, match="prefix"):
+        load_adapter(d)
+
+
+# ------------------------------------------------------------------------------------------------ loralib
+
+
+def _loralib_merged_linear_forward(x, weight_t, bias, lora_A, lora_B, enable_lora, scaling):
+    """loralib.MergedLinear.forward (fan_in_fan_out=True, as in its GPT-2 example), transcribed."""
+    out_features = weight_t.shape[1]
+    result = F.linear(x, weight_t.T, bias=bias)
+    after_A = F.linear(x, lora_A)
+    after_B = F.conv1d(after_A.transpose(-2, -1), lora_B.unsqueeze(-1), groups=sum(enable_lora)).transpose(-2, -1)
+    lora_ind = torch.zeros(out_features, dtype=torch.bool).view(len(enable_lora), -1)
+    lora_ind[enable_lora, :] = True
+    lora_ind = lora_ind.view(-1)
+    padded = x.new_zeros((*after_B.shape[:-1], out_features)).view(-1, out_features)
+    padded[:, lora_ind] = after_B.reshape(-1, out_features // len(enable_lora) * sum(enable_lora))
+    return result + padded.view(*after_B.shape[:-1], out_features) * scaling
+
+
+def test_loralib_merged_linear_checkpoint(tmp_path, gpt2_dir):
+    r, alpha, d = 2, 16.0, 32
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for i in range(2):
+        sd[f"transformer.h.{i}.attn.c_attn.lora_A"] = torch.randn(2 * r, d, generator=g)  # (r·n, d_in)
+        sd[f"transformer.h.{i}.attn.c_attn.lora_B"] = torch.randn(2 * d, r, generator=g)  # (d_out·n, r)
+    torch.save({"model_state_dict": sd}, tmp_path / "lora.pt")
+    ad = load_loralib_checkpoint(tmp_path / "lora.pt", alpha=alpha, base_model_name_or_path=str(gpt2_dir))
+    assert sorted(ad.factors) == [f"transformer.h.{i}.attn.c_attn:{s}" for i in range(2) for s in "qv"]
+    model = _load(gpt2_dir, "GPT2LMHeadModel")
+    layers = apply_adapter(model, ad)
+    x = torch.randn(3, 5, d, generator=g)
+    for i in range(2):
+        m = layers[f"transformer.h.{i}.attn.c_attn"]
+        assert isinstance(m, LoRAFusedQKV) and m.slices == ("q", "v")
+        ref = _loralib_merged_linear_forward(
+            x, m.base.weight, m.base.bias, sd[f"transformer.h.{i}.attn.c_attn.lora_A"],
+            sd[f"transformer.h.{i}.attn.c_attn.lora_B"], [True, False, True], alpha / r)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_loralib_plain_linear_checkpoint(tmp_path, bert_dir):
+    g = torch.Generator().manual_seed(6)
+    sd = {"bert.encoder.layer.1.attention.self.query.lora_A": torch.randn(4, 32, generator=g),
+          "bert.encoder.layer.1.attention.self.query.lora_B": torch.randn(32, 4, generator=g),
+          "bert.encoder.layer.1.attention.self.query.weight": torch.randn(32, 32)}  # non-LoRA keys are ignored
+    torch.save(sd, tmp_path / "lora.pt")
+    ad = load_loralib_checkpoint(tmp_path / "lora.pt", alpha=8)
+    f = ad.factors["bert.encoder.layer.1.attention.self.query"]
+    assert f.scaling == 2.0 and torch.equal(f.B, sd["bert.encoder.layer.1.attention.self.query.lora_B"])
+    torch.save({"x.lora_A": torch.randn(4, 8)}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="only lora_A"):
+        load_loralib_checkpoint(tmp_path / "bad.pt", alpha=8)
+
+
+# ------------------------------------------------------------------------------------------------ base weights
+
+
+def test_fingerprint_and_wrong_base(tmp_path, bert_dir):
+    model = _trained_bert(bert_dir)
+    d = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(bert_dir))
+    other = _bert_cls()
+    with torch.no_grad():
+        other.bert.encoder.layer[0].attention.self.query.weight.add_(1e-3)
+    with pytest.raises(UserError, match=r"ad: base model fingerprint differs"):
+        apply_adapter(other, load_adapter(d))
+    apply_adapter(other, load_adapter(d), check_fingerprint=False)  # the escape hatch
+
+
+def test_load_base_weights_orientation(tmp_path, gpt2_dir, bert_dir):
+    model = _trained_gpt2(gpt2_dir)
+    d = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(gpt2_dir))
+    w0 = load_base_weights(d)
+    base = _load(gpt2_dir, "GPT2LMHeadModel")
+    W = base.transformer.h[1].attn.c_attn.weight  # Conv1D (d_in, 3 d_out)
+    assert w0["transformer.h.1.attn.c_attn:v"].dtype == torch.float64
+    torch.testing.assert_close(w0["transformer.h.1.attn.c_attn:v"], W[:, 64:96].T.double())
+    # the slice really is the v projection: x @ W[:, v] == F.linear(x, W0_v)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(base.transformer.h[1].attn.c_attn(x)[:, 64:96].double(),
+                               x.double() @ w0["transformer.h.1.attn.c_attn:v"].T + W.new_tensor(0).double()
+                               + base.transformer.h[1].attn.c_attn.bias[64:96].double())
+    bw = load_base_weights(bert_dir, ["encoder.layer.0.attention.self.query", "bert.embeddings.word_embeddings"])
+    bert = _load(bert_dir, "BertModel")
+    assert torch.equal(bw["encoder.layer.0.attention.self.query"],
+                       bert.encoder.layer[0].attention.self.query.weight.double())
+    assert bw["bert.embeddings.word_embeddings"].shape == (32, 100)  # (dim, vocab): nn.Linear orientation
+    assert torch.equal(load_base_weights(model, ["transformer.h.1.attn.c_attn:v"])["transformer.h.1.attn.c_attn:v"],
+                       w0["transformer.h.1.attn.c_attn:v"])  # a loaded LoRA model gives W0, not W0 + ΔW
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _good(tmp_path, bert_dir) -> Path:
+    return save_adapter(_trained_bert(bert_dir), tmp_path / "ad", base_model_name_or_path=str(bert_dir))
+
+
+def _edit_tensors(d: Path, fn) -> None:
+    t = load_file(d / WEIGHTS_NAME)
+    fn(t)
+    save_file(t, d / WEIGHTS_NAME)
+
+
+def _edit_config(d: Path, fn) -> None:
+    c = json.loads((d / CONFIG_NAME).read_text())
+    fn(c)
+    (d / CONFIG_NAME).write_text(json.dumps(c))
+
+
+Q0 = f"{PREFIX}bert.encoder.layer.0.attention.self.query"
+BAD_INPUTS = {
+    "missing_dir": (lambda d: d.rename(d.with_name("gone")), "does not exist"),
+    "file_not_dir": (lambda d: (__import__("shutil").rmtree(d), d.write_text("x")), "is a file"),
+    "empty_dir": (lambda d: [p.unlink() for p in d.iterdir()], "empty"),
+    "missing_config": (lambda d: (d / CONFIG_NAME).unlink(), "adapter_config.json: missing"),
+    "invalid_json": (lambda d: (d / CONFIG_NAME).write_text("{not json"), "invalid JSON"),
+    "not_object": (lambda d: (d / CONFIG_NAME).write_text("[1, 2]"), "JSON object"),
+    "missing_field": (lambda d: _edit_config(d, lambda c: c.pop("r")), "missing field"),
+    "not_lora": (lambda d: _edit_config(d, lambda c: c.update(peft_type="IA3")), "only 'LORA'"),
+    "missing_weights": (lambda d: (d / WEIGHTS_NAME).unlink(), "safetensors: missing"),
+    "truncated_weights": (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-100]),
+                          "not a readable safetensors"),
+    "corrupt_weights": (lambda d: (d / WEIGHTS_NAME).write_bytes(b"\x00garbage" * 10), "not a readable safetensors"),
+    "missing_B": (lambda d: _edit_tensors(d, lambda t: t.pop(f"{Q0}.lora_B.weight")), "no lora_B"),
+    "missing_A": (lambda d: _edit_tensors(d, lambda t: t.pop(f"{Q0}.lora_A.weight")), "no lora_A"),
+    "AB_mismatch": (lambda d: _edit_tensors(d, lambda t: t.update({f"{Q0}.lora_B.weight": torch.zeros(32, 3)})),
+                    "do not form B @ A"),
+    "rank_vs_r": (lambda d: _edit_config(d, lambda c: c.update(r=8)), "r=8"),
+    "nan": (lambda d: _edit_tensors(d, lambda t: t[f"{Q0}.lora_A.weight"].__setitem__((0, 0), float("nan"))),
+            "NaN or Inf"),
+    "inf": (lambda d: _edit_tensors(d, lambda t: t[f"{Q0}.lora_B.weight"].__setitem__((1, 1), float("inf"))),
+            "NaN or Inf"),
+    "bad_init": (lambda d: save_file({"bert.encoder.layer.0.attention.self.query": torch.zeros(2, 32)},
+                                     d / INIT_NAME), "init.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_adapter_raises_user_error_naming_the_file(tmp_path, bert_dir, case, capsys):
+    d = _good(tmp_path, bert_dir)
+    breaker, message = BAD_INPUTS[case]
+    breaker(d)
+    with pytest.raises(UserError, match=message) as exc:
+        load_adapter(d)
+    assert str(d) in str(exc.value) and "\n" not in str(exc.value)
+    # the CLI: one line, exit 2, nothing at --out
+    capsys.readouterr()
+    assert merge_main(["--adapter", str(d), "--out", str(tmp_path / "merged"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(d) in err and not (tmp_path / "merged").exists()
+
+
+def test_shape_mismatch_with_base_names_file_and_module(tmp_path, bert_dir):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    d = _good(tmp_path, bert_dir)
+    bigger = BertForSequenceClassification(BertConfig(num_labels=3, **{**BERT_KW, "hidden_size": 48})).eval()
+    with pytest.raises(UserError, match=r"ad: module bert.encoder.layer.0.attention.self.query.*do not fit"):
+        apply_adapter(bigger, load_adapter(d), check_fingerprint=False)
+    assert not lora_modules(bigger)  # nothing was injected
+
+
+def test_cli_subprocess_bad_input_and_existing_out(tmp_path, bert_dir):
+    d = _good(tmp_path, bert_dir)
+    (d / CONFIG_NAME).write_text("{oops")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for out in (tmp_path / "merged", existing):
+        proc = subprocess.run([sys.executable, "-m", "lora.merge", "--adapter", str(d), "--out", str(out)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "merged").exists()
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"] and (existing / "keep.txt").read_text() == "precious"
