@@ -1,0 +1,122 @@
+"""lora.merge: the merged directory is a plain transformers model equal to peft's merge_and_unload."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora.adapter_io import save_adapter
+from lora.inject import inject_lora
+from lora.merge import main as merge_main
+
+peft = pytest.importorskip("peft")
+from peft import PeftModel  # noqa: E402
+
+IDS = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]])
+
+
+def _quiet_load(cls, path, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_pretrained(path, **kwargs).eval()
+
+
+def _perturb(model, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or name.startswith("classifier"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _peft_merged(cls, base_dir: Path, adapter_dir: Path, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(_quiet_load(cls, base_dir, **kwargs), adapter_dir)
+        return pm.merge_and_unload().eval()
+
+
+def _assert_state_close(ours: torch.nn.Module, ref: torch.nn.Module, *, atol: float) -> None:
+    a, b = ours.state_dict(), ref.state_dict()
+    assert set(a) == set(b)
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+def test_merge_bert_classifier_matches_peft(tmp_path, minilm_path):
+    """The real MiniLM base (d=384, 6 layers) with a task head: merged == peft's merge_and_unload."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, BertForSequenceClassification
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = BertForSequenceClassification.from_pretrained(minilm_path, num_labels=4).eval()
+    inject_lora(model, ["q", "v"], r=4, alpha=8, seed=0, layers=[0, 5])
+    _perturb(model)
+    with torch.no_grad():
+        expected_logits = model(input_ids=IDS).logits
+    ad = save_adapter(model, tmp_path / "ad", base_model_name_or_path=minilm_path, modules_to_save=["classifier"],
+                      task_type="SEQ_CLS")
+    out = tmp_path / "merged"
+    assert merge_main(["--adapter", str(ad), "--out", str(out), "--quiet"]) == 0
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    ref = _peft_merged(AutoModelForSequenceClassification, Path(minilm_path), ad, num_labels=4)
+    merged_cls = _quiet_load(AutoModelForSequenceClassification, out)
+    _assert_state_close(merged_cls, ref, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(merged_cls(input_ids=IDS).logits, expected_logits, atol=1e-4, rtol=0)
+    # AutoModel (no head, no LoRA code) loads it, and the encoder equals peft's merged encoder
+    enc = _quiet_load(AutoModel, out)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(input_ids=IDS).last_hidden_state,
+                                   ref.bert(input_ids=IDS).last_hidden_state, atol=1e-4, rtol=0)
+
+
+def test_merge_gpt2_fused_qv_matches_peft(tmp_path):
+    from transformers import AutoModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(base_dir)
+    model = _quiet_load(GPT2LMHeadModel, base_dir)
+    inject_lora(model, ["q", "v"], r=2, alpha=4, use_rslora=True, seed=0)
+    _perturb(model)
+    ad = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(base_dir))
+    out = tmp_path / "merged"
+    assert merge_main(["--adapter", str(ad), "--out", str(out), "--quiet"]) == 0
+    ref = _peft_merged(GPT2LMHeadModel, base_dir, ad)
+    _assert_state_close(_quiet_load(GPT2LMHeadModel, out), ref, atol=1e-4)
+    base = _quiet_load(AutoModel, base_dir)
+    merged = _quiet_load(AutoModel, out)
+    w_delta = merged.h[0].attn.c_attn.weight - base.h[0].attn.c_attn.weight
+    assert w_delta[:, 32:64].abs().max() == 0 and w_delta[:, :32].abs().max() > 0  # k untouched, q changed
+
+
+def test_merge_refuses_existing_out_and_wrong_base(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    base_dir, other_dir = tmp_path / "base", tmp_path / "other"
+    BertModel(BertConfig(**kw)).save_pretrained(base_dir)
+    BertModel(BertConfig(**kw)).save_pretrained(other_dir)  # same shapes, other weights
+    model = _quiet_load(BertModel, base_dir)
+    inject_lora(model, ["q"], r=2, alpha=2)
+    ad = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(base_dir))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert merge_main(["--adapter", str(ad), "--out", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err and [p.name for p in out.iterdir()] == ["keep"]
+    new = tmp_path / "new"
+    assert merge_main(["--adapter", str(ad), "--base", str(other_dir), "--out", str(new), "--quiet"]) == 2
+    assert "fingerprint differs" in capsys.readouterr().err and not new.exists()
+    assert merge_main(["--adapter", str(ad), "--base", str(tmp_path / "nope"), "--out", str(new), "--quiet"]) == 2
+    assert "--base" in capsys.readouterr().err and not new.exists()
+    assert merge_main(["--adapter", str(ad), "--base", str(other_dir), "--out", str(new), "--quiet",
+                       "--no-fingerprint-check"]) == 0
+    assert merge_main(["--adapter", str(ad), "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert (out / "config.json").is_file() and not (out / "keep").exists()
