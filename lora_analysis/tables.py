@@ -1,0 +1,511 @@
+"""Metrics -> tidy long-format tables (pandas), one per paper artefact; the contract with figures and report.
+
+Tables and their columns (``module`` is a module key, ``weight_type`` q/k/v/o, ``layer`` the block index):
+
+* ``phi`` (Figures 3, 4, 6, 7): comparison, quantity, module, weight_type, layer, r1, r2, seed1, seed2, i, j, phi.
+* ``fig8`` (Appendix H.3, Figure 8): module, weight_type, layer, rank, seed, source, i, j, phi.
+* ``table7`` (Section 7.3, Table 7): module, weight_type, layer, rank, seed, top, delta, weight, random, w_norm,
+  dw_norm, amplification.
+* ``spectra``: module, weight_type, layer, rank, seed, stable_rank, entropy_rank, energy_rank_90, dw_norm,
+  n_intruders.
+* ``singular_values``: module, weight_type, layer, rank, seed, index, sigma.
+* ``quality`` (Tables 5 and 6): weight_set, rank, seed, alpha, trainable_params, val_metric, metric_name, wall_s.
+
+Every number comes from the pure metrics in :mod:`lora_analysis.subspace`, :mod:`~lora_analysis.projection` and
+:mod:`~lora_analysis.spectra`; every file read goes through :mod:`lora_analysis.runs`. W's SVD is computed once
+per weight matrix (:class:`lora_analysis.runs.BaseWeights`) and shared by every rank and seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from lora.errors import UserError
+from lora.fsio import atomic_path
+from lora_analysis.linalg import factored_svd, right_singular_vectors
+from lora_analysis.projection import table7_row
+from lora_analysis.runs import (
+    BaseWeights,
+    LoadedAdapter,
+    index_run,
+    load_adapter_dir,
+    module_layer,
+    nearest,
+    weight_type,
+)
+from lora_analysis.spectra import intruder_dimensions, spectrum_summary
+from lora_analysis.subspace import init_control, phi_grid, random_phi_expected, subspace_similarity
+
+__all__ = [
+    "COLUMNS",
+    "PAPER_FIG8_RANKS",
+    "PAPER_RANK_PAIR",
+    "analyse_run",
+    "fig8_table",
+    "phi_table",
+    "quality_table",
+    "random_phi_table",
+    "singular_values_table",
+    "spectra_table",
+    "table7_table",
+    "torch_threads",
+    "write_tables",
+]
+
+COLUMNS: dict[str, list[str]] = {
+    "phi": ["comparison", "quantity", "module", "weight_type", "layer", "r1", "r2", "seed1", "seed2", "i", "j", "phi"],
+    "fig8": ["module", "weight_type", "layer", "rank", "seed", "source", "i", "j", "phi"],
+    "table7": ["module", "weight_type", "layer", "rank", "seed", "top", "delta", "weight", "random", "w_norm",
+               "dw_norm", "amplification"],
+    "spectra": ["module", "weight_type", "layer", "rank", "seed", "stable_rank", "entropy_rank", "energy_rank_90",
+                "dw_norm", "n_intruders"],
+    "singular_values": ["module", "weight_type", "layer", "rank", "seed", "index", "sigma"],
+    "quality": ["weight_set", "rank", "seed", "alpha", "trainable_params", "val_metric", "metric_name", "wall_s"],
+}
+PAPER_RANK_PAIR = (8, 64)  # Figure 3
+PAPER_FIG8_RANKS = (4, 8, 64)  # Figure 8
+FIG8_FRACTION = 0.1  # Figure 8 shows W's top directions up to about 10 % of d
+
+
+def _empty(name: str) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="float64") for c in COLUMNS[name]})
+
+
+def _frame(name: str, frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True)[COLUMNS[name]] if frames else _empty(name)
+
+
+def _ids(key: str) -> dict:
+    return {"module": key, "weight_type": weight_type(key), "layer": module_layer(key)}
+
+
+def _seed(a: LoadedAdapter) -> int:
+    return -1 if a.seed is None else int(a.seed)
+
+
+def _grid_frame(grid: Tensor, meta: Mapping) -> pd.DataFrame:
+    """An ``(i_max, j_max)`` grid as rows ``meta..., i, j, phi`` (i, j 1-based)."""
+    n_i, n_j = grid.shape
+    i, j = np.meshgrid(np.arange(1, n_i + 1), np.arange(1, n_j + 1), indexing="ij")
+    df = pd.DataFrame({"i": i.ravel(), "j": j.ravel(), "phi": grid.detach().to(torch.float64).numpy().ravel()})
+    for k, v in meta.items():
+        df[k] = v
+    return df
+
+
+def _common_keys(a1: LoadedAdapter, a2: LoadedAdapter, keys: Iterable[str] | None) -> list[str]:
+    shared = [k for k in a1.factors if k in a2.factors]
+    if keys is not None:
+        wanted = list(keys)
+        shared = [k for k in wanted if k in a1.factors and k in a2.factors]
+    return shared
+
+
+def _module_seed(key: str, seed: int) -> int:
+    """A deterministic per-module seed, so each module's random baseline is an independent draw."""
+    return (zlib.crc32(key.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------- phi
+def phi_table(
+    a1: LoadedAdapter,
+    a2: LoadedAdapter,
+    *,
+    comparison: str,
+    keys: Iterable[str] | None = None,
+    quantities: Sequence[str] = ("A", "A-A_init", "A_init", "B", "expected_random"),
+) -> pd.DataFrame:
+    """φ grids between two adapters for every module they share (Section 7.2, Figures 3, 4, 6, 7).
+
+    Quantities: ``"A"`` φ(A_1, A_2) on right singular vectors (the paper); ``"A-A_init"`` on the learned change and
+    ``"A_init"`` between the starting points (both need ``init.safetensors`` in the two adapters; skipped for a
+    module where either is missing or nothing was learned); ``"B"`` on B's left singular vectors (footnote 7;
+    skipped where a B is still zero); ``"expected_random"`` the analytic ``max(i, j)/d_in``.
+
+    Args:
+        a1, a2: the adapters; rows have ``r1 = a1``'s module rank, ``r2 = a2``'s.
+        comparison: ``"rank"`` or ``"seed"`` (written to the table).
+        keys: module keys to compare (default: all shared keys).
+
+    Raises:
+        UserError: if the adapters share no module, or a module's factors act on different dimensions.
+    """
+    shared = _common_keys(a1, a2, keys)
+    if not shared:
+        raise UserError(f"{a1.path} and {a2.path}: no module in common to compare")
+    frames = []
+    for key in shared:
+        f1, f2 = a1.factors[key], a2.factors[key]
+        if f1.A.shape[1] != f2.A.shape[1] or f1.B.shape[0] != f2.B.shape[0]:
+            raise UserError(f"{a2.path}: module {key}: ΔW is ({f2.B.shape[0]}, {f2.A.shape[1]}) but "
+                            f"({f1.B.shape[0]}, {f1.A.shape[1]}) in {a1.path}")
+        meta = {"comparison": comparison, **_ids(key), "r1": f1.rank, "r2": f2.rank, "seed1": _seed(a1),
+                "seed2": _seed(a2)}
+        grids: dict[str, Tensor] = {}
+        if "A" in quantities:
+            grids["A"] = subspace_similarity(f1.A, f2.A, side="A")
+        if {"A-A_init", "A_init"} & set(quantities) and a1.init_A and a2.init_A and key in a1.init_A and key in a2.init_A:
+            try:
+                ctl = init_control(f1.A, a1.init_A[key], f2.A, a2.init_A[key], side="A")
+            except ValueError:  # nothing learned in one of them (A == A_init): the learned change has no subspace
+                ctl = None
+            if ctl is not None:
+                if "A-A_init" in quantities:
+                    grids["A-A_init"] = ctl.phi_learned
+                if "A_init" in quantities:
+                    grids["A_init"] = ctl.phi_init
+        if "B" in quantities and bool(f1.B.abs().max() > 0) and bool(f2.B.abs().max() > 0):
+            grids["B"] = subspace_similarity(f1.B, f2.B, side="B")
+        if "expected_random" in quantities:
+            grids["expected_random"] = random_phi_expected(f1.rank, f2.rank, d=int(f1.A.shape[1]))
+        for q in quantities:
+            if q in grids:
+                frames.append(_grid_frame(grids[q], {**meta, "quantity": q}))
+    return _frame("phi", frames)
+
+
+def random_phi_table(
+    adapter: LoadedAdapter, *, r1: int, r2: int, keys: Iterable[str] | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """The random panel of Figure 4: φ between two seeded Gaussian ``(r1, d_in)`` and ``(r2, d_in)`` matrices per
+    module (``d_in`` from the adapter's A), rows with ``comparison="random"``, ``quantity="A"``, seeds ``-1``."""
+    from lora_analysis.subspace import random_phi_sampled
+
+    frames = []
+    for key in adapter.factors if keys is None else keys:
+        d = int(adapter.factors[key].A.shape[1])
+        grid = random_phi_sampled(min(r1, d), min(r2, d), d=d, seed=_module_seed(key, seed))
+        meta = {"comparison": "random", "quantity": "A", **_ids(key), "r1": min(r1, d), "r2": min(r2, d),
+                "seed1": -1, "seed2": -1}
+        frames.append(_grid_frame(grid, meta))
+    return _frame("phi", frames)
+
+
+# ---------------------------------------------------------------------------------------------- W vs ΔW
+def _weights(adapter: LoadedAdapter, base: BaseWeights | Mapping[str, Tensor], keys: Iterable[str] | None):
+    keys = list(adapter.factors) if keys is None else list(keys)
+    if isinstance(base, BaseWeights):
+        return base.weights(adapter, keys), base.svd
+    from lora_analysis.linalg import WeightSVDCache
+
+    missing = [k for k in keys if k not in base]
+    if missing:
+        raise UserError(f"{adapter.path}: module {missing[0]}: no base weight given")
+    return {k: base[k].to(torch.float64) for k in keys}, WeightSVDCache()
+
+
+def fig8_table(
+    adapter: LoadedAdapter,
+    base: BaseWeights | Mapping[str, Tensor],
+    *,
+    keys: Iterable[str] | None = None,
+    i_max: int | None = None,
+    random: bool = True,
+    random_seed: int = 0,
+) -> pd.DataFrame:
+    """φ(W's top-i right singular vectors, ΔW's top-j) for every module (Appendix H.3, Figure 8).
+
+    Args:
+        adapter: the adapter (ΔW = s·B·A per module).
+        base: :class:`~lora_analysis.runs.BaseWeights` (shared SVD cache) or ``{module key: W (d_out, d_in)}``.
+        i_max: W's directions (default ``round(0.1 · min(d_out, d_in))``, as the paper's ~10 % of d).
+        random: add ``source="random"`` rows: a seeded Gaussian ``A`` of the same rank in place of ΔW.
+    """
+    Ws, cache = _weights(adapter, base, keys)
+    frames = []
+    for key, W in Ws.items():
+        f = adapter.factors[key]
+        n_w = i_max or max(1, round(FIG8_FRACTION * min(W.shape)))
+        n_w = min(n_w, min(W.shape))
+        ws = cache.get(key, W, k=n_w)
+        dw = factored_svd(f.A, f.B, scaling=f.scaling)
+        meta = {**_ids(key), "rank": f.rank, "seed": _seed(adapter)}
+        frames.append(_grid_frame(phi_grid(ws.V, dw.V), {**meta, "source": "delta"}))
+        if random:
+            g = torch.Generator().manual_seed(_module_seed(key, random_seed + f.rank))
+            A_rand = torch.randn(f.rank, W.shape[1], generator=g, dtype=torch.float64)
+            frames.append(_grid_frame(phi_grid(ws.V, right_singular_vectors(A_rand)), {**meta, "source": "random"}))
+    return _frame("fig8", frames)
+
+
+def table7_table(
+    adapter: LoadedAdapter,
+    base: BaseWeights | Mapping[str, Tensor],
+    *,
+    keys: Iterable[str] | None = None,
+    top: int | None = None,
+    random_seed: int = 0,
+) -> pd.DataFrame:
+    """Table 7 (Section 7.3) for every module of one adapter: ‖UᵀWV‖_F for ΔW's, W's own and a random top-k
+    subspace, ‖W‖_F, ‖ΔW‖_F (with s) and the amplification ‖ΔW‖_F / ‖UᵀWV‖_F. ``k = top`` or the module's rank.
+
+    Raises:
+        UserError: if ``top`` exceeds a module's rank.
+    """
+    Ws, cache = _weights(adapter, base, keys)
+    rows = []
+    for key, W in Ws.items():
+        f = adapter.factors[key]
+        k = f.rank if top is None else top
+        if not 0 < k <= min(f.rank, *W.shape):
+            raise UserError(f"--top: {top} must be in 1..{min(f.rank, *W.shape)} for module {key} of {adapter.path}")
+        row = table7_row(W, f.A, f.B, scaling=f.scaling, top=k, random_seed=_module_seed(key, random_seed),
+                         w_svd=cache.get(key, W))
+        rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "top": row.rank, "delta": row.delta,
+                     "weight": row.weight, "random": row.random, "w_norm": row.w_norm, "dw_norm": row.dw_norm,
+                     "amplification": row.amplification})
+    return pd.DataFrame(rows, columns=COLUMNS["table7"]) if rows else _empty("table7")
+
+
+def spectra_table(
+    adapter: LoadedAdapter,
+    base: BaseWeights | Mapping[str, Tensor] | None = None,
+    *,
+    keys: Iterable[str] | None = None,
+    intruder_k: int = 10,
+) -> pd.DataFrame:
+    """ΔW's spectrum summary per module: stable rank, entropy effective rank, 90 %-energy rank, ‖ΔW‖_F and the
+    number of intruder dimensions among the top ``intruder_k`` directions of W0 + ΔW (needs ``base``;
+    ``n_intruders`` is ``-1`` without it)."""
+    if base is not None:
+        Ws, cache = _weights(adapter, base, keys)
+    else:
+        Ws, cache = {k: None for k in (adapter.factors if keys is None else keys)}, None
+    rows = []
+    for key, W in Ws.items():
+        f = adapter.factors[key]
+        s = spectrum_summary(f.A, f.B, scaling=f.scaling, fraction=0.9)
+        n_intr = -1
+        if W is not None:
+            n_intr = intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=min(intruder_k, *W.shape),
+                                         w0_svd=cache.get(key, W)).count
+        rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "stable_rank": s.stable_rank,
+                     "entropy_rank": s.effective_rank, "energy_rank_90": s.energy_rank, "dw_norm": s.frobenius,
+                     "n_intruders": n_intr})
+    return pd.DataFrame(rows, columns=COLUMNS["spectra"]) if rows else _empty("spectra")
+
+
+def singular_values_table(adapter: LoadedAdapter, *, keys: Iterable[str] | None = None) -> pd.DataFrame:
+    """σ_k(ΔW) per module from the factored SVD (k = 1..min(r, d_out, d_in))."""
+    frames = []
+    for key in adapter.factors if keys is None else keys:
+        f = adapter.factors[key]
+        S = factored_svd(f.A, f.B, scaling=f.scaling).S.numpy()
+        df = pd.DataFrame({"index": np.arange(1, len(S) + 1), "sigma": S})
+        for k, v in {**_ids(key), "rank": f.rank, "seed": _seed(adapter)}.items():
+            df[k] = v
+        frames.append(df)
+    return _frame("singular_values", frames)
+
+
+# ---------------------------------------------------------------------------------------------- quality
+def _number(path: Path, row: int, column: str, value: str, cast=float):
+    try:
+        return cast(value) if cast is not int else int(float(value))
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: row {row}: column {column} is not a number ({value!r})") from None
+
+
+def quality_table(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Tables 5 and 6 data: one row per grid point from the run's ``summary.csv`` (or, if it is missing, each
+    adapter's ``metrics.json``), plus the frozen linear-probe baseline (``weight_set="linear probe"``, rank 0) from
+    ``manifest.json``. Empty (with the columns) for a directory of adapters without training metrics."""
+    root = Path(run_dir)
+    summary = root / "summary.csv"
+    rows: list[dict] = []
+    if summary.is_file():
+        try:
+            with summary.open(newline="", encoding="utf-8") as fh:
+                records = list(csv.DictReader(fh))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise UserError(f"{summary}: unreadable CSV ({exc})") from None
+        needed = {"weight_set", "rank", "seed", "alpha", "trainable_params", "val_metric", "metric", "wall_time_s"}
+        if records and not needed <= set(records[0]):
+            raise UserError(f"{summary}: missing columns {sorted(needed - set(records[0]))}")
+        for n, r in enumerate(records, start=2):
+            rows.append({
+                "weight_set": r["weight_set"], "rank": _number(summary, n, "rank", r["rank"], int),
+                "seed": _number(summary, n, "seed", r["seed"], int), "alpha": _number(summary, n, "alpha", r["alpha"]),
+                "trainable_params": _number(summary, n, "trainable_params", r["trainable_params"], int),
+                "val_metric": _number(summary, n, "val_metric", r["val_metric"]), "metric_name": r["metric"],
+                "wall_s": _number(summary, n, "wall_time_s", r["wall_time_s"]),
+            })
+    else:
+        for d in sorted(p for p in root.iterdir() if p.is_dir() and (p / "metrics.json").is_file()):
+            m = _read_json_obj(d / "metrics.json")
+            p = m.get("point") or {}
+            try:
+                rows.append({"weight_set": p["weight_set"], "rank": int(p["rank"]), "seed": int(p["seed"]),
+                             "alpha": float(p["alpha"]), "trainable_params": int(m["trainable_params"]),
+                             "val_metric": float(m["val_metric"]), "metric_name": m["metric"],
+                             "wall_s": float(m["wall_time_s"])})
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UserError(f"{d / 'metrics.json'}: missing or bad field {exc}") from None
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        probe = _read_json_obj(manifest).get("linear_probe") or {}
+        if isinstance(probe, dict) and "val_metric" in probe:
+            rows.append({"weight_set": "linear probe", "rank": 0, "seed": int(probe.get("seed", 0)), "alpha": 0.0,
+                         "trainable_params": int(probe.get("trainable_params", 0)),
+                         "val_metric": float(probe["val_metric"]), "metric_name": probe.get("metric", ""),
+                         "wall_s": float(probe.get("wall_time_s", float("nan")))})
+    return pd.DataFrame(rows, columns=COLUMNS["quality"]) if rows else _empty("quality")
+
+
+def _read_json_obj(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- a whole run
+def analyse_run(
+    run_dir: str | os.PathLike,
+    *,
+    base: str | os.PathLike | BaseWeights | None = None,
+    layers: Sequence[int] | None = None,
+    ranks: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    weight_set: str | None = None,
+    rank_pair: tuple[int, int] = PAPER_RANK_PAIR,
+    fig8_ranks: Sequence[int] = PAPER_FIG8_RANKS,
+    intruders: bool = True,
+    progress: bool = True,
+    threads: int | None = 1,
+) -> dict[str, pd.DataFrame]:
+    """Every table for a run directory of :mod:`lora.train` (or any directory of adapter directories).
+
+    What is computed (weight set default ``q,v``; every adapted layer unless ``layers``):
+
+    * ``phi``: the rank comparison r_small vs r_large (the ranks present nearest 8 and 64, as Figure 3) for every
+      seed trained at both; the seed comparison of the two smallest seeds at the largest rank (Figure 4); and the
+      random Gaussian baseline at both shapes.
+    * ``table7``, ``spectra``, ``singular_values``: every adapter.
+    * ``fig8``: the ranks nearest 4, 8 and 64 at the first seed, with a random A of each rank.
+    * ``quality``: :func:`quality_table`.
+
+    Args:
+        base: ``--base`` override (a directory), or a :class:`~lora_analysis.runs.BaseWeights` to share.
+        ranks, seeds: restrict to these (each must exist in the run).
+        intruders: count intruder dimensions (one dense SVD of W0 + ΔW per module and adapter).
+        threads: torch threads while computing (default 1: the matrices are small, so thread start-up dominates
+            and on a busy 2-core machine 2 threads ran ~20x slower than 1); ``None`` keeps torch's setting.
+
+    Returns:
+        ``{"phi", "fig8", "table7", "spectra", "singular_values", "quality"}`` -> DataFrame.
+    """
+    with torch_threads(threads):
+        return _analyse_run(run_dir, base=base, layers=layers, ranks=ranks, seeds=seeds, weight_set=weight_set,
+                            rank_pair=rank_pair, fig8_ranks=fig8_ranks, intruders=intruders, progress=progress)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), restoring the setting after."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, rank_pair, fig8_ranks, intruders, progress):
+    from tqdm.auto import tqdm
+
+    index = index_run(run_dir)
+    ws = index.default_weight_set() if weight_set is None else weight_set
+    avail_r = index.ranks(ws)
+    for r in ranks or ():
+        if r not in avail_r:
+            raise UserError(f"--ranks: {index.root} has no rank {r} for weight set {ws}; available: "
+                            f"{', '.join(map(str, avail_r))}")
+    use_r = sorted(set(ranks)) if ranks else avail_r
+    avail_s = index.seeds(ws)
+    for s in seeds or ():
+        if s not in avail_s:
+            raise UserError(f"--seeds: {index.root} has no seed {s} for weight set {ws}; available: "
+                            f"{', '.join(map(str, avail_s))}")
+    entries = [e for e in index.find(weight_set=ws) if e.rank in use_r and (not seeds or e.seed in seeds)]
+    bw = base if isinstance(base, BaseWeights) else BaseWeights(base)
+
+    bar = tqdm(total=2 * len(entries) + 3, desc="analysis", disable=not progress, dynamic_ncols=True)
+    adapters: dict[tuple[int, int], LoadedAdapter] = {}
+    for e in entries:
+        a = load_adapter_dir(e.path)
+        adapters[(e.rank, _seed(a))] = a
+        bar.update(1)
+    if not adapters:
+        raise UserError(f"{index.root}: no adapters left for weight set {ws} after selecting ranks/seeds")
+
+    def keys_of(a: LoadedAdapter) -> list[str]:
+        return [k for k in a.factors if layers is None or module_layer(k) in set(layers)]
+
+    out: dict[str, list[pd.DataFrame]] = {k: [] for k in COLUMNS}
+    for a in adapters.values():
+        keys = keys_of(a)
+        out["table7"].append(table7_table(a, bw, keys=keys))
+        out["spectra"].append(spectra_table(a, bw if intruders else None, keys=keys))
+        out["singular_values"].append(singular_values_table(a, keys=keys))
+        bar.update(1)
+
+    present_r = sorted({r for r, _ in adapters})
+    present_s = sorted({s for _, s in adapters})
+    if len(present_r) >= 2:
+        r_large = nearest(rank_pair[1], present_r)
+        r_small = nearest(rank_pair[0], [r for r in present_r if r != r_large])
+        for s in present_s:
+            if (r_small, s) in adapters and (r_large, s) in adapters:
+                a1, a2 = adapters[(r_small, s)], adapters[(r_large, s)]
+                out["phi"].append(phi_table(a1, a2, comparison="rank", keys=keys_of(a1)))
+        ref = adapters[(r_large, present_s[0])] if (r_large, present_s[0]) in adapters else next(iter(adapters.values()))
+        out["phi"].append(random_phi_table(ref, r1=r_small, r2=r_large, keys=keys_of(ref)))
+    bar.update(1)
+    r_max = present_r[-1]
+    seeds_at_max = sorted(s for r, s in adapters if r == r_max)
+    if len(seeds_at_max) >= 2:
+        a1, a2 = adapters[(r_max, seeds_at_max[0])], adapters[(r_max, seeds_at_max[1])]
+        out["phi"].append(phi_table(a1, a2, comparison="seed", keys=keys_of(a1)))
+        out["phi"].append(random_phi_table(a1, r1=r_max, r2=r_max, keys=keys_of(a1), seed=1))
+    bar.update(1)
+    s0 = present_s[0]
+    for r in sorted({nearest(r, present_r) for r in fig8_ranks}):
+        a = adapters.get((r, s0))
+        if a is not None:
+            out["fig8"].append(fig8_table(a, bw, keys=keys_of(a)))
+    bar.update(1)
+    bar.close()
+    tables = {name: _frame(name, frames) for name, frames in out.items() if name != "quality"}
+    tables["quality"] = quality_table(index.root)
+    return tables
+
+
+def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike) -> list[Path]:
+    """Write each table to ``out_dir/<name>.csv`` atomically (full float precision); returns the paths."""
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{root}: is a file; expected an output directory")
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, df in tables.items():
+        path = root / f"{name}.csv"
+        with atomic_path(path) as tmp:
+            df.to_csv(tmp, index=False)
+        paths.append(path)
+    return paths
