@@ -60,6 +60,15 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
 
 
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | nn.Embedding | LoRAModule) or _is_conv1d(module)
+
+
+def _inside_lora(modules: dict[str, nn.Module], path: str) -> bool:
+    parent = path.rpartition(".")[0]
+    return bool(path) and isinstance(modules.get(parent), LoRAModule)
+
+
 def _expand(targets: Iterable[str], family: str | None) -> list[str]:
     out = []
     for t in targets:
@@ -108,10 +117,11 @@ def resolve_targets(
             hits = [p for p in modules if p == name or p.endswith("." + name)]
         if wanted_layers is not None:
             hits = [p for p in hits if layer_index(p) in wanted_layers]
-        hits = [p for p in hits if isinstance(modules[p], nn.Linear | nn.Embedding) or _is_conv1d(modules[p])]
+        # A LoRA layer is kept (inject_lora then says it is already adapted); its inner `base` is never a target.
+        hits = [p for p in hits if _adaptable(modules[p]) and not _inside_lora(modules, p)]
         if not hits:
             adaptable = sorted(
-                {p.split(".")[-1] for p, m in modules.items() if isinstance(m, nn.Linear | nn.Embedding) or _is_conv1d(m)}
+                {p.split(".")[-1] for p, m in modules.items() if _adaptable(m) and not _inside_lora(modules, p)}
             )
             where = f" in layers {sorted(wanted_layers)}" if wanted_layers is not None else ""
             raise UserError(
@@ -120,7 +130,7 @@ def resolve_targets(
             )
         for p in hits:
             slices = found.setdefault(p, [])
-            if _is_conv1d(modules[p]):
+            if _is_conv1d(modules[p]) or isinstance(modules[p], LoRAFusedQKV):
                 if not slice_name:
                     raise UserError(
                         f"--targets: {p} is a fused Conv1D; name its slices, e.g. '{name}:q' and '{name}:v'"

@@ -1,0 +1,195 @@
+"""lora.layers: the maths of each LoRA layer against explicit dense computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+
+from lora.inject import inject_lora, lora_modules, mark_only_lora_trainable
+from lora.layers import (
+    LoRAEmbedding,
+    LoRAFactors,
+    LoRAFusedQKV,
+    LoRALinear,
+    delta_weight,
+    init_lora_A_,
+    lora_scaling,
+)
+
+
+def _randomize_B(layer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.rpartition(".")[2].startswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+def _conv1d(d_in, d_out_total, seed=0):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    c = Conv1D(d_out_total, d_in)
+    with torch.no_grad():
+        c.weight.normal_()
+        c.bias.normal_()
+    return c
+
+
+def test_delta_weight_is_scaled_product_and_checks_shapes():
+    A, B = torch.randn(3, 7), torch.randn(5, 3)
+    torch.testing.assert_close(delta_weight(A, B, 0.5), 0.5 * B @ A)
+    assert LoRAFactors(A, B, 2.0).rank == 3
+    with pytest.raises(ValueError, match=r"\(3, 7\)"):
+        delta_weight(A, torch.randn(5, 4), 1.0)
+
+
+def test_scaling_paper_and_rslora():
+    assert lora_scaling(8, 16) == 2.0
+    assert lora_scaling(16, 8, use_rslora=True) == 2.0
+    with pytest.raises(ValueError):
+        lora_scaling(0, 1)
+    base = nn.Linear(16, 12)
+    layer = LoRALinear(base, r=4, alpha=3, use_rslora=True)
+    _randomize_B(layer)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        lora_part = layer(x) - base(x)
+    torch.testing.assert_close(lora_part, x @ layer.lora_A.T @ layer.lora_B.T * (3 / math.sqrt(4)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "fused", "embedding"])
+def test_merged_equals_unmerged_and_unmerge_restores(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        base, x = nn.Linear(10, 8), torch.randn(4, 10)
+        layer = LoRALinear(base, r=3, alpha=6)
+    elif kind == "fused":
+        base, x = _conv1d(10, 24), torch.randn(2, 4, 10)
+        layer = LoRAFusedQKV(base, slices=("q", "v"), r=3, alpha=6)
+    else:
+        base, x = nn.Embedding(20, 8), torch.tensor([[1, 4, 19, 0]])
+        layer = LoRAEmbedding(base, r=3, alpha=6)
+    _randomize_B(layer)
+    w0 = base.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert not torch.equal(base.weight, w0)
+        torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+        for s, w in layer.base_weights().items():  # W0 is still recoverable while merged
+            ref = w0 if kind == "linear" else (w0.T if kind == "embedding" else w0[:, "qkv".index(s) * 8:][:, :8].T)
+            torch.testing.assert_close(w, ref, atol=1e-5, rtol=0)
+        layer.unmerge()
+    torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_zero_B_is_the_base_model(tiny_bert):
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = tiny_bert(input_ids=ids).last_hidden_state
+        inject_lora(tiny_bert, ["q", "k", "v", "o"], r=4, alpha=16, init="gaussian")
+        after = tiny_bert(input_ids=ids).last_hidden_state
+    assert torch.equal(before, after)
+
+
+def test_gradients_reach_only_lora_and_head(tiny_bert):
+    inject_lora(tiny_bert, ["q", "v"], r=2, alpha=4)
+    _randomize_B(tiny_bert)  # with B = 0, A's gradient is zero; make both nonzero
+    for save in ((), ("pooler",)):
+        mark_only_lora_trainable(tiny_bert, modules_to_save=save)
+        tiny_bert.zero_grad(set_to_none=True)
+        tiny_bert(input_ids=torch.tensor([[1, 2, 3, 4]])).pooler_output.square().sum().backward()
+        for name, p in tiny_bert.named_parameters():
+            expected = ".lora_" in name or (bool(save) and name.startswith("pooler."))
+            assert (p.grad is not None and p.grad.abs().sum() > 0) == expected, name
+
+
+def test_eval_and_train_never_change_weights(tiny_gpt2):
+    inject_lora(tiny_gpt2, ["q", "v"], r=2, alpha=4)
+    _randomize_B(tiny_gpt2)
+    before = {k: v.clone() for k, v in tiny_gpt2.state_dict().items()}
+    for _ in range(2):
+        tiny_gpt2.eval()
+        tiny_gpt2(input_ids=torch.tensor([[1, 2, 3]]))
+        tiny_gpt2.train()
+        tiny_gpt2(input_ids=torch.tensor([[1, 2, 3]]))
+    after = tiny_gpt2.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m.merged for m in lora_modules(tiny_gpt2).values())
+
+
+def test_init_schemes_follow_their_distributions():
+    d_in = 512
+    gen = torch.Generator().manual_seed(0)
+    A = init_lora_A_(torch.empty(64, d_in), "gaussian", generator=gen)
+    assert stats.kstest((A * math.sqrt(d_in)).flatten().numpy(), "norm").pvalue > 1e-3  # N(0, 1/d_in)
+    K = init_lora_A_(torch.empty(64, d_in), "kaiming", generator=gen)
+    bound = 1 / math.sqrt(d_in)
+    assert K.abs().max() <= bound
+    assert stats.kstest(K.flatten().numpy(), "uniform", args=(-bound, 2 * bound)).pvalue > 1e-3
+    # kaiming_uniform_(a=sqrt(5)) as loralib/PEFT use it has the same bound 1/sqrt(fan_in)
+    ref = nn.init.kaiming_uniform_(torch.empty(64, d_in), a=math.sqrt(5))
+    assert ref.abs().max() <= bound and ref.abs().max() > 0.99 * bound
+    with pytest.raises(ValueError, match="unknown init"):
+        init_lora_A_(torch.empty(2, 3), "xavier")
+
+
+def test_nested_init_across_ranks(tiny_bert):
+    import copy
+
+    small, big, indep = copy.deepcopy(tiny_bert), copy.deepcopy(tiny_bert), copy.deepcopy(tiny_bert)
+    a8 = inject_lora(small, ["q"], r=8, alpha=8, seed=3, init="gaussian")
+    a32 = inject_lora(big, ["q"], r=32, alpha=8, seed=3, init="gaussian")
+    a8i = inject_lora(indep, ["q"], r=8, alpha=8, seed=3, init="gaussian", init_seed_per_rank=True)
+    for path in a8:
+        assert torch.equal(a8[path].lora_A, a32[path].lora_A[:8])
+        assert not torch.equal(a8i[path].lora_A, a8[path].lora_A)
+    paths = list(a8)
+    assert not torch.equal(a8[paths[0]].lora_A, a8[paths[1]].lora_A)  # each module draws its own A
+
+
+def test_fused_qkv_equals_dense_computation():
+    d = 8
+    base = _conv1d(6, 3 * d)
+    layer = LoRAFusedQKV(base, slices=("v", "q"), r=2, alpha=3)
+    assert layer.slices == ("q", "v")
+    _randomize_B(layer)
+    f = layer.factors()
+    dense = base.weight.detach().clone()  # (d_in, 3d): y = x @ W + b
+    dense[:, 0:d] += f["q"].delta_weight().T
+    dense[:, 2 * d:] += f["v"].delta_weight().T
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ dense + base.bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base_weights()["v"], base.weight[:, 2 * d:].T)
+    with pytest.raises(ValueError, match="slices"):
+        LoRAFusedQKV(base, slices=("q", "x"), r=2, alpha=3)
+    with pytest.raises(ValueError, match="rank"):
+        LoRAFusedQKV(base, slices=("q",), r=9, alpha=3)
+
+
+def test_embedding_lora_equals_dense_table():
+    torch.manual_seed(0)
+    base = nn.Embedding(30, 8, padding_idx=0)
+    layer = LoRAEmbedding(base, r=3, alpha=6)
+    _randomize_B(layer)
+    table = base.weight.detach() + layer.factors()[""].delta_weight().T  # E + s (B A)^T, (num, dim)
+    ids = torch.tensor([[0, 3, 29, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(ids), F.embedding(ids, table), atol=1e-6, rtol=0)
+    assert layer.lora_A.shape == (3, 30) and layer.lora_B.shape == (8, 3)
+    with pytest.raises(TypeError):
+        LoRAEmbedding(nn.Linear(3, 3), r=1, alpha=1)
+
+
+def test_linear_rank_bounds():
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(nn.Linear(4, 3), r=4, alpha=1)
+    with pytest.raises(TypeError):
+        LoRALinear(nn.Embedding(3, 3), r=1, alpha=1)
