@@ -263,3 +263,278 @@ def init_control(A1: Tensor, A1_init: Tensor, A2: Tensor, A2_init: Tensor, *, si
         phi_learned=subspace_similarity(a1 - a10, a2 - a20, side=side),
         phi_init=subspace_similarity(a10, a20, side=side),
     )
+
+
+# ---------------------------------------------------------------------------------------------- command line
+# `python -m lora_analysis.subspace` (console script `lora-subspace`). File reading goes through
+# lora_analysis.runs; this section only parses options, calls the metrics above and prints / writes results.
+
+CLI_DESCRIPTION = """\
+Normalized subspace similarity between two LoRA adapters (Hu et al., 2021, Section 7.2, Figures 3 and 4):
+
+    phi(A1, A2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j)    in [0, 1]
+
+where U1, U2 are the right singular vectors of the two A matrices (--side B: left singular vectors of B,
+footnote 7), ordered by singular value. 1 means one top-subspace contains the other, 0 means orthogonal; two
+random subspaces of dimension d give max(i, j) / d on average (the baseline printed beside each module).
+Figure 3 compares r=8 with r=64 at one seed; Figure 4 compares two seeds at r=64.
+
+Compare two adapters of a run directory by rank and seed (--r1/--r2, --seed1/--seed2), or any two adapter
+directories (--a1/--a2: ours or written by peft; a loralib .pt checkpoint with --alpha). With no --runs and no
+--a1/--a2 the default run directory is used ($LORA_RUNS_DIR or ./runs/default); adapters it lacks are trained
+first on the embedded default (real all-MiniLM-L6-v2 on chatterbot-corpus text, offline), so
+`python -m lora_analysis.subspace --r1 8 --r2 64` works on a fresh install.
+
+When both adapters carry init.safetensors (A at step 0, written by lora.train), phi is also computed on the
+learned change A - A_init and between the two starting points A_init: with nested initialisation, A_8 starts
+as the first 8 rows of A_64, which alone makes phi high."""
+
+_DIAG_SHOWN = (1, 2, 4, 8, 16, 32, 64)
+
+
+def build_parser():
+    """The ``python -m lora_analysis.subspace`` options (argparse errors: one line, exit 2)."""
+    import argparse
+
+    from lora.errors import ArgumentParser
+
+    p = ArgumentParser(prog="python -m lora_analysis.subspace", description=CLI_DESCRIPTION,
+                       formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30))
+    g = p.add_argument_group("adapters from a run directory (lora.train)")
+    g.add_argument("--runs", metavar="DIR",
+                   help="run directory written by `python -m lora.train` (default: $LORA_RUNS_DIR or ./runs/default, "
+                        "trained on demand if adapters are missing)")
+    g.add_argument("--r1", type=int, metavar="R", help="rank of the first adapter (rows i; paper: 8)")
+    g.add_argument("--r2", type=int, metavar="R", help="rank of the second adapter (columns j; paper: 64)")
+    g.add_argument("--seed1", type=int, default=0, metavar="S", help="seed of the first adapter (default 0)")
+    g.add_argument("--seed2", type=int, default=None, metavar="S",
+                   help="seed of the second adapter (default: --seed1, i.e. a rank comparison as Figure 3; "
+                        "give another seed with --r1 = --r2 for Figure 4)")
+    g.add_argument("--weight-set", metavar="SET",
+                   help="weight set of the run to use, e.g. q,v (default: q,v if present, as the paper)")
+    g = p.add_argument_group("any two adapter directories")
+    g.add_argument("--a1", metavar="DIR", help="first adapter directory (PEFT layout), or a loralib .pt with --alpha")
+    g.add_argument("--a2", metavar="DIR", help="second adapter directory")
+    g.add_argument("--alpha", type=float, metavar="A",
+                   help="LoRA alpha of loralib checkpoint files (loralib does not store it; unused for adapter dirs)")
+    g = p.add_argument_group("what to compute and write")
+    g.add_argument("--modules", metavar="REGEX",
+                   help="only module keys matching this regular expression (re.search), e.g. 'layer\\.3\\.' or "
+                        "'query' (default: every module both adapters share)")
+    g.add_argument("--side", choices=("A", "B"), default="A",
+                   help="A: right singular vectors of A (the paper's default); B: left singular vectors of B "
+                        "(footnote 7)")
+    g.add_argument("--json", metavar="FILE",
+                   help="write every grid as JSON (written atomically: a failed run leaves an existing file as it was)")
+    g.add_argument("--plot", metavar="FILE", help="write heat maps of phi, one panel per module (.png, .pdf or .svg)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    return p
+
+
+def _cli_load(args):
+    """The two adapters the options name, as (LoadedAdapter, LoadedAdapter)."""
+    from lora.errors import UserError
+    from lora_analysis import runs
+
+    direct = args.a1 is not None or args.a2 is not None
+    by_rank = args.r1 is not None or args.r2 is not None
+    if direct and by_rank:
+        raise UserError("--a1/--a2 compare two adapter directories; do not combine them with --r1/--r2")
+    if direct:
+        if args.a1 is None or args.a2 is None:
+            raise UserError(f"{'--a2' if args.a2 is None else '--a1'}: missing; --a1 and --a2 go together")
+        if args.runs is not None:
+            raise UserError("--runs: not used with --a1/--a2 (give adapter directories directly)")
+        return runs.load_any(args.a1, alpha=args.alpha), runs.load_any(args.a2, alpha=args.alpha)
+    if args.r1 is None or args.r2 is None:
+        raise UserError(f"{'--r1' if args.r1 is None else '--r2'}: missing; give --r1 R --r2 R (e.g. --r1 8 --r2 64) "
+                        "or --a1 DIR --a2 DIR")
+    for name in ("r1", "r2"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name}: rank must be >= 1, got {getattr(args, name)}")
+    seed2 = args.seed1 if args.seed2 is None else args.seed2
+    if args.runs is None:
+        root = runs.ensure_default_run((args.r1, args.r2), (args.seed1, seed2), progress=not args.quiet)
+    else:
+        root = args.runs
+    index = runs.index_run(root)
+    return (runs.load_run_adapter(index, rank=args.r1, seed=args.seed1, weight_set=args.weight_set),
+            runs.load_run_adapter(index, rank=args.r2, seed=seed2, weight_set=args.weight_set))
+
+
+def _cli_keys(a1, a2, pattern: str | None) -> list[str]:
+    import re
+
+    from lora.errors import UserError
+
+    shared = [k for k in a1.factors if k in a2.factors]
+    if not shared:
+        raise UserError(f"{a2.path}: shares no module with {a1.path} (first has {a1.module_keys[:2]}, "
+                        f"second {a2.module_keys[:2]})")
+    if pattern is None:
+        return shared
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise UserError(f"--modules: invalid regular expression {pattern!r}: {exc}") from None
+    keys = [k for k in shared if rx.search(k)]
+    if not keys:
+        raise UserError(f"--modules: {pattern!r} matches none of the {len(shared)} shared modules, e.g. {shared[0]}")
+    return keys
+
+
+def _cli_module(a1, a2, key: str, side: Side) -> dict:
+    """φ grids and summary numbers for one module."""
+    from lora.errors import UserError
+
+    f1, f2 = a1.factors[key], a2.factors[key]
+    if f1.A.shape[1] != f2.A.shape[1] or f1.B.shape[0] != f2.B.shape[0]:
+        raise UserError(f"{a2.path}: module {key}: ΔW is ({f2.B.shape[0]}, {f2.A.shape[1]}) but "
+                        f"({f1.B.shape[0]}, {f1.A.shape[1]}) in {a1.path}")
+    learned = init = None
+    if side == "A":
+        phi = subspace_similarity(f1.A, f2.A, side="A")
+        if a1.init_A and a2.init_A and key in a1.init_A and key in a2.init_A:
+            try:
+                ctl = init_control(f1.A, a1.init_A[key], f2.A, a2.init_A[key], side="A")
+                learned, init = ctl.phi_learned, ctl.phi_init
+            except ValueError:  # an untrained adapter (A == A_init): no learned subspace to compare
+                pass
+        d = int(f1.A.shape[1])
+    else:
+        for a, f in ((a1, f1), (a2, f2)):
+            if not bool(f.B.abs().max() > 0):
+                raise UserError(f"{a.path}: module {key}: lora_B is zero (untrained), so --side B has no subspace")
+        phi = subspace_similarity(f1.B, f2.B, side="B")
+        d = int(f1.B.shape[0])
+    diag = phi_diagonal(phi)
+    n = diag.numel()
+    return {
+        "phi": phi, "phi_learned": learned, "phi_init": init, "d": d, "r1": f1.rank, "r2": f2.rank,
+        "phi_11": float(phi[0, 0]), "mean_diagonal": float(diag.mean()),
+        "diagonal": {i: float(diag[i - 1]) for i in _DIAG_SHOWN if i <= n},
+        "random_11": 1.0 / d, "random_mean_diagonal": float(torch.arange(1, n + 1, dtype=torch.float64).mean() / d),
+        "learned_11": None if learned is None else float(learned[0, 0]),
+    }
+
+
+def _cli_summary(results: dict[str, dict], a1, a2, side: str) -> str:
+    import pandas as pd
+
+    from lora_analysis.runs import module_layer, weight_type
+
+    rows = []
+    for key, r in results.items():
+        row = {"module": key, "type": weight_type(key), "layer": module_layer(key), "φ(1,1)": r["phi_11"]}
+        if r["learned_11"] is not None:
+            row["φ(1,1) A-A_init"] = r["learned_11"]
+        row["mean φ(i,i)"] = r["mean_diagonal"]
+        for i, v in r["diagonal"].items():
+            if i > 1:
+                row[f"φ({i},{i})"] = v
+        row["random φ(1,1)"] = r["random_11"]
+        row["random mean φ(i,i)"] = r["random_mean_diagonal"]
+        rows.append(row)
+    table = pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}")
+    head = (f"φ on {'A (right singular vectors)' if side == 'A' else 'B (left singular vectors)'}: "
+            f"{a1.path} (r={a1.rank}, seed {a1.seed}) vs {a2.path} (r={a2.rank}, seed {a2.seed}); "
+            f"random baseline E[φ(i,j)] = max(i,j)/d")
+    return head + "\n" + table
+
+
+def _grid_list(t: Tensor | None):
+    return None if t is None else t.tolist()
+
+
+def _cli_plot(results: dict[str, dict], path, *, title: str) -> None:
+    """A minimal heat-map grid (one panel per module, at most 12), colour scale 0–1, saved atomically."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from lora.fsio import atomic_path
+
+    keys = list(results)[:12]
+    ncols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 1, 2.8 * nrows), squeeze=False,
+                             layout="constrained")
+    for ax, key in zip(axes.ravel(), keys, strict=False):
+        grid = results[key]["phi"].numpy()
+        sns.heatmap(grid, ax=ax, vmin=0.0, vmax=1.0, cmap="viridis", cbar=False,
+                    xticklabels=max(1, grid.shape[1] // 8), yticklabels=max(1, grid.shape[0] // 8))
+        ax.set_title(key if len(key) < 40 else "…" + key[-39:], fontsize=8)
+        ax.set_xlabel("j")
+        ax.set_ylabel("i")
+    for ax in axes.ravel()[len(keys):]:
+        ax.set_visible(False)
+    fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap="viridis"), ax=axes.ravel().tolist(),
+                 label="φ(i, j)")
+    fig.suptitle(title, fontsize=9)
+    fmt = str(path).rsplit(".", 1)[-1].lower()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=150)
+    plt.close(fig)
+
+
+def _check_out_path(option: str, path: str, suffixes: tuple[str, ...] | None = None) -> None:
+    from pathlib import Path
+
+    from lora.errors import UserError
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{option} {path}: is a directory; expected a file name")
+    if p.parent != Path("") and p.parent.exists() and not p.parent.is_dir():
+        raise UserError(f"{option} {path}: parent {p.parent} is a file")
+    if suffixes is not None and p.suffix.lower() not in suffixes:
+        raise UserError(f"{option} {path}: unsupported format {p.suffix or '(none)'}; use one of {', '.join(suffixes)}")
+
+
+def _main(argv=None) -> int:
+    from lora.fsio import write_json
+    from lora_analysis.tables import torch_threads
+
+    args = build_parser().parse_args(argv)
+    if args.json is not None:
+        _check_out_path("--json", args.json)
+    if args.plot is not None:
+        _check_out_path("--plot", args.plot, (".png", ".pdf", ".svg"))
+    a1, a2 = _cli_load(args)
+    keys = _cli_keys(a1, a2, args.modules)
+    with torch_threads(1):  # small matrices: one thread is fastest (see lora_analysis.tables.analyse_run)
+        results = {k: _cli_module(a1, a2, k, args.side) for k in keys}
+    if not args.quiet:
+        print(_cli_summary(results, a1, a2, args.side))
+    if args.json is not None:
+        doc = {
+            "metric": "phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j); rows i = 1..r1, columns j = 1..r2",
+            "side": args.side,
+            "a1": str(a1.path), "a2": str(a2.path), "r1": a1.rank, "r2": a2.rank, "seed1": a1.seed, "seed2": a2.seed,
+            "modules": {
+                k: {"phi": _grid_list(r["phi"]), "phi_learned": _grid_list(r["phi_learned"]),
+                    "phi_init": _grid_list(r["phi_init"]), "r1": r["r1"], "r2": r["r2"], "d": r["d"],
+                    "phi_11": r["phi_11"], "mean_diagonal": r["mean_diagonal"],
+                    "random_expected_11": r["random_11"], "random_expected_mean_diagonal": r["random_mean_diagonal"]}
+                for k, r in results.items()
+            },
+        }
+        write_json(args.json, doc)
+    if args.plot is not None:
+        _cli_plot(results, args.plot, title=f"φ on {args.side}: {a1.path} (r={a1.rank}) vs {a2.path} (r={a2.rank})")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m lora_analysis.subspace``; bad input exits 2 with one line on stderr."""
+    from lora.errors import run_cli
+
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
