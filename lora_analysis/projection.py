@@ -127,3 +127,136 @@ def table7_row(
         amplification=amplification,
         rank=k,
     )
+
+
+# ---------------------------------------------------------------------------------------------- command line
+# `python -m lora_analysis.projection` (console script `lora-projection`). File reading goes through
+# lora_analysis.runs; this section only parses options, calls table7_row (via lora_analysis.tables) and prints.
+
+CLI_DESCRIPTION = """\
+How the LoRA update dW relates to the frozen weight W (Hu et al., 2021, Section 7.3, Table 7), per module:
+
+    delta  = ||U^T W V||_F with U, V the top-k left/right singular vectors of dW = s * B A   (paper r=4: 0.32)
+    weight = the same with W's own top-k singular vectors                                     (paper: 21.67)
+    random = the same with a random orthonormal k-dimensional pair                             (paper: 0.02)
+    w_norm = ||W||_F, dw_norm = ||dW||_F including the scale s = alpha/r                       (paper: 61.95, 6.91)
+    amplification = dw_norm / delta                                                           (paper: 21.5)
+
+k is the adapter's rank unless --top is given. delta >> random but << weight: dW amplifies directions W
+already has but does not emphasise. dW's singular vectors come from the factors (exact, never the dense dW).
+
+The adapter is one directory (--adapter: ours or written by peft; a loralib .pt with --alpha and --base), or a
+grid point of a run (--runs DIR --rank R [--seed S]). --rank without --runs uses the default run directory
+($LORA_RUNS_DIR or ./runs/default), training the adapter first on the embedded default if it is missing. W comes
+from the adapter's base_model_name_or_path (the embedded default id loads offline; a hub id needs a hub) or --base."""
+
+
+def build_parser():
+    """The ``python -m lora_analysis.projection`` options (argparse errors: one line, exit 2)."""
+    import argparse
+
+    from lora.errors import ArgumentParser
+
+    p = ArgumentParser(prog="python -m lora_analysis.projection", description=CLI_DESCRIPTION,
+                       formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30))
+    p.add_argument("--adapter", metavar="DIR", help="adapter directory (PEFT layout), or a loralib .pt with --alpha")
+    p.add_argument("--runs", metavar="DIR", help="run directory written by `python -m lora.train` (with --rank)")
+    p.add_argument("--rank", type=int, metavar="R", help="rank of the run's adapter to analyse (paper: 4 and 64)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the run's adapter (default 0)")
+    p.add_argument("--weight-set", metavar="SET", help="weight set of the run, e.g. q,v (default: q,v if present)")
+    p.add_argument("--base", metavar="PATH",
+                   help="base model directory (or hub id) to read W from, instead of the adapter's "
+                        "base_model_name_or_path (needed for loralib checkpoints, or a moved base)")
+    p.add_argument("--alpha", type=float, metavar="A", help="LoRA alpha of a loralib checkpoint (loralib does not store it)")
+    p.add_argument("--top", type=int, metavar="K",
+                   help="subspace dimension k (default: the adapter's rank, as the paper)")
+    p.add_argument("--modules", metavar="REGEX",
+                   help="only module keys matching this regular expression (re.search) (default: all)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the table as JSON (atomically: a failed run leaves an existing file as it was); "
+                        "an amplification that is undefined (delta = 0) is written as null")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or printed table")
+    return p
+
+
+def _cli_adapter(args):
+    from lora.errors import UserError
+    from lora_analysis import runs
+
+    if args.adapter is not None:
+        for opt, val in (("--runs", args.runs), ("--rank", args.rank), ("--weight-set", args.weight_set)):
+            if val is not None:
+                raise UserError(f"{opt}: not used with --adapter (give either --adapter DIR or --runs DIR --rank R)")
+        return runs.load_any(args.adapter, alpha=args.alpha, base_model=args.base)
+    if args.rank is None:
+        raise UserError("--rank: missing; give --adapter DIR, or --rank R (with --runs DIR, or the default run)")
+    if args.rank < 1:
+        raise UserError(f"--rank: must be >= 1, got {args.rank}")
+    if args.runs is None:
+        root = runs.ensure_default_run((args.rank,), (args.seed,), progress=not args.quiet)
+    else:
+        root = args.runs
+    return runs.load_run_adapter(root, rank=args.rank, seed=args.seed, weight_set=args.weight_set)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _main(argv=None) -> int:
+    import re
+    from pathlib import Path
+
+    from lora.errors import UserError
+    from lora.fsio import write_json
+    from lora_analysis.runs import BaseWeights
+    from lora_analysis.tables import table7_table, torch_threads
+
+    args = build_parser().parse_args(argv)
+    if args.json is not None and Path(args.json).is_dir():
+        raise UserError(f"--json {args.json}: is a directory; expected a file name")
+    if args.top is not None and args.top < 1:
+        raise UserError(f"--top: must be >= 1, got {args.top}")
+    adapter = _cli_adapter(args)
+    keys = adapter.module_keys
+    if args.modules is not None:
+        try:
+            keys = adapter.select(args.modules)
+        except re.error as exc:
+            raise UserError(f"--modules: invalid regular expression {args.modules!r}: {exc}") from None
+        if not keys:
+            raise UserError(f"--modules: {args.modules!r} matches none of the {len(adapter.factors)} modules of "
+                            f"{adapter.path}, e.g. {adapter.module_keys[0]}")
+    with torch_threads(1):  # small matrices: one thread is fastest (see lora_analysis.tables.analyse_run)
+        table = table7_table(adapter, BaseWeights(args.base), keys=keys, top=args.top)
+    if not args.quiet:
+        shown = table.drop(columns=["seed"]).rename(columns={"weight_type": "type"})
+        print(f"Table 7 for {adapter.path} (r={adapter.rank}, seed {adapter.seed}): ||U^T W V||_F for the top-k "
+              f"subspaces of dW (delta), of W (weight) and random; amplification = dw_norm / delta")
+        print(shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    if args.json is not None:
+        doc = {
+            "metric": "||U^T W V||_F for the top-k singular subspaces of dW (delta), W (weight) and a random pair",
+            "adapter": str(adapter.path), "rank": adapter.rank, "seed": adapter.seed,
+            "base": str(args.base) if args.base is not None else adapter.base_model,
+            "modules": {
+                row.module: {"delta": row.delta, "weight": row.weight, "random": row.random, "w_norm": row.w_norm,
+                             "dw_norm": row.dw_norm, "amplification": _finite_or_none(row.amplification),
+                             "top": int(row.top), "rank": int(row.rank), "weight_type": row.weight_type,
+                             "layer": int(row.layer)}
+                for row in table.itertuples(index=False)
+            },
+        }
+        write_json(args.json, doc)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``python -m lora_analysis.projection``; bad input exits 2 with one line on stderr."""
+    from lora.errors import run_cli
+
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
