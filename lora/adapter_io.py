@@ -155,19 +155,30 @@ def _where(adapter: Adapter) -> str:
 # Fingerprint of the base weights
 
 
+def _canonical_params(name: str, module: nn.Module) -> Iterable[tuple[str, Tensor]]:
+    """``module``'s frozen parameters named as in the plain base model: LoRA factors are skipped and a LoRA
+    layer's ``.base`` is folded into its path, so injecting LoRA never changes the names."""
+    canon = {"": name}
+    for path, m in module.named_modules():
+        if path:
+            parent, _, last = path.rpartition(".")
+            folded = last == "base" and isinstance(module.get_submodule(parent) if parent else module, LoRAModule)
+            canon[path] = canon[parent] if folded else f"{canon[parent]}.{last}".lstrip(".")
+        if isinstance(m, LoRAModule):
+            if m.merged:
+                raise ValueError(f"{canon[path]}: merged LoRA layer; unmerge before fingerprinting its base weights")
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            yield f"{canon[path]}.{pname}".lstrip("."), p
+
+
 def _fingerprint_modules(items: Iterable[tuple[str, nn.Module]]) -> str:
     h = hashlib.sha256()
     for name, module in sorted(items, key=lambda kv: kv[0]):
-        if isinstance(module, LoRAModule):
-            if module.merged:
-                raise ValueError(f"{name}: merged LoRA layer; unmerge before fingerprinting its base weights")
-            module = module.base
-        for pname, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-            if pname.startswith("lora_"):
-                continue
+        for pname, p in sorted(_canonical_params(name, module), key=lambda kv: kv[0]):
             # float32 bytes: the same weights loaded in fp32 or upcast from bf16 hash the same.
             t = p.detach().to("cpu", torch.float32).contiguous()
-            h.update(f"{name}.{pname}:{tuple(t.shape)}\n".encode())
+            h.update(f"{pname}:{tuple(t.shape)}\n".encode())
             h.update(t.numpy().tobytes())
     return "sha256:" + h.hexdigest()
 
@@ -181,14 +192,15 @@ def base_fingerprint(model: nn.Module, *, module_paths: Sequence[str] | None = N
             ``model`` has no LoRA layer.
 
     Returns:
-        ``"sha256:<hex>"``; the same base weights give the same string whatever LoRA layers sit on top.
+        ``"sha256:<hex>"``. Parameters are named as in the plain base model (a LoRA layer's ``.base`` is folded
+        away, its factors skipped), so the string is the same before and after injecting LoRA.
     """
     if module_paths is not None:
         return _fingerprint_modules((p, model.get_submodule(p)) for p in module_paths)
     found = lora_modules(model)
     if found:
         return _fingerprint_modules(found.items())
-    return _fingerprint_modules([("", model)])
+    return _fingerprint_modules([("", model)])  # LoRA-free: every parameter
 
 
 # ----------------------------------------------------------------------------------------------------------------

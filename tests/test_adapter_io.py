@@ -286,7 +286,11 @@ def test_loralib_plain_linear_checkpoint(tmp_path, bert_dir):
 
 
 def test_fingerprint_and_wrong_base(tmp_path, bert_dir):
-    model = _trained_bert(bert_dir)
+    plain = _load(bert_dir, "BertForSequenceClassification")
+    paths = [f"bert.encoder.layer.{i}.attention.self.{n}" for i in range(2) for n in ("query", "value")]
+    whole, adapted = base_fingerprint(plain, module_paths=["bert"]), base_fingerprint(plain, module_paths=paths)
+    model = _trained_bert(bert_dir)  # same base weights, LoRA injected and trained
+    assert base_fingerprint(model) == adapted and base_fingerprint(model, module_paths=["bert"]) == whole
     d = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(bert_dir))
     other = _bert_cls()
     with torch.no_grad():
@@ -391,16 +395,50 @@ def test_shape_mismatch_with_base_names_file_and_module(tmp_path, bert_dir):
 
 
 def test_cli_subprocess_bad_input_and_existing_out(tmp_path, bert_dir):
+    """One real process: a bad adapter with --overwrite of an existing --out leaves that --out untouched."""
     d = _good(tmp_path, bert_dir)
     (d / CONFIG_NAME).write_text("{oops")
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    for out in (tmp_path / "merged", existing):
-        proc = subprocess.run([sys.executable, "-m", "lora.merge", "--adapter", str(d), "--out", str(out)],
-                              capture_output=True, text=True, env=env, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert not (tmp_path / "merged").exists()
+    proc = subprocess.run([sys.executable, "-m", "lora.merge", "--adapter", str(d), "--out", str(existing),
+                           "--overwrite"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "invalid JSON" in proc.stderr
     assert [p.name for p in existing.iterdir()] == ["keep.txt"] and (existing / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "existing"]  # no temporary leftovers
+
+
+def test_stored_dtype_is_kept(tmp_path, bert_dir):
+    d = _good(tmp_path, bert_dir)
+    _edit_tensors(d, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+    ad = load_adapter(d)
+    assert {f.A.dtype for f in ad.factors.values()} == {torch.bfloat16}
+
+
+def test_mixed_ranks_round_trip_through_peft(tmp_path, bert_dir):
+    model = _load(bert_dir, "BertForSequenceClassification")
+    inject_lora(model, ["query"], r=4, alpha=8)
+    inject_lora(model, ["value"], r=2, alpha=3, layers=[1])
+    _perturb(model)
+    d = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(bert_dir), modules_to_save=["classifier"])
+    ad = load_adapter(d)
+    assert ad.factors["bert.encoder.layer.1.attention.self.value"].scaling == 1.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(_load(bert_dir, "BertForSequenceClassification"), d).eval()
+    torch.testing.assert_close(_logits(pm), _logits(model), atol=1e-5, rtol=0)
+
+
+def test_fused_adapter_trained_further_in_peft_loads_as_shared_A_slices(tmp_path, gpt2_dir):
+    d = save_adapter(_trained_gpt2(gpt2_dir), tmp_path / "ad", base_model_name_or_path=str(gpt2_dir))
+    key = f"{PREFIX}transformer.h.0.attn.c_attn.lora_B.weight"
+    _edit_tensors(d, lambda t: t[key][32:64].fill_(0.5))  # k rows no longer zero
+    with pytest.warns(UserWarning, match="block-structured"):
+        ad = load_adapter(d)
+    B = load_file(d / WEIGHTS_NAME)[key]
+    f = ad.factors["transformer.h.0.attn.c_attn:k"]
+    assert f.rank == 4 and torch.equal(f.B, B[32:64])
+    assert sorted(k for k in ad.factors if k.startswith("transformer.h.1.")) == [
+        "transformer.h.1.attn.c_attn:q", "transformer.h.1.attn.c_attn:v"]  # the untouched layer still splits
