@@ -79,6 +79,7 @@ TASK_AUTO_CLASS = {
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
 }
+HEAD_WEIGHT_NAMES = ("classifier.weight", "classifier.out_proj.weight", "score.weight")  # transformers task heads
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
@@ -556,9 +557,9 @@ def load_adapter(path: str | Path) -> Adapter:
 # Apply to a base model
 
 
-def _resolve_module_path(model: nn.Module, path: str, *, where: str) -> str:
+def _resolve_module_path(model: nn.Module, path: str, *, where: str, names: Mapping[str, nn.Module] | None = None) -> str:
     """``path`` in ``model``, allowing for a task model's ``base_model_prefix`` (``bert.``) on either side."""
-    names = dict(model.named_modules())
+    names = dict(model.named_modules()) if names is None else names
     if path in names:
         return path
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -606,7 +607,8 @@ def apply_adapter(
     for key, f in adapter.factors.items():
         p, _, s = key.partition(":")
         by_path.setdefault(p, {})[s] = f
-    resolved = {p: _resolve_module_path(model, p, where=where) for p in by_path}
+    names = dict(model.named_modules())
+    resolved = {p: _resolve_module_path(model, p, where=where, names=names) for p in by_path}
 
     if check_fingerprint and adapter.base_fingerprint:
         fp = _fingerprint_modules((p, model.get_submodule(q)) for p, q in resolved.items())
@@ -814,8 +816,13 @@ def base_model_for(adapter: Adapter, base: str | Path | None = None) -> nn.Modul
     model_class = toolkit.get("base_model_class")
     if model_class is None:
         model_class = (adapter.config.get("auto_mapping") or {}).get("base_model_class")  # PEFT records this
+    num_labels = toolkit.get("num_labels")
+    if num_labels is None and adapter.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        # A PEFT adapter records no label count; its saved head has one output row per label.
+        heads = [t for k, t in adapter.extra_tensors.items() if k.endswith(HEAD_WEIGHT_NAMES) and t.ndim == 2]
+        num_labels = int(heads[0].shape[0]) if heads else None
     return load_base_model(
-        name, task_type=adapter.task_type, model_class=model_class, num_labels=toolkit.get("num_labels"),
+        name, task_type=adapter.task_type, model_class=model_class, num_labels=num_labels,
         option="--base" if base else f"{_where(adapter)}: base_model_name_or_path",
     )
 
@@ -870,9 +877,10 @@ def load_base_weights(
         model = source if isinstance(source, nn.Module) else load_base_model(source, option="base model")
         where = type(model).__name__ if isinstance(source, nn.Module) else str(source)
     out = {}
+    names = dict(model.named_modules())
     for key in keys:
         p, _, s = key.partition(":")
-        module = model.get_submodule(_resolve_module_path(model, p, where=where))
+        module = model.get_submodule(_resolve_module_path(model, p, where=where, names=names))
         out[key] = _w0(module, s, where, key).to(torch.float64).clone()
     return out
 

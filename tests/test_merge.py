@@ -28,7 +28,7 @@ def _perturb(model, seed=2):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name or name.startswith("classifier"):
+            if "lora_" in name or "modules_to_save" in name or name.startswith("classifier"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -120,3 +120,31 @@ def test_merge_refuses_existing_out_and_wrong_base(tmp_path, capsys):
                        "--no-fingerprint-check"]) == 0
     assert merge_main(["--adapter", str(ad), "--out", str(out), "--overwrite", "--quiet"]) == 0
     assert (out / "config.json").is_file() and not (out / "keep").exists()
+
+
+def test_merge_genuine_peft_classifier_adapter(tmp_path):
+    """A peft-written SEQ_CLS adapter (no lora_toolkit, no num_labels): the head size comes from its tensors."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    base_dir = tmp_path / "base"
+    BertForSequenceClassification(BertConfig(num_labels=5, **kw)).save_pretrained(base_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_quiet_load(BertForSequenceClassification, base_dir),
+                            LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+        pm.base_model.model.config._name_or_path = str(base_dir)
+        _perturb(pm)
+        pm.save_pretrained(tmp_path / "peft")
+    cfg = (tmp_path / "peft" / "adapter_config.json").read_text()
+    assert "lora_toolkit" not in cfg
+    out = tmp_path / "merged"
+    argv = ["--adapter", str(tmp_path / "peft"), "--base", str(base_dir), "--out", str(out), "--quiet"]
+    assert merge_main(argv) == 0
+    ref = _peft_merged(AutoModelForSequenceClassification, base_dir, tmp_path / "peft", num_labels=5)
+    merged = _quiet_load(AutoModelForSequenceClassification, out)
+    _assert_state_close(merged, ref, atol=1e-4)
+    base = _quiet_load(AutoModelForSequenceClassification, base_dir)
+    assert not torch.allclose(merged.classifier.weight, base.classifier.weight)  # the trained head was applied
