@@ -40,6 +40,7 @@ __all__ = [
     "principal_angles",
     "random_phi_expected",
     "random_phi_sampled",
+    "shared_dimensions",
     "subspace_similarity",
 ]
 
@@ -121,6 +122,28 @@ def phi_diagonal(phi: Tensor) -> Tensor:
     if phi.ndim != 2:
         raise ValueError(f"phi must be a 2-D grid, got shape {tuple(phi.shape)}")
     return torch.diagonal(phi).to(torch.float64).clone()
+
+
+def shared_dimensions(phi: Tensor, *, d: int) -> Tensor:
+    """Soft count of shared directions among the top ``i`` of each subspace, above chance, for every ``i``.
+
+    ``i·φ(i, i) = ‖U_1[:, :i]ᵀ U_2[:, :i]‖_F²`` counts the directions the two top-``i`` subspaces share (each
+    shared direction adds 1, each orthogonal one 0); random subspaces of dimension ``d`` add ``i²/d`` on average,
+    which is subtracted. Two subspaces that share exactly ``K`` directions and are random otherwise give a curve
+    that rises as ``i`` up to ``K`` and then stays near ``K``, so ``round(max)`` estimates ``K``.
+
+    Args:
+        phi: a φ grid ``(i_max, j_max)``; its diagonal is used.
+        d: the ambient dimension (``d_in`` for A-side φ).
+
+    Returns:
+        ``(min(i_max, j_max),)`` float64.
+    """
+    diag = phi_diagonal(phi)
+    if not (isinstance(d, int) and d >= diag.numel()):
+        raise ValueError(f"d must be an int >= {diag.numel()} (the grid's diagonal length), got {d!r}")
+    i = torch.arange(1, diag.numel() + 1, dtype=torch.float64)
+    return i * diag - i.square() / d
 
 
 def principal_angles(U1: Tensor, U2: Tensor) -> Tensor:

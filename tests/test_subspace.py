@@ -189,3 +189,19 @@ def test_subspace_similarity_bad_input():
     with pytest.raises(ValueError, match="Inf"):
         subspace_similarity(torch.full((2, 10), float("inf")), _gauss(2, 10))
     assert right_singular_vectors(_gauss(2, 10)).shape == (10, 2)
+
+
+def test_shared_dimensions_counts_planted_overlap():
+    from lora_analysis.subspace import shared_dimensions
+
+    d, K = 200, 3
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(d, 3 + 2 * 9, generator=g, dtype=F64))[0]
+    U1 = torch.cat([Q[:, :K], Q[:, K : K + 9]], dim=1)  # K shared directions first, then unrelated ones
+    U2 = torch.cat([Q[:, :K], Q[:, K + 9 :]], dim=1)
+    curve = shared_dimensions(phi_grid(U1, U2), d=d)
+    assert curve.shape == (12,)
+    torch.testing.assert_close(curve[:K], torch.arange(1, K + 1, dtype=F64) - torch.arange(1, K + 1, dtype=F64) ** 2 / d)
+    assert round(float(curve.max())) == K
+    with pytest.raises(ValueError, match="d must be an int >= 12"):
+        shared_dimensions(phi_grid(U1, U2), d=5)
