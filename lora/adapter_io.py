@@ -503,7 +503,12 @@ def _factors_from_tensors(
         _check_finite(file, f"{path} lora_B", B)
         alpha = float(_pattern_value(config.get("alpha_pattern"), path, alpha_default))
         scaling = lora_scaling(r, alpha, use_rslora=use_rslora)
-        if path in fused or path.rpartition(".")[2] in FUSED_MODULE_NAMES:
+        # A genuine PEFT LoRA on a GPT-2 Conv1D c_attn (fan_in_fan_out) covers all of [q | k | v]; a Linear
+        # named c_attn (e.g. GPT-BigCode's, fan_in_fan_out false) is an ordinary module.
+        genuine_fused = (
+            path.rpartition(".")[2] in FUSED_MODULE_NAMES and bool(config.get("fan_in_fan_out")) and B.shape[0] % 3 == 0
+        )
+        if path in fused or genuine_fused:
             factors.update(_split_fused(file, path, A, B, scaling, fused.get(path)))
         else:
             factors[path] = LoRAFactors(A, B, scaling)
@@ -640,10 +645,12 @@ def apply_adapter(
     extra_targets: dict[str, str] = {}
     if load_extra:
         for name, t in adapter.extra_tensors.items():
-            q = name if name in params else None
+            # PEFT saves a targeted embedding's own table as '<path>.base_layer.weight' (save_embedding_layers).
+            plain = name.replace(".base_layer.", ".")
+            q = name if name in params else (plain if plain in params else None)
             prefix = getattr(model, "base_model_prefix", "") or ""
-            if q is None and prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in params:
-                q = name[len(prefix) + 1 :]
+            if q is None and prefix and plain.startswith(prefix + ".") and plain[len(prefix) + 1 :] in params:
+                q = plain[len(prefix) + 1 :]
             if q is None:
                 raise UserError(f"{where}: tensor {name} (modules_to_save) has no place in {type(model).__name__}")
             if tuple(params[q].shape) != tuple(t.shape):

@@ -193,8 +193,10 @@ def test_peft_adapter_loads_in_ours(tmp_path, bert_dir):
         pm = get_peft_model(base, cfg)
         _perturb(pm)
         pm.eval()
-        pm.save_pretrained(tmp_path / "peft")
+        pm.save_pretrained(tmp_path / "peft", save_embedding_layers=True)  # also writes the embedding table
     ad = load_adapter(tmp_path / "peft")
+    assert "bert.embeddings.word_embeddings.base_layer.weight" in ad.extra_tensors
+    assert ad.factors["bert.embeddings.word_embeddings"].A.shape == (4, 100)
     assert ad.factors["bert.encoder.layer.0.attention.self.value"].rank == 2
     assert ad.factors["bert.encoder.layer.0.attention.self.value"].scaling == 5 / 2
     ours = _load(bert_dir, "BertForSequenceClassification")
