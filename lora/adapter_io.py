@@ -28,7 +28,9 @@ adapter on ``c_attn`` carries no such record, the module loads as slices ``:q``,
 ``ΔW_t = s · B[rows_t] · A``, which is exact for every slice.
 
 Every bad input raises :class:`~lora.errors.UserError` with one line naming the file. Tensors keep their stored
-dtype; upcasting to float64 is the analysis layer's job.
+dtype; upcasting to float64 is the analysis layer's job. A weights file whose keys lack ``base_model.model.`` is
+refused: PEFT would load it with only a warning and leave B at zero. Older PEFT's ``adapter_model.bin`` is read
+with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
