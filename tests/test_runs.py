@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,15 @@ from lora_analysis import runs
 from lora_analysis.runs import BaseWeights, index_run, load_adapter_dir, load_any, load_run_adapter
 
 D = 32  # hidden size of the tiny models
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Analysis works on small matrices: one torch thread is fastest, most of all on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _tiny_bert():
@@ -56,10 +66,11 @@ def tiny_run(tmp_path_factory) -> Path:
     """A run directory of tiny-BERT adapters: q,v at ranks 2, 4, 8 × seeds 0, 1 (base model saved beside)."""
     root = tmp_path_factory.mktemp("run")
     base = root / "base"
-    _tiny_bert().save_pretrained(base)
+    model = _tiny_bert()
+    model.save_pretrained(base)
     for r in (2, 4, 8):
         for s in (0, 1):
-            make_adapter(base, root / f"qv_r{r}_s{s}", r=r, seed=s)
+            make_adapter(base, root / f"qv_r{r}_s{s}", r=r, seed=s, model=copy.deepcopy(model))
     return root
 
 
