@@ -1,0 +1,161 @@
+"""lora.packed: K adapters trained in one packed pass equal K sequential runs; routing is exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora.errors import UserError
+from lora.inject import inject_lora, lora_modules, mark_only_lora_trainable
+from lora.packed import (
+    AdapterSpec,
+    PackedLoRALinear,
+    concat_batches,
+    pack_lora,
+    route,
+    train_packed,
+    unpack_adapter,
+)
+
+SPECS = (AdapterSpec(r=2, alpha=2, seed=0), AdapterSpec(r=4, alpha=8, seed=0), AdapterSpec(r=4, alpha=4, seed=1))
+
+
+class _Batch:  # a minimal batch type with the three fields the packer concatenates
+    def __init__(self, input_ids, attention_mask, labels):
+        self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
+
+
+@pytest.fixture
+def tiny_cls():
+    """A dropout-free 2-layer BERT classifier (d=32): packed and sequential runs must see identical maths."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def _batches(steps: int, k: int) -> list[list[_Batch]]:
+    """Per step, one batch per adapter; lengths differ so concatenation must pad and mask."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(steps):
+        row = []
+        for j in range(k):
+            n, T = 3 + j, 5 + 2 * j
+            ids = torch.randint(1, 100, (n, T), generator=g)
+            mask = torch.ones(n, T, dtype=torch.long)
+            mask[0, T - 2:] = 0  # some padding inside a batch too
+            row.append(_Batch(ids, mask, torch.randint(0, 3, (n,), generator=g)))
+        out.append(row)
+    return out
+
+
+def _train_sequential(base: nn.Module, spec: AdapterSpec, batches: list[_Batch], *, lr: float) -> nn.Module:
+    model = copy.deepcopy(base)
+    inject_lora(model, ["q", "v"], r=spec.r, alpha=spec.alpha, seed=spec.seed)
+    mark_only_lora_trainable(model, modules_to_save=["classifier"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01, foreach=False)
+    model.train()
+    for b in batches:
+        loss = F.cross_entropy(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_packed_training_equals_sequential(tiny_cls):
+    # float64 so that the only difference left (batched vs separate products) sits near 1e-15, and a large lr so
+    # that any cross-talk between adapters would show far above it. Adam divides by sqrt(v) + eps, which lifts
+    # rounding in near-zero gradients to ~1e-7, hence atol 1e-6 (a missing weight decay alone shows as 7e-5).
+    steps, lr = 4, 1e-2
+    tiny_cls.double()
+    batches = _batches(steps, len(SPECS))
+    base = copy.deepcopy(tiny_cls)
+    result = train_packed(tiny_cls, SPECS, batches, targets=["q", "v"], lr=lr, weight_decay=0.01, modules_to_save=["classifier"])
+    assert len(result.losses) == steps and all(len(row) == len(SPECS) for row in result.losses)
+    for k, spec in enumerate(SPECS):
+        seq = _train_sequential(base, spec, [row[k] for row in batches], lr=lr)
+        packed = unpack_adapter(result.model, k)
+        seq_f, packed_f = lora_modules(seq), lora_modules(packed)
+        assert seq_f.keys() == packed_f.keys() and len(seq_f) == 4
+        for path in seq_f:
+            a, b = seq_f[path].factors()[""], packed_f[path].factors()[""]
+            assert a.rank == b.rank == spec.r and a.scaling == b.scaling
+            assert b.B.abs().max() > 0  # it trained
+            torch.testing.assert_close(b.A, a.A, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(b.B, a.B, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(packed.classifier.weight, seq.classifier.weight, atol=1e-6, rtol=1e-5)
+
+
+def test_init_matches_inject_lora(tiny_cls):
+    single = copy.deepcopy(tiny_cls)
+    inject_lora(single, ["q", "v"], r=4, alpha=4, seed=1)
+    pack_lora(tiny_cls, ["q", "v"], SPECS)
+    for path, m in lora_modules(single).items():
+        packed = tiny_cls.get_submodule(path)
+        assert isinstance(packed, PackedLoRALinear)
+        torch.testing.assert_close(packed.lora_A[2], m.lora_A, atol=0, rtol=0)
+        # nested draws: the rank-2 adapter of seed 0 starts as the first rows of the rank-4 adapter of seed 0
+        torch.testing.assert_close(packed.lora_A[0], packed.lora_A[1][:2], atol=0, rtol=0)
+
+
+def test_routing_output_depends_only_on_own_adapter(tiny_cls):
+    pack_lora(tiny_cls, ["q", "v"], SPECS)
+    tiny_cls.eval()
+    g = torch.Generator().manual_seed(3)
+    for m in tiny_cls.modules():
+        if isinstance(m, PackedLoRALinear):
+            for B in m.lora_B:
+                B.data.copy_(torch.randn(B.shape, generator=g))
+    batch, sizes = concat_batches([b for b in _batches(1, 3)[0]])
+    bounds = torch.tensor((0,) + sizes).cumsum(0).tolist()
+
+    def logits():
+        with torch.no_grad(), route(tiny_cls, sizes):
+            return tiny_cls(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    before = logits()
+    # each group's output equals the unpacked single adapter's output on the same rows
+    for k in range(3):
+        single = unpack_adapter(tiny_cls, k).eval()
+        rows = slice(bounds[k], bounds[k + 1])
+        with torch.no_grad():
+            ref = single(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
+        torch.testing.assert_close(before[rows], ref, atol=1e-5, rtol=1e-4)
+    # changing adapter 1 changes group 1 only, bit for bit
+    for m in tiny_cls.modules():
+        if isinstance(m, PackedLoRALinear):
+            m.lora_B[1].data.mul_(3.0)
+    after = logits()
+    g1 = slice(bounds[1], bounds[2])
+    assert not torch.allclose(after[g1], before[g1])
+    assert torch.equal(after[: bounds[1]], before[: bounds[1]])
+    assert torch.equal(after[bounds[2]:], before[bounds[2]:])
+
+
+def test_routing_errors(tiny_cls):
+    pack_lora(tiny_cls, ["q", "v"], SPECS)
+    ids = torch.randint(1, 100, (6, 4))
+    with pytest.raises(RuntimeError, match="no routing"):
+        tiny_cls(input_ids=ids)
+    with pytest.raises(ValueError, match="do not split"), route(tiny_cls, (1, 2, 2)):
+        tiny_cls(input_ids=ids)
+    with pytest.raises(ValueError, match="out of range"):
+        unpack_adapter(tiny_cls, 3)
+
+
+def test_bad_targets(tiny_gpt2, tiny_cls):
+    with pytest.raises(UserError, match="nn.Linear targets only"):
+        pack_lora(tiny_gpt2, ["q", "v"], SPECS)
+    with pytest.raises(UserError, match="no adapters"):
+        pack_lora(tiny_cls, ["q", "v"], ())
+    with pytest.raises(ValueError, match="rank"):
+        AdapterSpec(r=0, alpha=1)
