@@ -87,7 +87,10 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
 )
 
-_LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B)\.weight$|^(?P<epath>.+)\.(?P<ekind>lora_embedding_[AB])$")
+_LORA_KEY = re.compile(
+    r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B)\.weight$"  # Linear / Conv1D
+    r"|^(?P<epath>.+)\.(?P<ekind>lora_embedding_[AB])$"  # Embedding: PEFT stores bare parameters
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,7 +291,9 @@ def save_adapter(
             rank_pattern[path] = n * r
             # PEFT's scale alpha'/(n r) (or alpha'/sqrt(n r)) must equal ours alpha/r (or alpha/sqrt(r)).
             alpha_pattern[path] = m.alpha * (math.sqrt(n) if use_rslora else n)
-            fused_meta[path] = {"slices": list(m.slices), "r": r, "alpha": m.alpha, "scaling": m.scaling, "d_out": d_out}
+            fused_meta[path] = {
+                "slices": list(m.slices), "r": r, "alpha": m.alpha, "scaling": m.scaling, "d_out": d_out,
+            }
         elif isinstance(m, LoRAEmbedding):
             tensors[f"{PREFIX}{path}.lora_embedding_A"] = _tensor(m.lora_A)
             tensors[f"{PREFIX}{path}.lora_embedding_B"] = _tensor(m.lora_B)
@@ -564,7 +569,9 @@ def load_adapter(path: str | Path) -> Adapter:
 # Apply to a base model
 
 
-def _resolve_module_path(model: nn.Module, path: str, *, where: str, names: Mapping[str, nn.Module] | None = None) -> str:
+def _resolve_module_path(
+    model: nn.Module, path: str, *, where: str, names: Mapping[str, nn.Module] | None = None
+) -> str:
     """``path`` in ``model``, allowing for a task model's ``base_model_prefix`` (``bert.``) on either side."""
     names = dict(model.named_modules()) if names is None else names
     if path in names:
@@ -732,7 +739,7 @@ def load_loralib_checkpoint(
     if not isinstance(obj, dict):
         raise UserError(f"{file}: expected a state dict, got {type(obj).__name__}")
     if len(enable_lora) != len(FUSED_SLICES) or not any(enable_lora):
-        raise UserError(f"enable_lora: expected three flags for q, k, v with at least one true, got {list(enable_lora)}")
+        raise UserError(f"enable_lora: expected three flags (q, k, v), at least one true; got {list(enable_lora)}")
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in obj.items():
         if isinstance(key, str) and key.endswith((".lora_A", ".lora_B")) and isinstance(t, Tensor):
@@ -748,7 +755,7 @@ def load_loralib_checkpoint(
             raise UserError(f"{file}: module {mpath} has only lora_{''.join(ab)}")
         A, B = ab["A"], ab["B"]
         if A.ndim != 2 or B.ndim != 2:
-            raise UserError(f"{file}: module {mpath}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} are not matrices")
+            raise UserError(f"{file}: module {mpath}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} not 2-D")
         _check_finite(file, f"{mpath}.lora_A", A)
         _check_finite(file, f"{mpath}.lora_B", B)
         r = B.shape[1]
@@ -767,7 +774,9 @@ def load_loralib_checkpoint(
                 )
         else:
             if A.shape[0] != r:
-                raise UserError(f"{file}: module {mpath}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B @ A")
+                raise UserError(
+                    f"{file}: module {mpath}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B @ A"
+                )
             factors[mpath] = LoRAFactors(A, B, s)
     config = {
         "peft_type": "LORA",
@@ -812,7 +821,8 @@ def load_base_model(
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{option} {name_or_path}: cannot load base model ({' '.join(str(exc).split())[:300]})") from None
+        reason = " ".join(str(exc).split())[:300]
+        raise UserError(f"{option} {name_or_path}: cannot load base model ({reason})") from None
     return model.eval()
 
 
