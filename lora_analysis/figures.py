@@ -1,0 +1,851 @@
+"""Renderers for the figures and tables of Section 7 (Hu et al., 2021): a tidy table in, a matplotlib Figure out.
+
+Each renderer only *selects*, *pivots* and *averages over seeds* the long-format tables that
+:mod:`lora_analysis.tables` writes (their schemas are documented there). No metric is computed here: φ, the
+projections and the spectra come ready-made in the tables, so a figure always shows exactly the numbers in the
+CSV beside it.
+
+Figures (names match the files written into ``figures/``):
+
+- ``figure3``: φ(A_8, A_64, i, j) for ΔW_q and ΔW_v of one layer, full 8 × 64 grid and the zoom j ≤ 8
+  (Section 7.2, Figure 3). Colour scale 0–1, as the paper.
+- ``figure4``: φ between two seeds at r = 64 for ΔW_q and ΔW_v, beside two random Gaussian matrices
+  (Section 7.2, Figure 4). Colour scale 0–0.5, as the paper.
+- ``figure6`` / ``figure7``: Figures 3 and 4 for the first, a middle and the last layer (Appendix H.1).
+- ``figure8``: φ between W_q's top-i and ΔW_q's top-j singular directions, r = 4, 8, 64 and random
+  (Appendix H.3, Figure 8).
+- ``table5`` / ``table6`` / ``table7``: the tables (markdown + CSV) and a plot of each (Sections 7.1–7.3).
+- ``spectra``: ΔW's singular values and effective ranks against r (beyond the paper).
+- ``init_control``: φ on A beside φ on the learned change A − A_init and between the starting points
+  A_init (beyond the paper: with nested initialisation, A_8 starts as the first rows of A_64's start).
+
+Command line (re-renders from an existing run, without training)::
+
+    python -m lora_analysis.figures --runs runs/default --out figures
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # renderers write files; they never need a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from lora.errors import ArgumentParser, UserError, run_cli  # noqa: E402
+from lora.fsio import atomic_path, write_text  # noqa: E402
+
+__all__ = [
+    "PAPER_RANK_LARGE",
+    "PAPER_RANK_SMALL",
+    "FigureSkipped",
+    "Selection",
+    "figure3",
+    "figure4",
+    "figure6",
+    "figure7",
+    "figure8",
+    "init_control",
+    "main",
+    "markdown_table",
+    "pick_layer",
+    "pick_layers",
+    "pick_rank",
+    "render_all",
+    "save_figure",
+    "save_table",
+    "spectra",
+    "table5",
+    "table5_plot",
+    "table5_rows",
+    "table6",
+    "table6_plot",
+    "table6_rows",
+    "table7",
+    "table7_plot",
+]
+
+log = logging.getLogger(__name__)
+
+PAPER_RANK_SMALL = 8  # Figure 3 compares r = 8 ...
+PAPER_RANK_LARGE = 64  # ... with r = 64; Figure 4 compares seeds at r = 64
+PAPER_TABLE7_RANKS = (4, 64)  # Table 7 reports r = 4 and r = 64
+PAPER_FIG8_RANKS = (4, 8, 64)  # Figure 8 panels
+DPI = 200
+CMAP = "viridis"
+PHI_LABEL = r"$\phi(i, j)$"
+
+# One look for every figure: seaborn's paper context, white background, the same font sizes everywhere.
+THEME = {"style": "white", "context": "paper", "font_scale": 1.1, "rc": {"figure.dpi": 100, "savefig.bbox": "tight"}}
+
+
+class FigureSkipped(UserError):
+    """The tables hold no rows a renderer needs (e.g. a run with one seed has no seed comparison)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which slice of a table a figure shows, so the caption and the report can name it.
+
+    Attributes:
+        layer: transformer block index.
+        modules: module keys shown, by weight type (``{"q": "...query", "v": "...value"}``).
+        r1: the smaller rank (rows, index i).
+        r2: the larger rank (columns, index j).
+        seeds: the seeds shown.
+    """
+
+    layer: int
+    modules: Mapping[str, str]
+    r1: int
+    r2: int
+    seeds: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------- selection
+
+
+def _require(table: pd.DataFrame | None, what: str, columns: Sequence[str]) -> pd.DataFrame:
+    if table is None or len(table) == 0:
+        raise FigureSkipped(f"{what}: table is empty")
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{what}: table lacks columns {missing}")
+    return table
+
+
+def _where(table: pd.DataFrame, **equal) -> pd.DataFrame:
+    """Rows whose columns equal the given values (a value of None is not filtered on)."""
+    mask = np.ones(len(table), dtype=bool)
+    for col, value in equal.items():
+        if value is not None:
+            mask &= (table[col] == value).to_numpy()
+    return table[mask]
+
+
+def pick_layer(layers: Sequence[int], layer: int | None = None) -> int:
+    """The layer to show: ``layer`` if given (and present), else the middle one.
+
+    The paper shows layer 48 of GPT-3's 96, i.e. the ``n/2``-th (1-based) of ``n`` layers; we take
+    ``sorted(layers)[(n - 1) // 2]``, which is that layer when the run adapts all of them.
+    """
+    present = sorted({int(x) for x in layers})
+    if not present:
+        raise FigureSkipped("no layers in the table")
+    if layer is None:
+        return present[(len(present) - 1) // 2]
+    if int(layer) not in present:
+        raise UserError(f"layer {layer}: not in the table (layers present: {present})")
+    return int(layer)
+
+
+def pick_layers(layers: Sequence[int]) -> list[int]:
+    """First, middle and last layer (Figures 6 and 7 show layers 1, 32, 64, 96 of 96), without repeats."""
+    present = sorted({int(x) for x in layers})
+    if not present:
+        raise FigureSkipped("no layers in the table")
+    chosen = [present[0], pick_layer(present), present[-1]]
+    return sorted(set(chosen))
+
+
+def pick_rank(ranks: Sequence[int], target: int) -> int:
+    """The present rank nearest ``target`` (ties go to the smaller rank): r = 8 when a run has it, else the closest."""
+    present = sorted({int(x) for x in ranks})
+    if not present:
+        raise FigureSkipped("no ranks in the table")
+    return min(present, key=lambda r: (abs(math.log2(r) - math.log2(target)) if r > 0 else math.inf, r))
+
+
+def _modules_at(table: pd.DataFrame, layer: int, weight_types: Sequence[str] = ("q", "v")) -> dict[str, str]:
+    """Module key per weight type at ``layer`` (the first key in sort order if a layer has several)."""
+    at = _where(table, layer=layer)
+    out = {}
+    for wt in weight_types:
+        keys = sorted(set(_where(at, weight_type=wt)["module"]))
+        if keys:
+            out[wt] = keys[0]
+    return out
+
+
+def _rank_pair(phi: pd.DataFrame, *, r_small: int, r_large: int | None) -> tuple[int, int]:
+    """(r1, r2) of a rank comparison: r2 = ``r_large`` (default the largest), r1 the present rank nearest ``r_small``."""
+    pairs = phi[["r1", "r2"]].drop_duplicates()
+    r2 = int(pairs["r2"].max()) if r_large is None else int(r_large)
+    below = pairs[pairs["r2"] == r2]
+    if len(below) == 0:
+        raise FigureSkipped(f"no rank comparison against r={r2} (pairs present: {sorted(map(tuple, pairs.values.tolist()))})")
+    return pick_rank(below["r1"].tolist(), r_small), r2
+
+
+def _grid(rows: pd.DataFrame, *, i_max: int | None = None, j_max: int | None = None) -> pd.DataFrame:
+    """Pivot φ rows into an i × j grid (mean over any repeated cells, e.g. several seed pairs)."""
+    if i_max is not None:
+        rows = rows[rows["i"] <= i_max]
+    if j_max is not None:
+        rows = rows[rows["j"] <= j_max]
+    return rows.pivot_table(index="i", columns="j", values="phi", aggfunc="mean").sort_index().sort_index(axis=1)
+
+
+def _wt_title(weight_type: str, layer: int) -> str:
+    return rf"$\Delta W_{{{weight_type}}}$, layer {layer}"
+
+
+# --------------------------------------------------------------------------------------------- drawing
+
+
+def _ticks(n: int) -> list[int]:
+    """1 and the multiples of a round step up to ``n`` (1, 8, 16, ... for n = 64), as the paper's axes."""
+    step = next(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if n / s <= 8)
+    return sorted({1, *range(step, n + 1, step)})
+
+
+def _heatmap(ax, grid: pd.DataFrame, *, vmin: float, vmax: float, title: str,
+             xlabel: str = "j", ylabel: str = "i") -> None:
+    """One φ heat map: i down the rows (i = 1 at the top, as the paper), j across; no colour bar (shared).
+
+    Cell (i, j) is centred on the integer coordinates (j, i), so tick k labels index k. ``grid`` must be
+    indexed 1..n_i by 1..n_j (a pivot of a complete φ grid).
+    """
+    n_i, n_j = grid.shape
+    ax.imshow(grid.to_numpy(dtype=float), cmap=CMAP, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest",
+              extent=(0.5, n_j + 0.5, n_i + 0.5, 0.5))
+    ax.set_xticks(_ticks(n_j))
+    ax.set_yticks(_ticks(n_i))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
+def _colorbar(fig: Figure, axes, *, vmin: float, vmax: float, label: str = PHI_LABEL) -> None:
+    mappable = plt.cm.ScalarMappable(norm=plt.Normalize(vmin, vmax), cmap=CMAP)
+    fig.colorbar(mappable, ax=axes, label=label, fraction=0.025, pad=0.02)
+
+
+def _new_figure(nrows: int, ncols: int, *, width: float, height: float, width_ratios=None):
+    sns.set_theme(**THEME)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width, height), squeeze=False, gridspec_kw={"width_ratios": width_ratios},
+        layout="constrained",
+    )
+    return fig, axes
+
+
+# --------------------------------------------------------------------------------------------- Figures 3 / 6
+
+
+def _rank_rows(phi: pd.DataFrame, *, quantity: str, r_small: int, r_large: int | None, seed: int | None):
+    cols = ["comparison", "quantity", "module", "weight_type", "layer", "r1", "r2", "seed1", "seed2", "i", "j", "phi"]
+    rows = _where(_require(phi, "phi", cols), comparison="rank", quantity=quantity)
+    if len(rows) == 0:
+        raise FigureSkipped(f"phi: no rank comparison rows for quantity {quantity!r}")
+    r1, r2 = _rank_pair(rows, r_small=r_small, r_large=r_large)
+    rows = _where(rows, r1=r1, r2=r2)
+    seed = int(rows["seed1"].min()) if seed is None else int(seed)
+    rows = _where(rows, seed1=seed)
+    if len(rows) == 0:
+        raise FigureSkipped(f"phi: no rank comparison r={r1} vs r={r2} for seed {seed}")
+    return rows, r1, r2, seed
+
+
+def _rank_panels(fig, axes_row, rows, *, layer: int, r1: int, r2: int, zoom: int) -> dict[str, str]:
+    modules = _modules_at(rows, layer)
+    if not modules:
+        raise FigureSkipped(f"phi: no ΔW_q / ΔW_v rank comparison at layer {layer}")
+    k = 0
+    for zoomed in (False, True):
+        for wt, module in modules.items():
+            sub = _where(rows, module=module)
+            grid = _grid(sub, j_max=zoom if zoomed else None)
+            suffix = f" (j ≤ {zoom})" if zoomed else ""
+            _heatmap(axes_row[k], grid, vmin=0.0, vmax=1.0, title=_wt_title(wt, layer) + suffix)
+            k += 1
+    for ax in axes_row[k:]:
+        ax.set_visible(False)
+    return modules
+
+
+def figure3(phi: pd.DataFrame, *, layer: int | None = None, r_small: int = PAPER_RANK_SMALL,
+            r_large: int | None = None, seed: int | None = None, quantity: str = "A") -> Figure:
+    """Figure 3: φ(A_{r1}, A_{r2}, i, j) for ΔW_q and ΔW_v of one layer, full grid and the zoom j ≤ r1.
+
+    Args:
+        phi: the ``phi`` table (comparison ``"rank"`` rows are used).
+        layer: transformer block (default: the middle one, as the paper's 48th of 96).
+        r_small: rows rank; the present rank nearest it is used (paper: 8).
+        r_large: columns rank (default: the largest compared, paper: 64).
+        seed: which seed's pair (default: the smallest seed).
+        quantity: ``"A"`` (paper), ``"A-A_init"``, ``"A_init"`` or ``"B"`` (footnote 7).
+
+    Returns:
+        A 1 × 4 figure: ΔW_q, ΔW_v (i ≤ r1, j ≤ r2), then both zoomed to j ≤ r1; colour scale 0–1.
+    """
+    rows, r1, r2, seed = _rank_rows(phi, quantity=quantity, r_small=r_small, r_large=r_large, seed=seed)
+    layer = pick_layer(rows["layer"], layer)
+    full = max(2.0, min(6.0, r2 / 10))
+    fig, axes = _new_figure(1, 4, width=2 * full + 2 * 1.6 + 1.2, height=2.2 + r1 / 8,
+                            width_ratios=[full, full, 1.6, 1.6])
+    _rank_panels(fig, axes[0], rows, layer=layer, r1=r1, r2=r2, zoom=r1)
+    _colorbar(fig, axes[0].tolist(), vmin=0.0, vmax=1.0)
+    fig.suptitle(rf"Figure 3: $\phi(A_{{r={r1}}}, A_{{r={r2}}}, i, j)$ on {_quantity_name(quantity)}, seed {seed}")
+    return fig
+
+
+def figure6(phi: pd.DataFrame, *, layers: Sequence[int] | None = None, r_small: int = PAPER_RANK_SMALL,
+            r_large: int | None = None, seed: int | None = None, quantity: str = "A") -> Figure:
+    """Figure 6 (Appendix H.1): Figure 3 for several layers (default: first, middle, last), one row per layer."""
+    rows, r1, r2, seed = _rank_rows(phi, quantity=quantity, r_small=r_small, r_large=r_large, seed=seed)
+    layers = pick_layers(rows["layer"]) if layers is None else [pick_layer(rows["layer"], x) for x in layers]
+    full = max(2.0, min(6.0, r2 / 10))
+    fig, axes = _new_figure(len(layers), 4, width=2 * full + 2 * 1.6 + 1.2, height=len(layers) * (2.0 + r1 / 8),
+                            width_ratios=[full, full, 1.6, 1.6])
+    for row, layer in zip(axes, layers, strict=True):
+        _rank_panels(fig, row, rows, layer=layer, r1=r1, r2=r2, zoom=r1)
+    _colorbar(fig, axes.ravel().tolist(), vmin=0.0, vmax=1.0)
+    fig.suptitle(rf"Figure 6: $\phi(A_{{r={r1}}}, A_{{r={r2}}}, i, j)$ on {_quantity_name(quantity)} "
+                 f"by layer, seed {seed}")
+    return fig
+
+
+def _quantity_name(quantity: str) -> str:
+    return {"A": "A", "A-A_init": r"$A - A_{init}$", "A_init": r"$A_{init}$", "B": "B (left vectors)"}.get(
+        quantity, quantity)
+
+
+# --------------------------------------------------------------------------------------------- Figures 4 / 7
+
+
+def _seed_rows(phi: pd.DataFrame, *, quantity: str, rank: int | None, seeds: tuple[int, int] | None):
+    cols = ["comparison", "quantity", "module", "weight_type", "layer", "r1", "r2", "seed1", "seed2", "i", "j", "phi"]
+    rows = _where(_require(phi, "phi", cols), comparison="seed", quantity=quantity)
+    rows = rows[rows["r1"] == rows["r2"]]
+    if len(rows) == 0:
+        raise FigureSkipped(f"phi: no seed comparison rows for quantity {quantity!r} (a run needs two seeds)")
+    rank = int(rows["r1"].max()) if rank is None else pick_rank(rows["r1"].tolist(), rank)
+    rows = _where(rows, r1=rank)
+    pairs = sorted(set(zip(rows["seed1"], rows["seed2"], strict=True)))
+    pair = pairs[0] if seeds is None else tuple(int(s) for s in seeds)
+    rows = _where(rows, seed1=pair[0], seed2=pair[1])
+    if len(rows) == 0:
+        raise FigureSkipped(f"phi: no seed comparison for seeds {pair} at r={rank} (pairs present: {pairs})")
+    return rows, rank, pair
+
+
+def _random_rows(phi: pd.DataFrame, *, rank: int, layer: int) -> tuple[pd.DataFrame, str]:
+    """Two random Gaussian matrices of the same shape (``"random"`` rows), else the analytic E[φ] = max(i, j)/d."""
+    rnd = _where(phi, comparison="random", r1=rank, r2=rank)
+    if len(rnd):
+        preferred = _where(rnd, quantity="A")
+        rnd = preferred if len(preferred) else rnd
+        at = _where(rnd, layer=layer)
+        rnd = at if len(at) else rnd
+        module = sorted(set(rnd["module"]))[0]
+        return _where(rnd, module=module), "two random Gaussian matrices"
+    exp = _where(phi, quantity="expected_random", r1=rank, r2=rank)
+    if len(exp):
+        module = sorted(set(exp["module"]))[0]
+        return _where(exp, module=module), r"random, analytic $E[\phi] = \max(i, j)/d$"
+    raise FigureSkipped(f"phi: no random baseline at r={rank}")
+
+
+def _seed_panels(axes_row, phi, rows, *, layer: int, rank: int, vmax: float) -> None:
+    modules = _modules_at(rows, layer)
+    if not modules:
+        raise FigureSkipped(f"phi: no ΔW_q / ΔW_v seed comparison at layer {layer}")
+    k = 0
+    for wt, module in modules.items():
+        _heatmap(axes_row[k], _grid(_where(rows, module=module)), vmin=0.0, vmax=vmax, title=_wt_title(wt, layer))
+        k += 1
+    rnd, what = _random_rows(phi, rank=rank, layer=layer)
+    _heatmap(axes_row[k], _grid(rnd), vmin=0.0, vmax=vmax, title=what)
+    for ax in axes_row[k + 1:]:
+        ax.set_visible(False)
+
+
+def figure4(phi: pd.DataFrame, *, layer: int | None = None, rank: int | None = None,
+            seeds: tuple[int, int] | None = None, quantity: str = "A", vmax: float = 0.5) -> Figure:
+    """Figure 4: φ(A_{r}^{seed 1}, A_{r}^{seed 2}, i, j) for ΔW_q and ΔW_v, beside two random Gaussian matrices.
+
+    Args:
+        phi: the ``phi`` table (``"seed"`` rows, and ``"random"`` or ``"expected_random"`` rows).
+        layer: transformer block (default: the middle one).
+        rank: r (default: the largest compared; paper: 64).
+        seeds: the seed pair (default: the first pair).
+        quantity: ``"A"`` (paper) or another φ quantity.
+        vmax: top of the colour scale (paper: 0.5).
+
+    Returns:
+        A 1 × 3 figure with i, j = 1..r; colour scale 0–``vmax``.
+    """
+    rows, rank, pair = _seed_rows(phi, quantity=quantity, rank=rank, seeds=seeds)
+    layer = pick_layer(rows["layer"], layer)
+    side = max(2.4, min(4.0, rank / 16))
+    fig, axes = _new_figure(1, 3, width=3 * side + 1.2, height=side + 0.6)
+    _seed_panels(axes[0], phi, rows, layer=layer, rank=rank, vmax=vmax)
+    _colorbar(fig, axes[0].tolist(), vmin=0.0, vmax=vmax)
+    fig.suptitle(rf"Figure 4: $\phi(A_{{r={rank}}}^{{({pair[0]})}}, A_{{r={rank}}}^{{({pair[1]})}}, i, j)$ between "
+                 f"seeds {pair[0]} and {pair[1]} on {_quantity_name(quantity)}")
+    return fig
+
+
+def figure7(phi: pd.DataFrame, *, layers: Sequence[int] | None = None, rank: int | None = None,
+            seeds: tuple[int, int] | None = None, quantity: str = "A", vmax: float = 0.5) -> Figure:
+    """Figure 7 (Appendix H.1): Figure 4 for several layers (default: first, middle, last), one row per layer."""
+    rows, rank, pair = _seed_rows(phi, quantity=quantity, rank=rank, seeds=seeds)
+    layers = pick_layers(rows["layer"]) if layers is None else [pick_layer(rows["layer"], x) for x in layers]
+    side = max(2.4, min(4.0, rank / 16))
+    fig, axes = _new_figure(len(layers), 3, width=3 * side + 1.2, height=len(layers) * (side + 0.4))
+    for row, layer in zip(axes, layers, strict=True):
+        _seed_panels(row, phi, rows, layer=layer, rank=rank, vmax=vmax)
+    _colorbar(fig, axes.ravel().tolist(), vmin=0.0, vmax=vmax)
+    fig.suptitle(rf"Figure 7: seed {pair[0]} vs seed {pair[1]} at r={rank} on {_quantity_name(quantity)}, by layer")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- Figure 8
+
+
+def figure8(fig8: pd.DataFrame, *, layer: int | None = None, weight_type: str = "q",
+            ranks: Sequence[int] = PAPER_FIG8_RANKS, seed: int | None = None) -> Figure:
+    """Figure 8 (Appendix H.3): φ between W's top-i and ΔW's top-j singular directions, per rank and random.
+
+    Args:
+        fig8: the ``fig8`` table.
+        layer: transformer block (default: the middle one).
+        weight_type: which weight (paper: q).
+        ranks: the ranks to show; each is replaced by the present rank nearest it (paper: 4, 8, 64).
+        seed: which seed (default: the smallest).
+
+    Returns:
+        One panel per rank plus one for a random matrix; i (W's directions) down, j (ΔW's) across.
+        The colour scale is shared, from 0 to max(0.2, the largest φ shown) so "barely exceeds 0.2" is visible.
+    """
+    cols = ["module", "weight_type", "layer", "rank", "seed", "source", "i", "j", "phi"]
+    table = _where(_require(fig8, "fig8", cols), weight_type=weight_type)
+    if len(table) == 0:
+        raise FigureSkipped(f"fig8: no rows for weight type {weight_type!r}")
+    layer = pick_layer(table["layer"], layer)
+    table = _where(table, layer=layer)
+    module = sorted(set(table["module"]))[0]
+    table = _where(table, module=module)
+    delta = _where(table, source="delta")
+    if len(delta) == 0:
+        raise FigureSkipped(f"fig8: no ΔW rows for {module}")
+    seed = int(delta["seed"].min()) if seed is None else int(seed)
+    delta = _where(delta, seed=seed)
+    shown = sorted({pick_rank(delta["rank"].tolist(), r) for r in ranks})
+    panels = [(f"$\\Delta W_{{{weight_type}}}$, r={r}", _grid(_where(delta, rank=r))) for r in shown]
+    rnd = _where(table, source="random")
+    if len(rnd):
+        r_rand = max(shown) if max(shown) in set(rnd["rank"]) else int(rnd["rank"].max())
+        rnd = _where(rnd, rank=r_rand)
+        rnd = _where(rnd, seed=int(rnd["seed"].min()))
+        panels.append((f"random, r={r_rand}", _grid(rnd)))
+    vmax = max(0.2, float(max(g.to_numpy().max() for _, g in panels)))
+    widths = [max(1.0, min(4.0, g.shape[1] / 10)) for _, g in panels]
+    fig, axes = _new_figure(1, len(panels), width=sum(widths) + 1.5 + 0.4 * len(panels), height=4.0,
+                            width_ratios=widths)
+    for ax, (title, grid) in zip(axes[0], panels, strict=True):
+        _heatmap(ax, grid, vmin=0.0, vmax=vmax, title=title, xlabel=rf"j ($\Delta W_{{{weight_type}}}$)",
+                 ylabel=f"i ($W_{{{weight_type}}}$)")
+    _colorbar(fig, axes[0].tolist(), vmin=0.0, vmax=vmax)
+    fig.suptitle(rf"Figure 8: $\phi(W_{{{weight_type}}}, \Delta W_{{{weight_type}}}, i, j)$, layer {layer}, seed {seed}")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- Tables 5 / 6
+
+
+def _quality(quality: pd.DataFrame) -> pd.DataFrame:
+    cols = ["weight_set", "rank", "seed", "val_metric", "metric_name", "trainable_params"]
+    return _require(quality, "quality", cols)
+
+
+def _aggregate(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean ± std over seeds (std with ddof=1, NaN for one seed) and the number of seeds."""
+    out = rows.groupby(by, sort=True).agg(
+        mean=("val_metric", "mean"), std=("val_metric", "std"), n_seeds=("val_metric", "size"),
+        trainable_params=("trainable_params", "first"),
+    )
+    return out.reset_index()
+
+
+def table6_rows(quality: pd.DataFrame) -> pd.DataFrame:
+    """The Table 6 grid: weight sets trained at two or more ranks (the rank sweep), linear probe excluded."""
+    q = _quality(quality)
+    q = q[q["weight_set"] != "linear probe"]
+    n_ranks = q.groupby("weight_set")["rank"].nunique()
+    return q[q["weight_set"].isin(n_ranks[n_ranks >= 2].index)]
+
+
+def table5_rows(quality: pd.DataFrame) -> pd.DataFrame:
+    """The Table 5 grid: the weight sets trained at one common budget of trainable parameters.
+
+    Table 5 spreads one budget over {W_q}, {W_k}, {W_v}, {W_o} (r=8), {W_q, W_k}, {W_q, W_v} (r=4) and all four
+    (r=2); those points share ``trainable_params``. We take the parameter count reached by the most weight sets
+    (ties: the larger count); the ``q,v`` rank sweep of Table 6 contributes at most one point to it.
+    """
+    q = _quality(quality)
+    q = q[q["weight_set"] != "linear probe"]
+    if len(q) == 0:
+        raise FigureSkipped("quality: no adapter rows")
+    n_sets = q.groupby("trainable_params")["weight_set"].nunique()
+    best = n_sets[n_sets == n_sets.max()].index.max()
+    if n_sets.max() < 2:
+        raise FigureSkipped("quality: no two weight sets share a parameter budget (no Table 5 grid)")
+    return q[q["trainable_params"] == best]
+
+
+def _probe(quality: pd.DataFrame) -> pd.DataFrame:
+    return quality[quality["weight_set"] == "linear probe"]
+
+
+def table6(quality: pd.DataFrame) -> pd.DataFrame:
+    """Table 6: validation metric (mean ± std over seeds) for each weight set and rank; one row per (set, rank)."""
+    rows = table6_rows(quality)
+    if len(rows) == 0:
+        raise FigureSkipped("quality: no weight set trained at two or more ranks (no Table 6 grid)")
+    out = _aggregate(rows, ["weight_set", "rank"])
+    out.insert(2, "metric_name", rows["metric_name"].iloc[0])
+    return out
+
+
+def table5(quality: pd.DataFrame) -> pd.DataFrame:
+    """Table 5: validation metric (mean ± std over seeds) for each weight set at the common budget."""
+    rows = table5_rows(quality)
+    out = _aggregate(rows, ["weight_set", "rank"]).sort_values("mean", ascending=False, kind="stable")
+    out.insert(2, "metric_name", rows["metric_name"].iloc[0])
+    return out.reset_index(drop=True)
+
+
+def _probe_line(ax, quality: pd.DataFrame) -> None:
+    probe = _probe(quality)
+    if len(probe):
+        ax.axhline(float(probe["val_metric"].mean()), color="0.4", ls="--", lw=1, label="linear probe (frozen)")
+
+
+def table6_plot(quality: pd.DataFrame) -> Figure:
+    """Table 6 as a plot: validation metric against r (log scale) per weight set, mean ± std over seeds."""
+    agg = table6(quality)
+    metric = str(agg["metric_name"].iloc[0])
+    fig, axes = _new_figure(1, 1, width=5.0, height=3.4)
+    ax = axes[0, 0]
+    for ws, sub in agg.groupby("weight_set", sort=True):
+        ax.errorbar(sub["rank"], sub["mean"], yerr=sub["std"].fillna(0.0), marker="o", capsize=3,
+                    label=_set_label(ws))
+    _probe_line(ax, _quality(quality))
+    ax.set_xscale("log", base=2)
+    ranks = sorted(set(agg["rank"]))
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("rank r")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("Table 6: validation metric vs rank (mean ± std over seeds)")
+    ax.legend(frameon=False)
+    sns.despine(fig)
+    return fig
+
+
+def _set_label(weight_set: str) -> str:
+    if weight_set == "linear probe":
+        return weight_set
+    inner = ", ".join(f"$W_{t}$" for t in str(weight_set).split(","))
+    return f"{{{inner}}}"
+
+
+def table5_plot(quality: pd.DataFrame) -> Figure:
+    """Table 5 as a bar chart: validation metric per weight set at one parameter budget (mean ± std, seeds as dots)."""
+    rows = table5_rows(quality)
+    agg = table5(quality)
+    metric = str(agg["metric_name"].iloc[0])
+    order = agg["weight_set"].tolist()
+    fig, axes = _new_figure(1, 1, width=max(4.0, 1.4 * len(order) + 1.5), height=3.6)
+    ax = axes[0, 0]
+    labels = [f"{_set_label(ws)}\nr={r}" for ws, r in zip(agg["weight_set"], agg["rank"], strict=True)]
+    ax.bar(range(len(order)), agg["mean"], yerr=agg["std"].fillna(0.0), capsize=3,
+           color=sns.color_palette(n_colors=len(order)))
+    for k, ws in enumerate(order):
+        vals = _where(rows, weight_set=ws)["val_metric"]
+        ax.scatter(np.full(len(vals), k), vals, color="k", s=8, zorder=3)
+    _probe_line(ax, _quality(quality))
+    ax.set_xticks(range(len(order)), labels)
+    shown = pd.concat([agg["mean"], rows["val_metric"], _probe(quality)["val_metric"]])
+    lo, hi = float(shown.min()), float(shown.max())
+    pad = max(0.02 * abs(hi), hi - lo)
+    ax.set_ylim(lo - pad, hi + pad / 2)
+    ax.set_xlabel("adapted weights")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"Table 5: {int(agg['trainable_params'].iloc[0]):,} trainable parameters each")
+    if len(_probe(quality)):
+        ax.legend(frameon=False, loc="lower right")
+    sns.despine(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- Table 7
+
+
+TABLE7_COLUMNS = ["delta", "weight", "random", "w_norm", "dw_norm", "amplification"]
+
+
+def table7(table: pd.DataFrame, *, ranks: Sequence[int] = PAPER_TABLE7_RANKS) -> pd.DataFrame:
+    """Table 7: ‖UᵀWV‖_F for ΔW's, W's own and a random top-k subspace, ‖W‖_F, ‖ΔW‖_F and the amplification.
+
+    One row per (module, rank) for the present ranks nearest ``ranks`` (paper: r = 4 and 64), every layer,
+    averaged over seeds (``n_seeds`` says over how many).
+    """
+    cols = ["module", "weight_type", "layer", "rank", "seed", "top", *TABLE7_COLUMNS]
+    t = _require(table, "table7", cols)
+    shown = sorted({pick_rank(t["rank"].tolist(), r) for r in ranks})
+    t = t[t["rank"].isin(shown)]
+    out = t.groupby(["layer", "weight_type", "module", "rank"], sort=True).agg(
+        top=("top", "first"), **{c: (c, "mean") for c in TABLE7_COLUMNS}, n_seeds=("seed", "nunique"))
+    return out.reset_index()
+
+
+def table7_plot(table: pd.DataFrame) -> Figure:
+    """Amplification factor ‖ΔW‖_F / ‖UᵀWV‖_F against layer, one line per (weight type, rank), mean over seeds."""
+    cols = ["module", "weight_type", "layer", "rank", "seed", *TABLE7_COLUMNS]
+    t = _require(table, "table7", cols)
+    agg = t.groupby(["weight_type", "rank", "layer"], sort=True)["amplification"].agg(["mean", "std"]).reset_index()
+    fig, axes = _new_figure(1, 1, width=5.2, height=3.4)
+    ax = axes[0, 0]
+    ranks = sorted(set(agg["rank"]))
+    palette = dict(zip(ranks, sns.color_palette("mako", n_colors=len(ranks)), strict=True))
+    styles = dict(zip(sorted(set(agg["weight_type"])), ["-", "--", ":", "-."] * 4, strict=False))
+    for (wt, r), sub in agg.groupby(["weight_type", "rank"], sort=True):
+        ax.errorbar(sub["layer"], sub["mean"], yerr=sub["std"].fillna(0.0), color=palette[r], ls=styles[wt],
+                    marker="o", ms=3, capsize=2, label=rf"$\Delta W_{{{wt}}}$, r={r}")
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(set(agg["layer"])))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(r"amplification $\|\Delta W\|_F / \|U^\top W V\|_F$")
+    ax.set_title("Table 7: amplification factor by layer (paper: 21.5 at r=4, 1.9 at r=64)")
+    ax.legend(frameon=False, fontsize="small", ncol=2)
+    sns.despine(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- beyond the paper
+
+
+def spectra(spectra_table: pd.DataFrame, singular_values: pd.DataFrame, *, layer: int | None = None,
+            seed: int | None = None) -> Figure:
+    """ΔW's singular values per rank (one layer, q and v) and its effective ranks against r (all layers).
+
+    Left panels: σ_k of ΔW_q and ΔW_v for each r at one layer and seed. Right panel: stable rank, entropy rank
+    and the 90 %-energy rank against r (mean over layers and seeds), with y = r for reference.
+    """
+    sv = _require(singular_values, "singular_values", ["module", "weight_type", "layer", "rank", "seed", "index", "sigma"])
+    sp = _require(spectra_table, "spectra", ["weight_type", "rank", "seed", "stable_rank", "entropy_rank", "energy_rank_90"])
+    layer = pick_layer(sv["layer"], layer)
+    seed = int(sv["seed"].min()) if seed is None else int(seed)
+    modules = _modules_at(sv, layer)
+    fig, axes = _new_figure(1, len(modules) + 1, width=4.0 * (len(modules) + 1), height=3.4)
+    ranks = sorted(set(sv["rank"]))
+    palette = dict(zip(ranks, sns.color_palette("mako", n_colors=len(ranks)), strict=True))
+    for ax, (wt, module) in zip(axes[0], modules.items(), strict=False):
+        sub = _where(sv, module=module, seed=seed)
+        for r, rows in sub.groupby("rank", sort=True):
+            ax.plot(rows["index"], rows["sigma"], marker="o", ms=2, color=palette[r], label=f"r={r}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("index k")
+        ax.set_ylabel(r"$\sigma_k(\Delta W)$")
+        ax.set_title(f"{_wt_title(wt, layer)}, seed {seed}")
+        ax.legend(frameon=False, fontsize="small")
+    ax = axes[0, -1]
+    long = sp.melt(id_vars=["weight_type", "rank"], value_vars=["stable_rank", "entropy_rank", "energy_rank_90"],
+                   var_name="measure", value_name="effective rank")
+    long = long.groupby(["weight_type", "measure", "rank"], sort=True)["effective rank"].mean().reset_index()
+    sns.lineplot(long, x="rank", y="effective rank", hue="measure", style="weight_type", markers=True, ax=ax)
+    ax.plot(ranks, ranks, color="0.6", lw=1, ls=":", label="y = r")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("effective rank of ΔW")
+    ax.set_title("Effective rank vs r (mean over layers, seeds)")
+    ax.legend(frameon=False, fontsize="x-small")
+    sns.despine(fig)
+    fig.suptitle(r"$\Delta W$ spectrum (beyond the paper)")
+    return fig
+
+
+INIT_QUANTITIES = ("A", "A-A_init", "A_init")
+
+
+def init_control(phi: pd.DataFrame, *, layer: int | None = None, r_small: int = PAPER_RANK_SMALL,
+                 r_large: int | None = None, zoom: int = 8) -> Figure:
+    """φ on A beside φ on the learned change A − A_init and between the starting points A_init.
+
+    Rows: the three quantities. Columns: the rank comparison (r1 vs r2, same seed) and the seed comparison
+    (r2, two seeds) for ΔW_q and ΔW_v, zoomed to i, j ≤ ``zoom`` (colour scale 0–1). With nested
+    initialisation A_{r1}'s start is A_{r2}'s first rows, so the A_init row of the rank comparison is 1 on the
+    diagonal; where φ on A is large only because of that, the A − A_init row shows it.
+    """
+    cols = ["comparison", "quantity", "module", "weight_type", "layer", "r1", "r2", "seed1", "seed2", "i", "j", "phi"]
+    t = _require(phi, "phi", cols)
+    present = [q for q in INIT_QUANTITIES if len(_where(t, quantity=q, comparison="rank"))]
+    if len(present) < 2:
+        raise FigureSkipped("phi: needs rank comparison rows for A and A-A_init / A_init")
+    rank_rows, r1, r2, seed = _rank_rows(t, quantity="A", r_small=r_small, r_large=r_large, seed=None)
+    layer = pick_layer(rank_rows["layer"], layer)
+    modules = _modules_at(rank_rows, layer)
+    seed_any = _where(t, comparison="seed", quantity="A")
+    columns: list[tuple[str, str, dict]] = []
+    for wt in modules:
+        columns.append((f"{_wt_title(wt, layer)}\nr={r1} vs r={r2}, seed {seed}", wt,
+                        {"comparison": "rank", "r1": r1, "r2": r2, "seed1": seed}))
+    if len(seed_any):
+        rank_s = int(seed_any["r1"].max())
+        pair = sorted(set(zip(seed_any["seed1"], seed_any["seed2"], strict=True)))[0]
+        for wt in modules:
+            columns.append((f"{_wt_title(wt, layer)}\nr={rank_s}, seed {pair[0]} vs {pair[1]}", wt,
+                            {"comparison": "seed", "r1": rank_s, "r2": rank_s, "seed1": pair[0], "seed2": pair[1]}))
+    fig, axes = _new_figure(len(present), len(columns), width=2.6 * len(columns) + 1.0, height=2.4 * len(present))
+    for a, quantity in enumerate(present):
+        for b, (title, wt, sel) in enumerate(columns):
+            ax = axes[a, b]
+            rows = _where(t, quantity=quantity, module=modules[wt], **sel)
+            if len(rows) == 0:
+                ax.set_visible(False)
+                continue
+            _heatmap(ax, _grid(rows, i_max=zoom, j_max=zoom), vmin=0.0, vmax=1.0,
+                     title=(title + "\n" if a == 0 else "") + f"φ on {_quantity_name(quantity)}")
+    _colorbar(fig, axes.ravel().tolist(), vmin=0.0, vmax=1.0)
+    fig.suptitle("Initialisation control: how much of each overlap did learning create?")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
+    """Save ``fig`` as ``<out_dir>/<name>.png`` (dpi 200) and ``.pdf``, each atomically; closes the figure."""
+    out = Path(out_dir)
+    paths = []
+    try:
+        for fmt in ("png", "pdf"):
+            path = out / f"{name}.{fmt}"
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight")
+            paths.append(path)
+    finally:
+        plt.close(fig)
+    return paths
+
+
+def markdown_table(df: pd.DataFrame, *, floatfmt: str = ".4g") -> str:
+    """A GitHub markdown table of ``df`` (floats formatted with ``floatfmt``, NaN shown as an empty cell)."""
+
+    def cell(v) -> str:
+        if isinstance(v, float | np.floating):
+            return "" if math.isnan(v) else format(float(v), floatfmt)
+        return str(v)
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def save_table(df: pd.DataFrame, out_dir: str | Path, name: str, *, title: str = "") -> list[Path]:
+    """Write ``df`` as ``<name>.csv`` and ``<name>.md`` (markdown, with an optional heading), atomically."""
+    out = Path(out_dir)
+    csv = out / f"{name}.csv"
+    with atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
+    md = write_text(out / f"{name}.md", (f"## {title}\n\n" if title else "") + markdown_table(df))
+    return [csv, md]
+
+
+# (name, renderer taking the tables mapping) for every figure; render_all runs them in this order.
+_FIGURES: list[tuple[str, Callable[[Mapping[str, pd.DataFrame]], Figure]]] = [
+    ("figure3", lambda t: figure3(t.get("phi"))),
+    ("figure3_B", lambda t: figure3(t.get("phi"), quantity="B")),
+    ("figure4", lambda t: figure4(t.get("phi"))),
+    ("figure6", lambda t: figure6(t.get("phi"))),
+    ("figure7", lambda t: figure7(t.get("phi"))),
+    ("figure8", lambda t: figure8(t.get("fig8"))),
+    ("table5", lambda t: table5_plot(t.get("quality"))),
+    ("table6", lambda t: table6_plot(t.get("quality"))),
+    ("table7_amplification", lambda t: table7_plot(t.get("table7"))),
+    ("spectra", lambda t: spectra(t.get("spectra"), t.get("singular_values"))),
+    ("init_control", lambda t: init_control(t.get("phi"))),
+]
+
+_TABLES: list[tuple[str, str, Callable[[Mapping[str, pd.DataFrame]], pd.DataFrame]]] = [
+    ("table5", "Table 5: validation metric per weight set at one parameter budget", lambda t: table5(t.get("quality"))),
+    ("table6", "Table 6: validation metric vs rank", lambda t: table6(t.get("quality"))),
+    ("table7", "Table 7: projections of W onto ΔW's subspace, norms, amplification", lambda t: table7(t.get("table7"))),
+]
+
+FIGURE_NAMES = tuple(name for name, _ in _FIGURES)
+
+
+def render_all(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, *, quiet: bool = True) -> list[Path]:
+    """Render every figure and table the given tables allow into ``out_dir``; returns the files written.
+
+    A figure whose rows are absent (e.g. no seed comparison in a one-seed run) is skipped with a log message,
+    so a partial run still gets every figure it can support.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    jobs = [("figure", n, f) for n, f in _FIGURES] + [("table", n, (title, f)) for n, title, f in _TABLES]
+    for kind, name, job in tqdm(jobs, desc="figures", disable=quiet, unit="fig"):
+        try:
+            if kind == "figure":
+                written += save_figure(job(tables), out, name)
+            else:
+                title, make = job
+                written += save_table(make(tables), out, name, title=title)
+        except FigureSkipped as exc:
+            log.info("skipped %s: %s", name, exc)
+            plt.close("all")
+    return written
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(
+        prog="python -m lora_analysis.figures",
+        description="Re-render every Section 7 figure, the tables and REPORT.md from an existing run, without "
+                    "training: analyse the run's adapters (tables CSV), then draw the figures and write the report.",
+    )
+    parser.add_argument("--runs", default="runs/default",
+                        help="run directory written by lora.train (default: %(default)s, the reproduce run)")
+    parser.add_argument("--out", default="figures", help="output folder for figures, tables and REPORT.md "
+                        "(default: %(default)s, the folder the README links to)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    from lora_analysis import report
+
+    run_dir = Path(args.runs)
+    report.check_run_dir(run_dir, option="--runs")
+    written = report.analyse_and_render(run_dir, Path(args.out), quiet=args.quiet)
+    if not args.quiet:
+        print(f"wrote {len(written)} files into {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lora_analysis.figures``: exit 0 on success, 2 with one line on bad input."""
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""The main job: train (or resume) the Section 7 grid, analyse it, draw every figure, write REPORT.md.
+
+``python -m lora_analysis.reproduce`` (console script ``lora-reproduce``) runs four stages:
+
+1. **Train or resume** with :func:`lora.train.run_sweep` (finished grid points are skipped):
+   - ``<runs>``: ranks 1 2 4 8 64 × seeds 0 1 2 on {W_q, W_v} (Table 6, Figures 3, 4, 6–8, Table 7);
+   - ``<runs>/table5``: the Table 5 weight sets {q} {k} {v} {o} {q,k} {q,v} {q,k,v,o} at one budget of LoRA
+     parameters, the {W_q} r = 8 budget (so r = 8, 4, 2 for one, two, four weight types, as the paper).
+2. **Analyse** every adapter (:func:`lora_analysis.report.load_tables`), and run the quick planted-rank
+   validation (:mod:`lora_analysis.validate`) as a ground-truth check of the metrics.
+3. **Render** every figure and table into ``<out>`` (:func:`lora_analysis.figures.render_all`), the tidy tables
+   into ``<out>/tables``.
+4. **Report**: ``<out>/REPORT.md`` (:mod:`lora_analysis.report`).
+
+``--quick`` is a smoke test of the same pipeline on a tiny grid (ranks 2 4, seeds 0 1, a few steps, no
+validation) into ``runs/quick`` and ``figures/quick`` unless ``--runs`` / ``--out`` say otherwise, so it never
+mixes with the real run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora.errors import ArgumentParser, UserError, run_cli
+
+__all__ = ["GridPlan", "default_plan", "main", "quick_plan", "reproduce", "train_grid"]
+
+TABLE5_RANK_ONE_TYPE = 8  # Table 5: one weight type at r = 8 sets the budget (two at r = 4, four at r = 2)
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """What to train.
+
+    Attributes:
+        sweep: :class:`lora.config.TrainConfig` fields of the rank sweep (weight set q,v).
+        table5: fields of the Table 5 budget run (``budget`` is filled in from the model), or ``None`` to skip.
+        table5_rank: the rank of a one-weight-type set at the budget (paper: 8).
+        validation: run the quick planted-rank validation.
+    """
+
+    sweep: dict
+    table5: dict | None
+    table5_rank: int = TABLE5_RANK_ONE_TYPE
+    validation: bool = True
+
+
+def default_plan() -> GridPlan:
+    """The paper's Section 7 grid on the embedded default (trainer defaults: MiniLM, chatterbot, 300 steps)."""
+    from lora.config import TABLE5_SETS
+
+    return GridPlan(sweep={"targets": ("q,v",), "ranks": (1, 2, 4, 8, 64), "seeds": (0, 1, 2)},
+                    table5={"targets": TABLE5_SETS, "seeds": (0, 1, 2)})
+
+
+QUICK_SETTINGS = {"steps": 3, "batch_size": 8, "max_length": 16, "linear_probe": False}
+
+
+def quick_plan() -> GridPlan:
+    """A tiny grid for tests and CI: every stage runs, nothing is meant to be accurate (seconds per point)."""
+    return GridPlan(
+        sweep={"targets": ("q,v",), "ranks": (2, 4), "seeds": (0, 1), **QUICK_SETTINGS},
+        table5={"targets": ("q", "v", "q,v"), "seeds": (0,), **QUICK_SETTINGS},
+        table5_rank=4,
+        validation=False,
+    )
+
+
+def _budget(cfg, rank_one_type: int) -> int:
+    """LoRA parameters of {W_q} at ``rank_one_type``: the Table 5 budget (``lora.train`` picks the other ranks)."""
+    from lora import train
+
+    template = train.prepare(cfg).template
+    return rank_one_type * train.lora_params_per_rank(template, "q", layers=cfg.layers)
+
+
+def train_grid(plan: GridPlan, runs: Path, *, progress: bool = True) -> list[Path]:
+    """Train (or resume) the sweep into ``runs`` and the Table 5 run into ``runs/table5``; returns the run dirs."""
+    from lora import train
+    from lora.config import TrainConfig
+    from lora_analysis.report import TABLE5_SUBDIR
+
+    sweep = TrainConfig.from_dict(plan.sweep, source="reproduce sweep")
+    train.run_sweep(sweep, runs, progress=progress)  # first: its run dir must exist before table5/ is added to it
+    dirs = [runs]
+    if plan.table5 is not None:
+        budget = _budget(sweep, plan.table5_rank)
+        t5 = TrainConfig.from_dict({**plan.table5, "budget": budget}, source="reproduce table5")
+        train.run_sweep(t5, runs / TABLE5_SUBDIR, progress=progress)
+        dirs.append(runs / TABLE5_SUBDIR)
+    return dirs
+
+
+def _validation(out: Path, *, quiet: bool) -> str:
+    """Quick planted-rank validation: its text summary (also written to ``<out>/planted_rank.txt``)."""
+    from lora.fsio import write_json, write_text
+    from lora_analysis import validate
+
+    cfg = dataclasses.replace(validate.LayerConfig(), **validate.QUICK_LAYER)
+    res = validate.validate_layer(cfg, quiet=quiet)
+    text = validate.format_layer(res)
+    write_text(out / "planted_rank.txt", text + "\n")
+    write_json(out / "planted_rank.json", validate._jsonable(res))
+    return text
+
+
+def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *, quiet: bool = False,
+              train: bool = True) -> list[Path]:
+    """Train or resume ``plan`` into ``runs``, analyse, render into ``out`` and write ``out/REPORT.md``.
+
+    Returns:
+        The files written into ``out``.
+    """
+    from tqdm.auto import tqdm
+
+    from lora_analysis.report import analyse_and_render, check_run_dir
+
+    runs, out = Path(runs), Path(out)
+    if runs.exists() and not runs.is_dir():
+        raise UserError(f"--runs {runs}: is a file, expected a run directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, expected a directory")
+    stages = tqdm(total=3, desc="reproduce", disable=quiet, unit="stage", position=0)
+    if train:
+        stages.set_postfix_str("train")
+        train_grid(plan, runs, progress=not quiet)
+    check_run_dir(runs, option="--runs")
+    stages.update(1)
+    validation = None
+    if plan.validation:
+        stages.set_postfix_str("planted-rank validation")
+        out.mkdir(parents=True, exist_ok=True)
+        validation = _validation(out, quiet=quiet)
+    stages.update(1)
+    stages.set_postfix_str("analyse, render, report")
+    written = analyse_and_render(runs, out, quiet=quiet, validation=validation)
+    stages.update(1)
+    stages.close()
+    return written
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(
+        prog="python -m lora_analysis.reproduce",
+        description="Reproduce Section 7 of the LoRA paper end to end: train or resume the default grid (ranks "
+                    "1 2 4 8 64 x seeds 0 1 2 on q,v, plus the Table 5 weight sets at one parameter budget), "
+                    "analyse every adapter, render every figure and write REPORT.md. Rerunning resumes: finished "
+                    "adapters are skipped.",
+    )
+    parser.add_argument("--runs", default=None, metavar="DIR",
+                        help="run directory (default: runs/default; with --quick runs/quick, so a smoke test never "
+                             "mixes with the real run); the Table 5 run goes to DIR/table5")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="figures, tables and REPORT.md (default: figures, the folder the README links to; "
+                             "with --quick figures/quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny grid (ranks 2 4, seeds 0 1, 3 steps; Table 5 with q, v, q,v; no validation): "
+                             "a smoke test of every stage in minutes, not a result")
+    parser.add_argument("--no-train", action="store_true",
+                        help="do not train; analyse whatever the run directory already holds")
+    parser.add_argument("--no-validation", action="store_true",
+                        help="skip the planted-rank validation (about a minute on 2 cores)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default run is fully offline
+    plan = quick_plan() if args.quick else default_plan()
+    if args.no_validation:
+        plan = dataclasses.replace(plan, validation=False)
+    runs = Path(args.runs or ("runs/quick" if args.quick else "runs/default"))
+    out = Path(args.out or ("figures/quick" if args.quick else "figures"))
+    written = reproduce(plan, runs, out, quiet=args.quiet, train=not args.no_train)
+    if not args.quiet:
+        print(f"wrote {len(written)} files; report: {out / 'REPORT.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lora_analysis.reproduce``: exit 0 on success, 2 with one line on bad input."""
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
