@@ -1,0 +1,288 @@
+"""The two analysis CLIs, `python -m lora_analysis.subspace` and `python -m lora_analysis.projection`.
+
+Every bad input must give exit status 2 and exactly one stderr line naming the file/option (and module), with no
+traceback, and must leave an existing --json file untouched. Most cases call ``main(argv)`` in-process (the same
+code path as the console script, and fast); a few run the real ``python -m`` subprocess end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_runs import _one_thread, make_adapter, tiny_train_setup  # noqa: F401  (_one_thread: autouse fixture)
+
+from lora_analysis import projection, subspace
+from lora_analysis.runs import BaseWeights, load_run_adapter
+from lora_analysis.subspace import init_control, subspace_similarity
+from lora_analysis.tables import table7_table
+
+KEY = "bert.encoder.layer.1.attention.self.query"  # the trainer adapts a task model (BertForSequenceClassification)
+SENTINEL = '{"keep": "me"}\n'
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A real run of the trainer (Python API) on a tiny BERT and a 40-line CSV: q,v at ranks 2, 4 x seeds 0, 1."""
+    from lora.config import TrainConfig
+    from lora.train import run_sweep
+    from lora_analysis.tables import torch_threads
+
+    root = tmp_path_factory.mktemp("cli")
+    config = tiny_train_setup(root)
+    config["seeds"] = [0, 1]
+    with torch_threads(1):  # module-scoped: set up before the per-test one-thread fixture
+        run_sweep(TrainConfig.from_dict(config), root / "run", progress=False)
+    return root
+
+
+@pytest.fixture
+def run(trained) -> Path:
+    return trained / "run"
+
+
+def _call(module, argv, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what setting up the case printed (e.g. transformers' save progress bars)
+    try:
+        rc = module.main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse errors exit directly (lora.errors.ArgumentParser: one line, status 2)
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _assert_bad(module, argv, capsys, tmp_path, *patterns: str) -> str:
+    """exit 2, one stderr line matching every pattern, no traceback, the existing --json file untouched."""
+    js = tmp_path / "existing.json"
+    js.write_text(SENTINEL, encoding="utf-8")
+    before = js.stat().st_mtime_ns
+    argv = [*argv, "--json", js] if "--json" not in argv else argv
+    rc, _, err = _call(module, argv, capsys)
+    assert rc == 2, err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for p in patterns:
+        assert p in lines[0], lines[0]
+    assert js.read_text(encoding="utf-8") == SENTINEL and js.stat().st_mtime_ns == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".existing.json")]  # no temp file left
+    return lines[0]
+
+
+def _broken_copy(run: Path, tmp_path: Path, how: str) -> Path:
+    d = tmp_path / f"broken_{how}"
+    shutil.copytree(run / "qv_r4_s0", d)
+    w = d / "adapter_model.safetensors"
+    if how == "truncated":
+        w.write_bytes(w.read_bytes()[:64])
+    elif how == "json":
+        (d / "adapter_config.json").write_text('{"r": 4,', encoding="utf-8")
+    elif how == "nan":
+        t = load_file(str(w))
+        t[f"base_model.model.{KEY}.lora_A.weight"][1, 2] = float("inf")
+        save_file(t, str(w))
+    return d
+
+
+# ------------------------------------------------------------------------------------------- subspace
+def test_subspace_rank_comparison_json(run, tmp_path, capsys):
+    js = tmp_path / "phi.json"
+    rc, out, err = _call(subspace, ["--runs", run, "--r1", 2, "--r2", 4, "--json", js], capsys)
+    assert rc == 0, err
+    assert "φ(1,1)" in out and "random" in out and KEY in out
+    doc = json.loads(js.read_text())
+    assert (doc["r1"], doc["r2"], doc["seed1"], doc["seed2"], doc["side"]) == (2, 4, 0, 0, "A")
+    a1, a2 = load_run_adapter(run, rank=2), load_run_adapter(run, rank=4)
+    assert set(doc["modules"]) == set(a1.factors)
+    m = doc["modules"][KEY]
+    phi = np.array(m["phi"])
+    assert phi.shape == (2, 4)  # phi[i-1][j-1], i = 1..r1, j = 1..r2
+    np.testing.assert_allclose(phi, subspace_similarity(a1.factors[KEY].A, a2.factors[KEY].A).numpy(), atol=1e-12)
+    ctl = init_control(a1.factors[KEY].A, a1.init_A[KEY], a2.factors[KEY].A, a2.init_A[KEY])
+    np.testing.assert_allclose(np.array(m["phi_learned"]), ctl.phi_learned.numpy(), atol=1e-12)
+    np.testing.assert_allclose(np.array(m["phi_init"]), ctl.phi_init.numpy(), atol=1e-12)
+    assert m["random_expected_11"] == pytest.approx(1 / a1.factors[KEY].A.shape[1])
+
+
+def test_subspace_seed_comparison_side_b_modules_and_plot(run, tmp_path, capsys):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    rc, out, err = _call(subspace, ["--runs", run, "--r1", 4, "--r2", 4, "--seed2", 1, "--side", "B",
+                                    "--modules", r"layer\.0\.", "--json", js, "--plot", png], capsys)
+    assert rc == 0, err
+    doc = json.loads(js.read_text())
+    assert sorted(doc["modules"]) == ["bert.encoder.layer.0.attention.self.query",
+                                      "bert.encoder.layer.0.attention.self.value"]
+    assert doc["modules"]["bert.encoder.layer.0.attention.self.query"]["phi_learned"] is None  # B starts at 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_subspace_two_adapter_dirs(run, capsys):
+    rc, out, err = _call(subspace, ["--a1", run / "qv_r4_s0", "--a2", run / "qv_r4_s1", "--quiet"], capsys)
+    assert rc == 0 and out == "" and err == ""
+
+
+def test_subspace_default_run_trains_missing_adapter_first(run, tmp_path, capsys, monkeypatch):
+    partial = tmp_path / "partial"
+    shutil.copytree(run, partial)
+    shutil.rmtree(partial / "qv_r4_s1")
+    monkeypatch.setenv("LORA_RUNS_DIR", str(partial))
+    rc, out, err = _call(subspace, ["--r1", 4, "--r2", 4, "--seed2", 1, "--quiet"], capsys)
+    assert rc == 0, err
+    assert "training 1 missing adapter(s) (qv_r4_s1)" in err
+    assert (partial / "qv_r4_s1" / "adapter_model.safetensors").is_file()
+    # a rank the run's grid does not have cannot be trained into it
+    _assert_bad(subspace, ["--r1", 2, "--r2", 64], capsys, tmp_path, str(partial), "(64, 0)")
+
+
+@pytest.mark.parametrize("case", [
+    "missing_dir", "file_as_dir", "empty_dir", "rank_absent", "seed_absent", "truncated", "json", "nan",
+    "shape_mismatch", "bad_regex", "no_match", "a1_without_a2", "mixed", "bad_side", "plot_format", "json_is_dir",
+])
+def test_subspace_bad_input(case, run, trained, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    r = ["--runs", run]
+    cases = {
+        "missing_dir": lambda: ([*["--runs", tmp_path / "nope"], "--r1", 2, "--r2", 4], [str(tmp_path / "nope"), "does not exist"]),
+        "file_as_dir": lambda: (["--runs", tmp_path / "file", "--r1", 2, "--r2", 4], [str(tmp_path / "file"), "is a file"]),
+        "empty_dir": lambda: (["--runs", tmp_path / "empty", "--r1", 2, "--r2", 4], [str(tmp_path / "empty"), "empty"]),
+        "rank_absent": lambda: ([*r, "--r1", 8, "--r2", 64], ["rank 8", "available ranks: 2, 4"]),
+        "seed_absent": lambda: ([*r, "--r1", 2, "--r2", 4, "--seed2", 7], ["seed 7", "available seeds: 0, 1"]),
+        "truncated": lambda: (["--a1", _broken_copy(run, tmp_path, "truncated"), "--a2", run / "qv_r2_s0"],
+                                      ["broken_truncated/adapter_model.safetensors"]),
+        "json": lambda: (["--a1", run / "qv_r2_s0", "--a2", _broken_copy(run, tmp_path, "json")],
+                                 ["broken_json/adapter_config.json", "JSON"]),
+        "nan": lambda: (["--a1", _broken_copy(run, tmp_path, "nan"), "--a2", run / "qv_r2_s0"],
+                                ["broken_nan", KEY, "NaN or Inf"]),
+        "shape_mismatch": lambda: (["--a1", run / "qv_r2_s0", "--a2", _other_adapter(trained, tmp_path)],
+                                           ["other_adapter", "module bert.encoder.layer.0.attention.self.query", "ΔW is (48, 48)"]),
+        "bad_regex": lambda: ([*r, "--r1", 2, "--r2", 4, "--modules", "("], ["--modules", "invalid regular expression"]),
+        "no_match": lambda: ([*r, "--r1", 2, "--r2", 4, "--modules", "mlp"], ["--modules", "matches none"]),
+        "a1_without_a2": lambda: (["--a1", run / "qv_r2_s0"], ["--a2", "missing"]),
+        "mixed": lambda: (["--a1", run / "qv_r2_s0", "--a2", run / "qv_r4_s0", "--r1", 2], ["--a1/--a2", "--r1/--r2"]),
+        "bad_side": lambda: ([*r, "--r1", 2, "--r2", 4, "--side", "C"], ["--side", "invalid choice"]),
+        "plot_format": lambda: ([*r, "--r1", 2, "--r2", 4, "--plot", tmp_path / "x.gif"], ["--plot", "unsupported format"]),
+        "json_is_dir": lambda: ([*r, "--r1", 2, "--r2", 4, "--json", tmp_path / "empty"], ["--json", "is a directory"]),
+    }
+    argv, patterns = cases[case]()  # built lazily: only this case's files are made
+    _assert_bad(subspace, argv, capsys, tmp_path, *patterns)
+
+
+def _other_adapter(trained: Path, tmp_path: Path) -> Path:
+    """An adapter with the same module keys on a base of another width (48): shapes do not match d=32."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64)
+    model = BertForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "other_base")
+    make_adapter(tmp_path / "other_base", tmp_path / "other_adapter", r=2, seed=0, model=model)
+    return tmp_path / "other_adapter"
+
+
+# ------------------------------------------------------------------------------------------- projection
+def test_projection_run_point_json(run, tmp_path, capsys):
+    js = tmp_path / "t7.json"
+    rc, out, err = _call(projection, ["--runs", run, "--rank", 4, "--seed", 1, "--json", js], capsys)
+    assert rc == 0, err
+    assert "amplification" in out and KEY in out
+    doc = json.loads(js.read_text())
+    a = load_run_adapter(run, rank=4, seed=1)
+    ref = table7_table(a, BaseWeights())
+    assert set(doc["modules"]) == set(ref["module"])
+    m = doc["modules"][KEY]
+    row = ref[ref.module == KEY].iloc[0]
+    for col in ("delta", "weight", "random", "w_norm", "dw_norm", "amplification"):
+        assert m[col] == pytest.approx(row[col], rel=1e-12)
+    assert m["top"] == 4 and m["amplification"] == pytest.approx(m["dw_norm"] / m["delta"])
+
+
+def test_projection_adapter_dir_top_and_base(run, trained, capsys, tmp_path):
+    js = tmp_path / "t.json"
+    rc, _, err = _call(projection, ["--adapter", run / "qv_r4_s0", "--top", 2, "--base", trained / "tiny",
+                                    "--modules", "value", "--quiet", "--json", js], capsys)
+    assert rc == 0, err
+    doc = json.loads(js.read_text())
+    assert len(doc["modules"]) == 2 and {m["top"] for m in doc["modules"].values()} == {2}
+
+
+@pytest.mark.parametrize("case", [
+    "missing_dir", "file_as_dir", "empty_dir", "rank_absent", "seed_absent", "nan", "base_other_shape",
+    "base_missing", "top_too_large", "adapter_and_rank", "nothing", "truncated",
+])
+def test_projection_bad_input(case, run, trained, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    r = ["--runs", run]
+    cases = {
+        "missing_dir": lambda: (["--adapter", tmp_path / "nope"], [str(tmp_path / "nope"), "does not exist"]),
+        "file_as_dir": lambda: (["--adapter", tmp_path / "file"], [str(tmp_path / "file"), "is a file"]),
+        "empty_dir": lambda: (["--adapter", tmp_path / "empty"], [str(tmp_path / "empty"), "empty"]),
+        "rank_absent": lambda: ([*r, "--rank", 64], ["rank 64", "available ranks: 2, 4"]),
+        "seed_absent": lambda: ([*r, "--rank", 2, "--seed", 9], ["seed 9", "available seeds: 0, 1"]),
+        "nan": lambda: (["--adapter", _broken_copy(run, tmp_path, "nan")], ["broken_nan", KEY, "NaN or Inf"]),
+        "base_other_shape": lambda: (["--adapter", run / "qv_r2_s0", "--base", _other_base(tmp_path)],
+                                             ["qv_r2_s0", "module bert.encoder.layer.0.attention.self.query", "do not match"]),
+        "base_missing": lambda: (["--adapter", run / "qv_r2_s0", "--base", tmp_path / "nobase"], ["--base", "nobase"]),
+        "top_too_large": lambda: (["--adapter", run / "qv_r2_s0", "--top", 3], ["--top"]),
+        "adapter_and_rank": lambda: (["--adapter", run / "qv_r2_s0", "--rank", 2], ["--rank", "not used with --adapter"]),
+        "nothing": lambda: ([], ["--rank", "missing"]),
+        "truncated": lambda: (["--adapter", _broken_copy(run, tmp_path, "truncated")], ["adapter_model.safetensors"]),
+    }
+    argv, patterns = cases[case]()  # built lazily: only this case's files are made
+    _assert_bad(projection, argv, capsys, tmp_path, *patterns)
+
+
+def _other_base(tmp_path: Path) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "other_base")
+    return tmp_path / "other_base"
+
+
+# ------------------------------------------------------------------------------------------- real processes
+def _run(*argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *map(str, argv)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_subprocess_subspace(run, tmp_path):
+    js = tmp_path / "phi.json"
+    ok = _run("lora_analysis.subspace", "--runs", run, "--r1", 2, "--r2", 4, "--json", js)
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(js.read_text())["modules"]) == 4
+    js.write_text(SENTINEL)
+    bad = _run("lora_analysis.subspace", "--runs", run, "--r1", 2, "--r2", 64, "--json", js)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.count("\n") == 1 and "available ranks: 2, 4" in bad.stderr
+    assert js.read_text() == SENTINEL
+
+
+def test_subprocess_projection_bad_file_and_help(run, tmp_path):
+    d = _broken_copy(run, tmp_path, "truncated")
+    bad = _run("lora_analysis.projection", "--adapter", d)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    assert f"{d}/adapter_model.safetensors" in bad.stderr
+
+
+def test_help_explains_the_metrics(capsys):
+    for module, words in ((subspace, ["min(i, j)", "max(i, j) / d", "--side", "--a1"]),
+                          (projection, ["||U^T W V||_F", "amplification", "--top", "--base"])):
+        with pytest.raises(SystemExit) as exc:
+            module.main(["--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        for w in words:
+            assert w in out
