@@ -578,7 +578,7 @@ def validate_model(cfg: ModelConfig | None = None, *, model_path: str | None = N
 def _validate_model(cfg: ModelConfig, *, model_path: str | None, quiet: bool) -> ModelValidation:
     from tqdm.auto import tqdm
 
-    from lora.inject import inject_lora, mark_only_lora_trainable
+    from lora.inject import inject_lora, layer_index, mark_only_lora_trainable
 
     t0 = time.perf_counter()
     base, tok = load_model(model_path or default_model_path())
@@ -604,10 +604,7 @@ def _validate_model(cfg: ModelConfig, *, model_path: str | None, quiet: bool) ->
     student = copy.deepcopy(base)
     modules = inject_lora(student, ["q", "v"], r=cfg.rank, alpha=cfg.rank, init="gaussian", seed=cfg.seed)
     mark_only_lora_trainable(student)
-    student.train()  # dropout is 0 in the LoRA branch; MiniLM's own dropout is disabled below for a clean target
-    for m in student.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
+    student.eval()  # no dropout anywhere: the teacher's targets were computed without it; gradients still flow
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -638,7 +635,7 @@ def _validate_model(cfg: ModelConfig, *, model_path: str | None, quiet: bool) ->
         rows.append(
             ModuleRecovery(
                 module=path,
-                layer=int(path.split(".")[2]),
+                layer=int(layer_index(path)),
                 relative_error=float(torch.linalg.matrix_norm(f.delta_weight().double() - dW_star) / torch.linalg.matrix_norm(dW_star)),
                 phi_to_planted=float(phi_grid(dw.V[:, :K], p.V)[-1, -1]),
                 amplification=table7_row(W0, f.A, f.B, scaling=f.scaling, top=K).amplification,
