@@ -446,6 +446,27 @@ class BaseWeights:
         self.svd = WeightSVDCache()
         self._models: dict[str, nn.Module] = {}
         self._weights: dict[tuple[str, str], Tensor] = {}
+        self._checked: set[tuple[str, str]] = set()  # (base, adapter fingerprint) pairs already compared
+        self._svd_memo: dict[str, tuple[Tensor, Any]] = {}
+
+    def _check_fingerprint(self, name: str, model: nn.Module, adapter: LoadedAdapter) -> None:
+        """Warn (once per base and fingerprint) if ``base_fingerprint`` recorded by the trainer does not match the
+        loaded base: shapes may agree while the weights differ (another checkpoint), and every W-vs-ΔW number
+        would then describe a base the adapter never saw."""
+        from lora.adapter_io import base_fingerprint
+
+        recorded = adapter.config.get("base_fingerprint")
+        if not recorded or (name, recorded) in self._checked:
+            return
+        self._checked.add((name, recorded))
+        paths = sorted({k.partition(":")[0] for k in adapter.factors})
+        try:
+            actual = base_fingerprint(model, module_paths=paths)
+        except (AttributeError, ValueError, KeyError):  # paths named differently in this model class: cannot compare
+            return
+        if actual != recorded:
+            print(f"warning: {adapter.path}: the base weights in {name} differ from those it was trained on "
+                  f"(base_fingerprint); W-vs-ΔW results describe {name}", file=sys.stderr)
 
     def _model_for(self, adapter: LoadedAdapter) -> tuple[str, nn.Module]:
         from lora.adapter_io import Adapter, base_model_for
@@ -505,11 +526,21 @@ class BaseWeights:
                     f"{tuple(W.shape)} in {name}: adapter and base model do not match"
                 )
             out[k] = W
+        self._check_fingerprint(name, model, adapter)  # after the shape checks: a misfit base is an error, not a warning
         return out
 
     def w_svd(self, key: str, W: Tensor):
-        """The full thin SVD of ``W`` (cached; slice it with ``.truncate(k)``)."""
-        return self.svd.get(key, W)
+        """The full thin SVD of ``W`` (cached; slice it with ``.truncate(k)``).
+
+        ``W`` tensors handed out by :meth:`weights` are memoised by identity, so repeated calls skip even the
+        content hash that :class:`~lora_analysis.linalg.WeightSVDCache` uses to key its entries.
+        """
+        memo = self._svd_memo.get(key)
+        if memo is not None and memo[0] is W:
+            return memo[1]
+        svd = self.svd.get(key, W)
+        self._svd_memo[key] = (W, svd)
+        return svd
 
 
 # ---------------------------------------------------------------------------------------------- default run

@@ -194,15 +194,16 @@ def random_phi_table(
 
 # ---------------------------------------------------------------------------------------------- W vs ΔW
 def _weights(adapter: LoadedAdapter, base: BaseWeights | Mapping[str, Tensor], keys: Iterable[str] | None):
+    """``({key: W float64}, svd_of(key, W) -> full thin SVD of W)`` from shared base weights or a plain dict."""
     keys = list(adapter.factors) if keys is None else list(keys)
     if isinstance(base, BaseWeights):
-        return base.weights(adapter, keys), base.svd
+        return base.weights(adapter, keys), base.w_svd
     from lora_analysis.linalg import WeightSVDCache
 
     missing = [k for k in keys if k not in base]
     if missing:
         raise UserError(f"{adapter.path}: module {missing[0]}: no base weight given")
-    return {k: base[k].to(torch.float64) for k in keys}, WeightSVDCache()
+    return {k: base[k].to(torch.float64) for k in keys}, WeightSVDCache().get
 
 
 def fig8_table(
@@ -222,13 +223,13 @@ def fig8_table(
         i_max: W's directions (default ``round(0.1 · min(d_out, d_in))``, as the paper's ~10 % of d).
         random: add ``source="random"`` rows: a seeded Gaussian ``A`` of the same rank in place of ΔW.
     """
-    Ws, cache = _weights(adapter, base, keys)
+    Ws, svd_of = _weights(adapter, base, keys)
     frames = []
     for key, W in Ws.items():
         f = adapter.factors[key]
         n_w = i_max or max(1, round(FIG8_FRACTION * min(W.shape)))
         n_w = min(n_w, min(W.shape))
-        ws = cache.get(key, W, k=n_w)
+        ws = svd_of(key, W).truncate(n_w)
         dw = factored_svd(f.A, f.B, scaling=f.scaling)
         meta = {**_ids(key), "rank": f.rank, "seed": _seed(adapter)}
         frames.append(_grid_frame(phi_grid(ws.V, dw.V), {**meta, "source": "delta"}))
@@ -253,7 +254,7 @@ def table7_table(
     Raises:
         UserError: if ``top`` exceeds a module's rank.
     """
-    Ws, cache = _weights(adapter, base, keys)
+    Ws, svd_of = _weights(adapter, base, keys)
     rows = []
     for key, W in Ws.items():
         f = adapter.factors[key]
@@ -261,7 +262,7 @@ def table7_table(
         if not 0 < k <= min(f.rank, *W.shape):
             raise UserError(f"--top: {top} must be in 1..{min(f.rank, *W.shape)} for module {key} of {adapter.path}")
         row = table7_row(W, f.A, f.B, scaling=f.scaling, top=k, random_seed=_module_seed(key, random_seed),
-                         w_svd=cache.get(key, W))
+                         w_svd=svd_of(key, W))
         rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "top": row.rank, "delta": row.delta,
                      "weight": row.weight, "random": row.random, "w_norm": row.w_norm, "dw_norm": row.dw_norm,
                      "amplification": row.amplification})
@@ -279,9 +280,9 @@ def spectra_table(
     number of intruder dimensions among the top ``intruder_k`` directions of W0 + ΔW (needs ``base``;
     ``n_intruders`` is ``-1`` without it)."""
     if base is not None:
-        Ws, cache = _weights(adapter, base, keys)
+        Ws, svd_of = _weights(adapter, base, keys)
     else:
-        Ws, cache = {k: None for k in (adapter.factors if keys is None else keys)}, None
+        Ws, svd_of = {k: None for k in (adapter.factors if keys is None else keys)}, None
     rows = []
     for key, W in Ws.items():
         f = adapter.factors[key]
@@ -289,7 +290,7 @@ def spectra_table(
         n_intr = -1
         if W is not None:
             n_intr = intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=min(intruder_k, *W.shape),
-                                         w0_svd=cache.get(key, W)).count
+                                         w0_svd=svd_of(key, W)).count
         rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "stable_rank": s.stable_rank,
                      "entropy_rank": s.effective_rank, "energy_rank_90": s.energy_rank, "dw_norm": s.frobenius,
                      "n_intruders": n_intr})

@@ -348,3 +348,24 @@ def test_ensure_default_run_trains_only_missing(tmp_path, capsys):
         runs.ensure_default_run((16,), (0,), run_dir=run, progress=False)
     a = load_run_adapter(run, rank=4, seed=0)
     assert a.init_A is not None and a.weight_set == "q,v"
+
+
+def test_base_with_other_weights_of_the_same_shape_warns(tiny_run, tmp_path, capsys):
+    """base_fingerprint (recorded at save time) catches a base whose shapes fit but whose weights differ."""
+    from transformers import AutoModel
+
+    a = load_run_adapter(tiny_run, rank=2)
+    BaseWeights().weights(a)
+    assert "warning" not in capsys.readouterr().err  # the recorded base matches
+    other = AutoModel.from_pretrained(tiny_run / "base")
+    with torch.no_grad():
+        other.encoder.layer[0].attention.self.query.weight.mul_(1.01)
+    other.save_pretrained(tmp_path / "perturbed")
+    capsys.readouterr()
+    W = BaseWeights(tmp_path / "perturbed").weights(a)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "base_fingerprint" in err and str(tmp_path / "perturbed") in err
+    torch.testing.assert_close(W[KEY_Q0], other.encoder.layer[0].attention.self.query.weight.detach().double())
+
+
+KEY_Q0 = "encoder.layer.0.attention.self.query"
