@@ -773,10 +773,16 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("model level")
     g.add_argument("--model-rank", type=int, default=M.rank, help="student rank (default: %(default)s)")
     g.add_argument("--model-steps", type=int, default=None,
-                   help=f"AdamW steps (default: {M.steps}; --quick: {QUICK_MODEL['steps']})")
+                   help=f"AdamW steps (default: {M.steps}, about 5 CPU-minutes on one thread; "
+                   f"--quick: {QUICK_MODEL['steps']})")
     g.add_argument("--model-texts", type=int, default=None,
                    help=f"sentences (default: {M.texts}; --quick: {QUICK_MODEL['texts']})")
     return p
+
+
+def _pick(given: Any, quick: dict[str, Any], name: str, default: Any) -> Any:
+    """An explicit option wins, then the --quick size, then the config default."""
+    return given if given is not None else quick.get(name, default)
 
 
 def _configs(args) -> tuple[LayerConfig, ModelConfig]:
@@ -788,12 +794,12 @@ def _configs(args) -> tuple[LayerConfig, ModelConfig]:
     layer = LayerConfig(
         layer=args.layer, module=args.module,
         ranks=tuple(args.ranks) if args.ranks else lq.get("ranks", L.ranks), seeds=tuple(args.seeds),
-        texts=args.texts or lq.get("texts", L.texts), steps=args.steps or lq.get("steps", L.steps),
+        texts=_pick(args.texts, lq, "texts", L.texts), steps=_pick(args.steps, lq, "steps", L.steps),
         lr=args.lr, plant=plant,
     )
     model = ModelConfig(
-        rank=args.model_rank, texts=args.model_texts or mq.get("texts", M.texts),
-        steps=args.model_steps or mq.get("steps", M.steps), batch=mq.get("batch", M.batch), plant=plant,
+        rank=args.model_rank, texts=_pick(args.model_texts, mq, "texts", M.texts),
+        steps=_pick(args.model_steps, mq, "steps", M.steps), batch=mq.get("batch", M.batch), plant=plant,
     )
     return layer, model
 
