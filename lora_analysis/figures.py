@@ -32,18 +32,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # renderers write files; they never need a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from lora.errors import ArgumentParser, UserError, run_cli  # noqa: E402
-from lora.fsio import atomic_path, write_text  # noqa: E402
+from lora.errors import ArgumentParser, UserError, run_cli
+from lora.fsio import atomic_path, write_text
 
 __all__ = [
     "PAPER_RANK_LARGE",
@@ -55,7 +51,10 @@ __all__ = [
     "figure6",
     "figure7",
     "figure8",
+    "draw",
     "init_control",
+    "planted_rank",
+    "tabulate",
     "main",
     "markdown_table",
     "pick_layer",
@@ -817,6 +816,56 @@ def render_all(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, *, quiet
     return written
 
 
+def draw(name: str, tables: Mapping[str, pd.DataFrame]) -> Figure | None:
+    """The figure ``name`` (one of :data:`FIGURE_NAMES`) from ``tables``, or ``None`` with the reason printed when
+    the tables lack its rows (for notebooks and scripts that run on any adapter directory)."""
+    makers = dict(_FIGURES)
+    if name not in makers:
+        raise UserError(f"figure {name!r}: unknown; known: {', '.join(FIGURE_NAMES)}")
+    try:
+        return makers[name](tables)
+    except FigureSkipped as exc:
+        plt.close("all")
+        print(f"{name}: not drawn: {exc}")
+        return None
+
+
+def tabulate(name: str, tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame | None:
+    """The table ``name`` (``table5``, ``table6``, ``table7``) from ``tables``, or ``None`` with the reason printed."""
+    makers = {n: f for n, _, f in _TABLES}
+    if name not in makers:
+        raise UserError(f"table {name!r}: unknown; known: {', '.join(makers)}")
+    try:
+        return makers[name](tables)
+    except FigureSkipped as exc:
+        print(f"{name}: not available: {exc}")
+        return None
+
+
+def planted_rank(result) -> Figure:
+    """The planted-rank validation (:func:`lora_analysis.validate.validate_layer`): φ(i, i) curves against i.
+
+    Plots the fields of a ``LayerValidation`` as they are: φ between ranks on A, on A − A_init and between the
+    starts, φ between seeds, and the random baseline i / d_in, with the planted rank K marked.
+    """
+    fig, axes = _new_figure(1, 1, width=5.4, height=3.6)
+    ax = axes[0, 0]
+    curves = [("ranks, on A", result.phi_ranks, "-"), ("ranks, on A − A_init", result.phi_ranks_learned, "--"),
+              ("ranks, starts A_init", result.phi_ranks_init, ":"), ("seeds, on A", result.phi_seeds, "-."),
+              ("random baseline i/d", result.phi_random, "-")]
+    for label, ys, ls in curves:
+        if len(ys):
+            ax.plot(range(1, len(ys) + 1), ys, ls=ls, marker="o", ms=3, label=label)
+    ax.axvline(result.planted_rank, color="0.5", lw=1, ls=":", label=f"planted rank K = {result.planted_rank}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("i")
+    ax.set_ylabel(r"$\phi(i, i)$")
+    ax.set_title(f"Planted-rank validation: {result.module}")
+    ax.legend(frameon=False, fontsize="small")
+    sns.despine(fig)
+    return fig
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -832,6 +881,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                         "(default: %(default)s, the folder the README links to)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    plt.switch_backend("Agg")  # the CLI only writes files
     from lora_analysis import report
 
     run_dir = Path(args.runs)

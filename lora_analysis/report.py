@@ -58,6 +58,7 @@ __all__ = [
     "Context",
     "analyse_and_render",
     "check_run_dir",
+    "claims_table",
     "evaluate_claims",
     "load_tables",
     "render_report",
@@ -567,12 +568,63 @@ def check_run_dir(run_dir: Path, *, option: str = "--runs") -> None:
                         f"--out {run_dir}, or python -m lora_analysis.reproduce)")
 
 
-def load_tables(run_dir: str | os.PathLike, *, progress: bool = False) -> dict[str, pd.DataFrame]:
+CACHE_SUBDIR = "analysis"  # <run dir>/analysis: tables cached for notebooks, keyed by the run's fingerprint
+
+
+def _run_fingerprint(root: Path) -> dict:
+    """What the tables depend on: every adapter file (name, size, mtime), the run summaries and the table schema."""
+    from lora_analysis.tables import COLUMNS
+
+    files = []
+    for d in (root, root / TABLE5_SUBDIR):
+        if not d.is_dir():
+            continue
+        for p in sorted(d.glob("*/adapter_model.safetensors")) + sorted(d.glob("*.csv")) + sorted(d.glob("*.json")):
+            st = p.stat()
+            files.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
+    return {"files": files, "columns": COLUMNS}
+
+
+def _read_cache(root: Path) -> dict[str, pd.DataFrame] | None:
+    cache = root / CACHE_SUBDIR
+    try:
+        stored = json.loads((cache / "fingerprint.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if stored != json.loads(json.dumps(_run_fingerprint(root))):
+        return None
+    from lora_analysis.tables import COLUMNS
+
+    try:
+        return {name: pd.read_csv(cache / f"{name}.csv") for name in COLUMNS}
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cache(root: Path, tables: Mapping[str, pd.DataFrame]) -> None:
+    from lora.fsio import write_json
+    from lora_analysis.tables import write_tables
+
+    write_tables(tables, root / CACHE_SUBDIR)
+    write_json(root / CACHE_SUBDIR / "fingerprint.json", _run_fingerprint(root))  # last: marks the cache complete
+
+
+def load_tables(run_dir: str | os.PathLike, *, progress: bool = False, cache: bool = False) -> dict[str, pd.DataFrame]:
     """All tables of a run: :func:`lora_analysis.tables.analyse_run`, plus the Table 5 budget run's quality rows
-    (from ``<run_dir>/table5`` if present) appended to ``quality``."""
+    (from ``<run_dir>/table5`` if present) appended to ``quality``.
+
+    With ``cache=True`` the tables are read from ``<run_dir>/analysis/`` when its fingerprint (every adapter
+    file's size and mtime, the summaries, the table schema) matches the run, else computed and stored there, so
+    several notebooks on one run analyse it once.
+    """
     from lora_analysis.tables import analyse_run, quality_table
 
     root = Path(run_dir)
+    check_run_dir(root, option="run directory")
+    if cache:
+        cached = _read_cache(root)
+        if cached is not None:
+            return cached
     tables = analyse_run(root, progress=progress)
     t5 = root / TABLE5_SUBDIR
     if t5.is_dir() and any(t5.iterdir()):
@@ -582,7 +634,17 @@ def load_tables(run_dir: str | os.PathLike, *, progress: bool = False) -> dict[s
         # the q,v point of the budget run may duplicate a rank-sweep point: keep one row per (set, rank, seed)
         both = pd.concat([quality, extra], ignore_index=True)
         tables["quality"] = both.drop_duplicates(subset=["weight_set", "rank", "seed"], keep="first")
+    if cache:
+        _write_cache(root, tables)
     return tables
+
+
+def claims_table(tables: Mapping[str, pd.DataFrame], *, keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """The claims (optionally only ``keys``) as a DataFrame: claim, paper, ours, verdict, rule (for notebooks)."""
+    claims, _ = evaluate_claims(tables)
+    rows = [{"claim": c.title, "paper": c.paper, "ours": c.ours, "verdict": c.verdict, "rule": c.rule}
+            for c in claims if keys is None or c.key in keys]
+    return pd.DataFrame(rows)
 
 
 def analyse_and_render(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quiet: bool = True,
@@ -595,6 +657,8 @@ def analyse_and_render(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, expected a directory")
     tables = load_tables(run_dir, progress=not quiet)
+    if Path(run_dir).is_dir() and (Path(run_dir) / "manifest.json").is_file():
+        _write_cache(Path(run_dir), tables)  # notebooks on this run then load instantly
     written = write_tables(tables, out / "tables")
     written += render_all(tables, out, quiet=quiet)
     written.append(write_report(tables, out, setup=setup_from_run(run_dir), validation=validation))

@@ -1,0 +1,218 @@
+"""Build (and optionally execute) the notebooks in this folder from the cell lists below (nbformat v4).
+
+The notebooks only call the library and show its results: no maths, no plotting helpers, no ``sys.path``
+changes, no unseeded randomness. Their first code cell is tagged ``parameters`` and sets ``RUN_DIR``: the
+default run (``../runs/default``, relative to this folder), or ``$LORA_RUN_DIR`` when set (the tests point it at
+a tiny run).
+
+    python notebooks/build_notebooks.py             # write the five .ipynb files (unexecuted)
+    python notebooks/build_notebooks.py --execute   # write and execute them in place (figures embedded)
+
+``--execute`` is how the committed notebooks are produced once ``python -m lora_analysis.reproduce`` has
+trained the default run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
+
+PARAMETERS = """\
+import os
+
+# The run to analyse: the default run written by `python -m lora_analysis.reproduce` (relative to notebooks/),
+# or the directory in $LORA_RUN_DIR.
+RUN_DIR = os.environ.get("LORA_RUN_DIR", "../runs/default")
+"""
+
+SETUP = """\
+%matplotlib inline
+from lora_analysis import figures, report
+
+tables = report.load_tables(RUN_DIR, cache=True)  # analysed once per run, then read from RUN_DIR/analysis/
+"""
+
+
+def _nb(cells: list) -> nbformat.NotebookNode:
+    nb = new_notebook(cells=cells, metadata={"kernelspec": KERNEL, "language_info": {"name": "python"}})
+    return nb
+
+
+def _params(source: str = PARAMETERS):
+    return new_code_cell(source, metadata={"tags": ["parameters"]})
+
+
+def subspace_similarity() -> nbformat.NotebookNode:
+    return _nb([
+        new_markdown_cell(
+            "# Subspace similarity between LoRA updates (Section 7.2, Figures 3, 4, 6, 7)\n\n"
+            "For two adapters of the same weight, let $U_1$ hold the right singular vectors of $A_1$ "
+            "(shape $(d_{in}, r_1)$) and $U_2$ those of $A_2$. The paper's normalized subspace similarity is\n\n"
+            "$$\\phi(A_1, A_2, i, j) = \\frac{\\lVert U_1[:, :i]^\\top U_2[:, :j] \\rVert_F^2}{\\min(i, j)} \\in [0, 1],$$\n\n"
+            "1 when one top subspace contains the other, 0 when they are orthogonal. For two *random* subspaces "
+            "$E[\\phi(i, j)] = \\max(i, j) / d_{in}$: that is the baseline each figure is drawn beside.\n\n"
+            "With nested initialisation the start of $A_8$ is the first rows of the start of $A_{64}$, so part of a "
+            "rank-vs-rank similarity can come from the start; the initialisation control below separates it."),
+        _params(),
+        new_code_cell(SETUP),
+        new_markdown_cell("## Figure 3: a small rank against a large rank, same seed\n\n"
+                          "The paper: the top direction is shared ($\\phi > 0.5$), the others look like noise."),
+        new_code_cell('figures.draw("figure3", tables);'),
+        new_markdown_cell("## Figure 4: two seeds at the largest rank, beside two random Gaussian matrices\n\n"
+                          "The paper: $\\Delta W_q$ shares more directions across seeds than $\\Delta W_v$."),
+        new_code_cell('figures.draw("figure4", tables);'),
+        new_markdown_cell("## Figures 6 and 7: the same for the first, a middle and the last layer"),
+        new_code_cell('figures.draw("figure6", tables);'),
+        new_code_cell('figures.draw("figure7", tables);'),
+        new_markdown_cell("## Initialisation control: $\\phi$ on $A$, on $A - A_{init}$ and between the starts"),
+        new_code_cell('figures.draw("init_control", tables);'),
+        new_markdown_cell("## Footnote 7: the same on $B$'s left singular vectors"),
+        new_code_cell('figures.draw("figure3_B", tables);'),
+        new_markdown_cell("## The claims, measured (rules in `lora_analysis/report.py`)"),
+        new_code_cell('report.claims_table(tables, keys=["top", "noise", "intrinsic"])'),
+    ])
+
+
+def delta_w_vs_w() -> nbformat.NotebookNode:
+    return _nb([
+        new_markdown_cell(
+            "# How does $\\Delta W$ relate to $W$? (Section 7.3, Table 7; Appendix H.3, Figure 8)\n\n"
+            "Table 7 projects $W$ onto the $r$-dimensional subspace of $\\Delta W$: $\\lVert U^\\top W V "
+            "\\rVert_F$ with $U$, $V$ the top-$r$ left/right singular vectors of $\\Delta W$, beside the same for "
+            "$W$'s own top-$r$ directions and a random subspace. The amplification factor is "
+            "$\\lVert \\Delta W \\rVert_F / \\lVert U^\\top W V \\rVert_F$ (paper: 21.5 at $r=4$, about 1.9 at "
+            "$r=64$)."),
+        _params(),
+        new_code_cell(SETUP),
+        new_markdown_cell("## Table 7 (mean over seeds; every layer)"),
+        new_code_cell('figures.tabulate("table7", tables)'),
+        new_markdown_cell("## Amplification factor by layer"),
+        new_code_cell('figures.draw("table7_amplification", tables);'),
+        new_markdown_cell("## Figure 8: $W_q$'s top directions against $\\Delta W_q$'s\n\n"
+                          "The paper: the similarity 'barely exceeds 0.2'."),
+        new_code_cell('figures.draw("figure8", tables);'),
+        new_markdown_cell("## Beyond the paper: $\\Delta W$'s spectrum and effective rank"),
+        new_code_cell('figures.draw("spectra", tables);'),
+        new_markdown_cell("## The claims, measured"),
+        new_code_cell('report.claims_table(tables, keys=["amplification", "projection", "fig8"])'),
+    ])
+
+
+def rank_and_weight_types() -> nbformat.NotebookNode:
+    return _nb([
+        new_markdown_cell(
+            "# Which rank, which weights? (Section 7.1 Table 5, Section 7.2 Table 6)\n\n"
+            "Table 6: validation metric against $r$ for $\\{W_q, W_v\\}$ (the paper: flat from $r = 1$). "
+            "Table 5: one budget of trainable parameters spread over different weight types (the paper: "
+            "$\\{W_q, W_v\\}$ and all four are best). The dashed line is the frozen linear probe."),
+        _params(),
+        new_code_cell(SETUP),
+        new_markdown_cell("## Table 6"),
+        new_code_cell('figures.tabulate("table6", tables)'),
+        new_code_cell('figures.draw("table6", tables);'),
+        new_markdown_cell("## Table 5 (the budget run in `RUN_DIR/table5`)"),
+        new_code_cell('figures.tabulate("table5", tables)'),
+        new_code_cell('figures.draw("table5", tables);'),
+        new_markdown_cell("## The claims, measured"),
+        new_code_cell('report.claims_table(tables, keys=["flat", "table5"])'),
+    ])
+
+
+def your_own_adapters() -> nbformat.NotebookNode:
+    return _nb([
+        new_markdown_cell(
+            "# Analyse your own adapters\n\n"
+            "Point `ADAPTER_DIR` at any directory whose sub-directories are PEFT LoRA adapters "
+            "(`adapter_config.json` + `adapter_model.safetensors`, as `peft`'s `save_pretrained` writes them, or "
+            "a run of `python -m lora.train`). The base model is read from each adapter's "
+            "`base_model_name_or_path`. Every figure the adapters allow is drawn: two ranks at one seed give "
+            "Figure 3, two seeds at one rank give Figure 4, and so on; the rest say what is missing."),
+        _params(PARAMETERS + '\nADAPTER_DIR = os.environ.get("LORA_ADAPTER_DIR", RUN_DIR)\n'
+                             'OUT_DIR = os.environ.get("LORA_OUT_DIR", "../figures/your_adapters")\n'),
+        new_code_cell("%matplotlib inline\nfrom lora_analysis import figures, report\n\n"
+                      "tables = report.load_tables(ADAPTER_DIR)\n"
+                      "{name: len(table) for name, table in tables.items()}"),
+        new_code_cell('figures.draw("figure3", tables);'),
+        new_code_cell('figures.draw("figure4", tables);'),
+        new_code_cell('figures.draw("figure8", tables);'),
+        new_code_cell('figures.tabulate("table7", tables)'),
+        new_markdown_cell("## Every figure, the tables and REPORT.md, written to `OUT_DIR`"),
+        new_code_cell("written = figures.render_all(tables, OUT_DIR)\n"
+                      "report_path = report.write_report(tables, OUT_DIR, setup=report.setup_from_run(ADAPTER_DIR))\n"
+                      "report.claims_table(tables)"),
+    ])
+
+
+def planted_rank() -> nbformat.NotebookNode:
+    return _nb([
+        new_markdown_cell(
+            "# Ground truth: does the analysis recover a planted update?\n\n"
+            "A rank-$K$ update $\\Delta W^*$ is planted into one real all-MiniLM-L6-v2 weight, LoRA students of two "
+            "ranks and two seeds are trained on real chatterbot-corpus inputs to reproduce it, and the Section 7 "
+            "metrics must find $K$ again: $\\phi(i, i) \\approx 1$ for $i \\le K$ between ranks and seeds, then "
+            "falling to the random baseline (see `lora_analysis/validate.py`). Everything is seeded."),
+        _params(PARAMETERS + '\n# Students\' size: the quick test-suite size by default; the tests shrink it further.\n'
+                             'STEPS = int(os.environ.get("LORA_VALIDATE_STEPS", 200))\n'
+                             'TEXTS = int(os.environ.get("LORA_VALIDATE_TEXTS", 160))\n'),
+        new_code_cell("%matplotlib inline\nfrom lora_analysis import figures, validate\n\n"
+                      "cfg = validate.LayerConfig(ranks=(8, 16), steps=STEPS, texts=TEXTS)\n"
+                      "result = validate.validate_layer(cfg)\n"
+                      "print(validate.format_layer(result))"),
+        new_code_cell("figures.planted_rank(result);"),
+    ])
+
+
+NOTEBOOKS = {
+    "01_subspace_similarity.ipynb": subspace_similarity,
+    "02_delta_w_vs_w.ipynb": delta_w_vs_w,
+    "03_rank_and_weight_types.ipynb": rank_and_weight_types,
+    "04_your_own_adapters.ipynb": your_own_adapters,
+    "05_planted_rank.ipynb": planted_rank,
+}
+
+
+def build(out_dir: Path = HERE) -> list[Path]:
+    """Write every notebook (unexecuted) into ``out_dir``; returns the paths."""
+    from lora.fsio import write_text
+
+    paths = []
+    for name, make in NOTEBOOKS.items():
+        nb = make()
+        nbformat.validate(nb)
+        paths.append(write_text(out_dir / name, nbformat.writes(nb)))
+    return paths
+
+
+def execute(path: Path, *, timeout: int = 1800) -> None:
+    """Execute one notebook in place (working directory: its folder), atomically."""
+    from nbclient import NotebookClient
+
+    from lora.fsio import write_text
+
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    write_text(path, nbformat.writes(nb))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--execute", action="store_true",
+                        help="also execute each notebook in place against RUN_DIR (default run, or $LORA_RUN_DIR)")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder to write into (default: this folder)")
+    args = parser.parse_args(argv)
+    for path in build(args.out):
+        if args.execute:
+            execute(path)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
