@@ -1,0 +1,302 @@
+"""``python -m benchmarks [--quick] [--json FILE]``: every case side by side with its peer; rewrites BENCHMARKS.md.
+
+Each case alternates ours and its peer over several repetitions after a warm-up, in one process, and reports
+``ratio = ours / peer`` (medians; lower is better) with the min/median/max of each side and of the paired
+per-repetition ratios. See :mod:`benchmarks` for the case list.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from benchmarks.harness import CaseResult
+from lora.errors import ArgumentParser, UserError, run_cli
+from lora.fsio import write_json, write_text
+
+CASE_GROUPS = ("train_step", "merged_inference", "peak_memory", "svd_factored_vs_dense", "section7_7b_shaped",
+               "packed_sweep")
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseResult]]]]:
+    """The cases to run, as (group, thunk) pairs; ``quick`` shrinks repetitions and sizes to a few minutes."""
+    from benchmarks import cases_packed, cases_svd, cases_train, memory
+
+    if quick:
+        return [
+            ("train_step", lambda: cases_train.train_step_cases(ranks=(8, 64), reps=3, warmup=1)),
+            ("merged_inference", lambda: cases_train.inference_cases(reps=5, warmup=1, inner=2)),
+            ("peak_memory", lambda: memory.memory_cases(ranks=(8,), threads=threads)),
+            ("svd_factored_vs_dense", lambda: [cases_svd.svd_case(1024, 1024, 8, reps=5)]),
+            ("section7_7b_shaped", lambda: [cases_svd.section7_case(n_layers=2, check_exact=False)]),
+            ("packed_sweep", lambda: cases_packed.packed_cases(ranks=(8, 64), seeds=(0, 1), reps=2)),
+        ]
+    return [
+        ("train_step", lambda: cases_train.train_step_cases(ranks=(8, 64), reps=9, warmup=2)),
+        ("merged_inference", lambda: cases_train.inference_cases(reps=11, warmup=2, inner=3)),
+        ("peak_memory", lambda: memory.memory_cases(ranks=(8, 64), threads=threads)),
+        ("svd_factored_vs_dense", lambda: [
+            cases_svd.svd_case(1024, 1024, 8, reps=9, dense_reps=3),
+            cases_svd.svd_case(4096, 4096, 64, reps=9, dense_reps=1),
+            cases_svd.svd_case(4096, 11008, 64, reps=9, dense_reps=1),
+        ]),
+        ("section7_7b_shaped", lambda: [cases_svd.section7_case()]),
+        ("packed_sweep", lambda: cases_packed.packed_cases(reps=3)
+         + cases_packed.packed_cases(batch=8, reps=3)),
+    ]
+
+
+def _fmt(x: float, unit: str) -> str:
+    if unit != "s":
+        return f"{x:.0f} {unit}"
+    if x >= 1:
+        return f"{x:.2f} s"
+    if x >= 1e-3:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x * 1e6:.0f} µs"
+
+
+def _verdict(c: CaseResult) -> str:
+    if c.met is None:
+        return "-"
+    return "met" if c.met else "**not met**"
+
+
+def _speed(c: CaseResult) -> str:
+    return f"{c.ratio:.3f}" if c.ratio >= 0.05 else f"{c.ratio:.2e} ({1 / c.ratio:,.0f}x faster)"
+
+
+def table(results: Sequence[CaseResult]) -> str:
+    """A Markdown table: one row per case with medians, min–max of each side, the ratio and the goal."""
+    head = ("| case | ours (median, min–max) | peer (median, min–max) | ratio ours/peer | paired ratio min–max "
+            "| goal | verdict |\n|---|---|---|---|---|---|---|\n")
+    rows = []
+    for c in results:
+        pr = c.paired_ratios or [c.ratio]
+        o_lo, o_hi = min(c.ours_runs, default=c.ours), max(c.ours_runs, default=c.ours)
+        p_lo, p_hi = min(c.peer_runs, default=c.peer), max(c.peer_runs, default=c.peer)
+        rows.append(
+            f"| `{c.name}` | {_fmt(c.ours, c.unit)} ({_fmt(o_lo, c.unit)}–{_fmt(o_hi, c.unit)}) "
+            f"| {_fmt(c.peer, c.unit)} ({_fmt(p_lo, c.unit)}–{_fmt(p_hi, c.unit)}) | {_speed(c)} "
+            f"| {min(pr):.3g}–{max(pr):.3g} | {c.goal or '-'} | {_verdict(c)} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def _by_prefix(results: Sequence[CaseResult], prefix: str) -> list[CaseResult]:
+    return [c for c in results if c.name.startswith(prefix)]
+
+
+def headline(results: Sequence[CaseResult]) -> list[str]:
+    """A few quotable sentences, built only from the measured results present."""
+    lines = []
+    peft = _by_prefix(results, "train_step_vs_peft")
+    floor = _by_prefix(results, "train_step_vs_frozen_base")
+    if peft:
+        lines.append("One LoRA training step on all-MiniLM-L6-v2 (q, v; batch 32 × 32 tokens) takes "
+                     + ", ".join(f"{c.ratio:.2f}× peft's time at {c.name.split('[')[1][:-1]}" for c in peft)
+                     + (" and " + ", ".join(f"{c.ratio:.2f}× the frozen-base floor at {c.name.split('[')[1][:-1]}"
+                                            for c in floor) if floor else "") + ".")
+    mem = _by_prefix(results, "peak_memory")
+    if mem:
+        lines.append("Peak memory of that step: " + ", ".join(
+            f"{c.ours:.0f} MiB vs peft's {c.peer:.0f} MiB at {c.name.split('[')[1][:-1]}" for c in mem)
+            + f" (full fine-tuning: {mem[0].extra.get('full_ft_step_peak_mib', float('nan')):.0f} MiB).")
+    inf = _by_prefix(results, "merged_inference_vs_base")
+    if inf:
+        lines.append(f"A merged adapter runs inference at {inf[0].ratio:.3f}× the untouched base model's time.")
+    svd = [c for c in _by_prefix(results, "svd_factored_vs_dense") if "4096x4096" in c.name] or \
+        _by_prefix(results, "svd_factored_vs_dense")
+    if svd:
+        c = svd[-1]
+        lines.append(f"The factored SVD of ΔW is {1 / c.ratio:,.0f}× faster than a dense SVD at "
+                     f"{c.name.split('[')[1][:-1]} (max singular-value error {c.extra.get('sv_rel_err', 0):.0e} "
+                     f"relative to σ₁).")
+    s7 = _by_prefix(results, "section7_7b_shaped")
+    if s7:
+        c = s7[0]
+        lines.append(f"The full Section 7 analysis of a 7B-shaped adapter set ({c.name}) took {c.ours:.0f} s "
+                     f"with a peak RSS of {c.extra.get('peak_rss_mib', float('nan')):.0f} MiB.")
+    packed = _by_prefix(results, "packed_sweep")
+    if packed:
+        lines.append("Packed training of a sweep grid: " + ", ".join(
+            f"{1 / c.ratio:.2f}× the speed of {c.peer_name} ({c.name.split('[')[1][:-1]})" for c in packed) + ".")
+    return lines
+
+
+def _machine() -> dict[str, str]:
+    import torch
+
+    from benchmarks.workload import versions
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    info.update(versions())
+    return info
+
+
+def _load() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "n/a"
+
+
+def render(results: Sequence[CaseResult], *, machine: dict[str, str], started: str, load_start: str, load_end: str,
+           command: str, wall_s: float) -> str:
+    """BENCHMARKS.md: machine, versions, date, the table, every case's notes, and the headline summary."""
+    missed = [c for c in results if c.met is False]
+    out = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{command}` on {started} in {wall_s / 60:.1f} min. Do not edit by hand: rerun the command.",
+        "",
+        "Every case times ours and a peer alternately in one process (warm-up first, the order flipping each "
+        "repetition), so noise from other processes hits both sides alike. `ratio = ours / peer` of the medians; "
+        "lower is better. The paired ratio is `ours_i / peer_i` of each repetition: its spread shows the noise.",
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in machine.items()],
+        f"- load average (1/5/15 min) at start: {load_start}; at end: {load_end} (a shared machine: other jobs "
+        "were running, which is why every figure is a ratio against a peer measured interleaved)",
+        "",
+        "## Headline",
+        "",
+        *[f"- {line}" for line in headline(results)],
+        "",
+        "## Results",
+        "",
+        table(results),
+        "## Goals not met",
+        "",
+        *([f"- `{c.name}`: goal {c.goal}, measured ratio {c.ratio:.3f}"
+           + (f" (speed-up {1 / c.ratio:.2f}x)" if "speed-up" in c.goal else "") for c in missed]
+          or ["- none"]),
+        "",
+        "## Notes per case",
+        "",
+        *[f"- `{c.name}` (peer: {c.peer_name}): {c.notes}" for c in results],
+        "",
+        "## Method",
+        "",
+        "- Training step: forward, backward and AdamW (torch default, foreach) on the same batch of 32 chatterbot-"
+        "corpus utterances padded to 32 tokens; loss = cross-entropy of a frozen random head on the masked mean "
+        "of the last hidden state, identical in every variant. LoRA on q and v (`query`, `value`), alpha = r, "
+        "dropout 0. The frozen-base floor runs the same forward and backward with no adapter, no trainable "
+        "parameter and no optimizer (the embedding output requires grad so the backward reaches layer 0).",
+        "- Inference: eval mode, `torch.inference_mode`, same batch; merged = ΔW folded into W0 by `merge_lora`.",
+        "- Memory: see `benchmarks/memory.py` (fresh process per variant, kernel peak-RSS counter reset after "
+        "loading, peak during 3 steps minus RSS before them).",
+        "- SVD: float64 on both sides; the dense route includes forming ΔW.",
+        "- Section 7 at 7B shape: see `benchmarks/cases_svd.py::section7_case` (synthetic seeded W with a spiked "
+        "spectrum, PEFT-layout adapters loaded by the analysis loader, W's top-64 by subspace iteration shared "
+        "across ranks and seeds, error measured against a dense SVD).",
+        "- Packed sweep: see `benchmarks/cases_packed.py` and `lora/packed.py`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repetitions and smaller sizes (a few minutes; skips the 4096-wide dense SVDs and "
+                        "the dense accuracy check of the 7B-shaped case)")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write {'cases': {name: {ours_s, peer_s, ratio, peer, ...}}} to FILE (memory cases "
+                        "carry ours_mib/peer_mib instead of ours_s/peer_s)")
+    p.add_argument("--out", metavar="FILE", default="BENCHMARKS.md",
+                   help="the Markdown report to rewrite (default: BENCHMARKS.md in the current directory)")
+    p.add_argument("--no-report", action="store_true", help="do not rewrite the Markdown report")
+    p.add_argument("--cases", nargs="+", metavar="GROUP", default=None,
+                   help=f"run only these case groups (default: all): {', '.join(CASE_GROUPS)}")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch intra-op threads (default: min(2, cores): the machine the reference figures come "
+                        "from has 2 cores)")
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        raise UserError(f"--threads: must be >= 1, got {args.threads}")
+    unknown = [g for g in args.cases or () if g not in CASE_GROUPS]
+    if unknown:
+        raise UserError(f"--cases: unknown group {unknown[0]!r}; choose from {', '.join(CASE_GROUPS)}")
+    for opt, path in (("--json", args.json), ("--out", None if args.no_report else args.out)):
+        if path is not None and Path(path).is_dir():
+            raise UserError(f"{opt} {path}: is a directory; expected a file path")
+    _quiet()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_start = _load()
+    t0 = time.perf_counter()
+    results: list[CaseResult] = []
+    for group, thunk in plan(args.quick, args.threads):
+        if args.cases and group not in args.cases:
+            continue
+        t1 = time.perf_counter()
+        got = thunk()
+        results.extend(got)
+        for c in got:
+            print(f"{c.name:<48} ours {_fmt(c.ours, c.unit):>10}  peer {_fmt(c.peer, c.unit):>10}  "
+                  f"ratio {c.ratio:8.4g}  {c.goal or ''} {'' if c.met is None else ('met' if c.met else 'NOT MET')}",
+                  flush=True)
+        print(f"  [{group}: {time.perf_counter() - t1:.0f} s]", file=sys.stderr, flush=True)
+    wall = time.perf_counter() - t0
+    print()
+    print(table(results))
+    for line in headline(results):
+        print("-", line)
+    if args.json:
+        write_json(args.json, {"cases": {c.name: c.to_json() for c in results},
+                               "machine": _machine(), "date": started, "quick": bool(args.quick)})
+    if not args.no_report:
+        command = "python -m benchmarks" + (" --quick" if args.quick else "") + \
+            (f" --cases {' '.join(args.cases)}" if args.cases else "")
+        write_text(args.out, render(results, machine=_machine(), started=started, load_start=load_start,
+                                    load_end=_load(), command=command, wall_s=wall))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,76 @@
+"""benchmarks: the interleaving harness, one tiny real case end to end (JSON schema, ratio = ours/peer), bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.harness import compare, interleave, result_from_runs
+
+
+def test_interleave_alternates_order_after_warmup():
+    calls: list[str] = []
+    t = interleave(lambda: calls.append("o"), lambda: calls.append("p"), reps=4, warmup=1)
+    assert len(t.ours) == len(t.peer) == 4
+    # warm-up (o, p), then o p | p o | o p | p o: the order flips every repetition
+    assert "".join(calls) == "op" + "op" + "po" + "op" + "po"
+    with pytest.raises(ValueError, match="reps"):
+        interleave(lambda: None, lambda: None, reps=0)
+
+
+def test_result_ratio_and_goals():
+    r = result_from_runs("x", [2.0, 4.0, 3.0], [1.0, 2.0, 2.0], peer_name="peer 1.0", goal_max=1.0)
+    assert r.ours == 3.0 and r.peer == 2.0 and r.ratio == 1.5 and r.met is False
+    j = r.to_json()
+    assert j["ours_s"] == 3.0 and j["peer_s"] == 2.0 and j["ratio"] == 1.5
+    assert (j["paired_ratio_min"], j["paired_ratio_max"]) == (1.5, 2.0)
+    s = result_from_runs("y", [1.0], [4.0], peer_name="p", goal_min_speedup=3.0)
+    assert s.met is True and s.goal == "speed-up >= 3x"
+    m = result_from_runs("z", [10.0], [20.0], peer_name="p", unit="MiB")
+    assert m.to_json()["ours_mib"] == 10.0 and "ours_s" not in m.to_json()
+    c = compare("c", lambda: None, lambda: sum(range(1000)), peer_name="p", reps=3)
+    assert len(c.ours_runs) == 3 and c.ratio > 0
+
+
+def test_cli_runs_one_real_case(tmp_path, capsys):
+    out_json, out_md = tmp_path / "b.json", tmp_path / "B.md"
+    rc = main(["--quick", "--cases", "svd_factored_vs_dense", "--json", str(out_json), "--out", str(out_md),
+               "--threads", "1"])
+    assert rc == 0
+    data = json.loads(out_json.read_text())
+    assert set(data) >= {"cases", "machine", "date"}
+    assert list(data["cases"]) == ["svd_factored_vs_dense[1024x1024,r=8]"]
+    for case in data["cases"].values():
+        assert {"ours_s", "peer_s", "ratio", "peer"} <= set(case)
+        assert isinstance(case["peer"], str) and "torch" in case["peer"]
+        assert math.isclose(case["ratio"], case["ours_s"] / case["peer_s"], rel_tol=1e-12)
+        assert case["ours_min"] <= case["ours_s"] <= case["ours_max"]
+        assert case["sv_rel_err"] < 1e-10  # the factored SVD is exact, not an approximation
+    md = out_md.read_text()
+    assert "## Machine" in md and "svd_factored_vs_dense[1024x1024,r=8]" in md and "## Headline" in md
+    assert "svd_factored_vs_dense" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--cases", "nope"], "--cases"),
+    (["--threads", "0"], "--threads"),
+    (["--quick", "--bogus"], "unrecognized"),
+])
+def test_cli_bad_input(argv, needle, tmp_path, capsys):
+    with pytest.raises(SystemExit) if "--bogus" in argv else _nullcontext():
+        rc = main(argv + ["--out", str(tmp_path / "B.md")])
+        assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "B.md").exists()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
