@@ -137,7 +137,8 @@ def your_own_adapters() -> nbformat.NotebookNode:
         _params(PARAMETERS + '\nADAPTER_DIR = os.environ.get("LORA_ADAPTER_DIR", RUN_DIR)\n'
                              'OUT_DIR = os.environ.get("LORA_OUT_DIR", "../figures/your_adapters")\n'),
         new_code_cell("%matplotlib inline\nfrom lora_analysis import figures, report\n\n"
-                      "tables = report.load_tables(ADAPTER_DIR)\n"
+                      "# cache the analysis only in our own run directories, never in someone else's adapters\n"
+                      "tables = report.load_tables(ADAPTER_DIR, cache=ADAPTER_DIR == RUN_DIR)\n"
                       "{name: len(table) for name, table in tables.items()}"),
         new_code_cell('figures.draw("figure3", tables);'),
         new_code_cell('figures.draw("figure4", tables);'),
