@@ -610,7 +610,8 @@ def ensure_default_run(
              "seeds": sorted(set(base.seeds) | {s for _, s in needed})},
             source="default run config",
         )
-    prep = trainer.prepare(cfg)
+    with _quiet_transformers():
+        prep = trainer.prepare(cfg)
     points = trainer.grid_points(cfg, model=prep.template)
     by_key = {(p.rank, p.seed): p for p in points if _canon_set(p.weight_set) == "q,v"}
     absent = [k for k in needed if k not in by_key]
@@ -634,7 +635,7 @@ def ensure_default_run(
         file=sys.stderr,
     )
     for p in tqdm(todo, desc="training default adapters", disable=not progress, dynamic_ncols=True):
-        trainer.train_point(cfg, p, root, progress=False)
+        trainer.train_point(cfg, p, root, progress=progress)  # an inner bar shows the optimizer steps
     current = _read_json(manifest_path)
     trainer.write_summary(root, points, current.get("linear_probe", {}) if isinstance(current, dict) else {})
     return root
