@@ -308,6 +308,9 @@ class RunIndex:
             raise UserError(f"{self.root}: no adapter with rank {rank} (weight set {ws}); available ranks: "
                             f"{', '.join(map(str, self.ranks(ws)))}")
         hits = self.find(rank=rank, seed=seed, weight_set=ws)
+        unseeded = [e for e in self.find(rank=rank, weight_set=ws) if e.seed is None]
+        if not hits and len(unseeded) == 1 and not self.seeds(ws, rank):
+            return unseeded[0]  # e.g. a peft adapter: it records no seed, and it is the only one at this rank
         if not hits:
             raise UserError(f"{self.root}: no adapter with seed {seed} at rank {rank} (weight set {ws}); available "
                             f"seeds: {', '.join(map(str, self.seeds(ws, rank)))}")

@@ -177,6 +177,9 @@ def test_real_peft_adapter(tiny_run, tmp_path):
     # W0 comes from the recorded base directory and matches the unadapted weight
     W = BaseWeights().weights(a)["encoder.layer.1.attention.self.value"]
     torch.testing.assert_close(W, lora_layer.base_layer.weight.detach().double())
+    # in a run directory the unseeded peft adapter is the one at its rank, whatever seed is asked for
+    shutil.copytree(tmp_path / "peft", tmp_path / "peft_run" / "lora4")
+    assert index_run(tmp_path / "peft_run").select(rank=4, seed=0).name == "lora4"
 
 
 def test_gpt2_fused_qkv_splits_into_q_and_v(tmp_path):
