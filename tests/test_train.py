@@ -1,0 +1,264 @@
+"""lora.train: the grid, one adapter per point (PEFT layout, loads in real peft), determinism, resume after
+kill -9, two torchrun processes, and bad configs that exit 2 before training.
+
+Most tests train a tiny randomly initialised BERT (d=32) that uses the real MiniLM tokenizer on the real
+embedded chatterbot task, a few steps per point; one test trains the real MiniLM for a few steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora.config import TrainConfig
+from lora.train import GridPoint, grid_points, lora_params_per_rank, main, prepare, run_sweep, train_point
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--steps", "4", "--batch-size", "8", "--max-length", "12", "--quiet", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory, minilm_path):
+    """A 2-layer d=32 BERT with the real MiniLM tokenizer, saved like any local model directory."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    d = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(cfg).save_pretrained(d)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise comparisons need the same thread count as the CLI runs (--threads 1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_cfg(model_dir, **kw) -> TrainConfig:
+    base = dict(model=model_dir, steps=4, batch_size=8, max_length=12, ranks=(2, 4), seeds=(0,))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in ("adapter_model.safetensors", "init.safetensors"):
+            for k, v in load_file(d / f).items():
+                out[f"{d.name}/{f}/{k}"] = v
+    return out
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _snapshot(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()}
+
+
+def test_grid_names_and_table5_budget(minilm_path):
+    cfg = TrainConfig(targets=("q,v", "q"), ranks=(1, 8), seeds=(0, 2))
+    names = [p.name for p in grid_points(cfg)]
+    assert names == ["qv_r1_s0", "qv_r1_s2", "qv_r8_s0", "qv_r8_s2", "q_r1_s0", "q_r1_s2", "q_r8_s0", "q_r8_s2"]
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm_path)  # the real MiniLM: q, k, v, o are all 384 x 384 in 6 layers
+    budget = 8 * lora_params_per_rank(model, "q")
+    ranks = {p.weight_set: p.rank for p in grid_points(TrainConfig(budget=budget, seeds=(0,)), model=model)}
+    assert ranks == {"q": 8, "k": 8, "v": 8, "o": 8, "q,k": 4, "q,v": 4, "q,k,v,o": 2}  # the paper's Table 5
+
+
+def test_sweep_writes_adapters_manifest_summary_and_resumes(tiny_bert_dir, tmp_path, one_thread):
+    cfg = _tiny_cfg(tiny_bert_dir)
+    res = run_sweep(cfg, tmp_path / "run", progress=False)
+    assert res.trained == ("qv_r2_s0", "qv_r4_s0")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"] == cfg.to_dict() and manifest["base_fingerprint"].startswith("sha256:")
+    assert [g["name"] for g in manifest["grid"]] == list(res.trained)
+    assert 0.0 <= manifest["linear_probe"]["val_metric"] <= 1.0
+    rows = (tmp_path / "run" / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("name,weight_set,targets,rank,seed,alpha") and len(rows) == 3
+    for name, r in (("qv_r2_s0", 2), ("qv_r4_s0", 4)):
+        d = tmp_path / "run" / name
+        adapter_cfg = json.loads((d / "adapter_config.json").read_text())
+        assert adapter_cfg["r"] == r and adapter_cfg["peft_type"] == "LORA"
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["steps"] == 4 and len(metrics["train_loss"]) == 4
+        assert metrics["lora_params"] == 2 * 2 * r * (32 + 32)  # 2 layers x {q, v} x r (d_in + d_out)
+    # Nested draws: A_2's start is the first 2 rows of A_4's, module by module.
+    init2 = load_file(tmp_path / "run" / "qv_r2_s0" / "init.safetensors")
+    init4 = load_file(tmp_path / "run" / "qv_r4_s0" / "init.safetensors")
+    assert init2.keys() == init4.keys() and len(init2) == 4
+    assert all(torch.equal(init2[k], init4[k][:2]) for k in init2)
+    again = run_sweep(cfg, tmp_path / "run", progress=False)
+    assert again.trained == () and set(again.skipped) == set(res.trained)
+
+
+def test_point_is_bitwise_reproducible_and_independent_of_the_grid(tiny_bert_dir, tmp_path, one_thread):
+    point = GridPoint("q,v", 4, 1, 4.0)
+    cfg_alone = _tiny_cfg(tiny_bert_dir, ranks=(4,), seeds=(1,), linear_probe=False)
+    train_point(cfg_alone, point, tmp_path / "a")
+    # The same point inside a bigger grid, listed in another order, with another weight set before it.
+    cfg_grid = _tiny_cfg(tiny_bert_dir, targets=("q", "q,v"), ranks=(4, 2), seeds=(2, 1), linear_probe=False)
+    run_sweep(cfg_grid, tmp_path / "b", progress=False)
+    a = load_file(tmp_path / "a" / point.name / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / point.name / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = load_file(tmp_path / "b" / "qv_r4_s2" / "adapter_model.safetensors")
+    assert not all(torch.equal(a[k], other[k]) for k in a)  # another seed really differs
+
+
+def test_adapter_loads_in_real_peft_with_the_same_predictions(minilm_path, tmp_path, one_thread):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    from lora.data import eval_batches
+
+    cfg = TrainConfig(steps=3, batch_size=16, max_length=16, ranks=(2,), seeds=(0,), linear_probe=False)
+    path = train_point(cfg, grid_points(cfg)[0], tmp_path)
+    metrics = json.loads((path / "metrics.json").read_text())
+    prep = prepare(cfg)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=prep.task.num_labels)
+    model = peft.PeftModel.from_pretrained(base, str(path)).eval()
+    correct = 0
+    loss = 0.0
+    with torch.no_grad():
+        for batch in eval_batches(prep.val, batch_size=64, pad_id=prep.pad_id):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            correct += int((logits.argmax(-1) == batch.labels).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
+    # Same head, same pooler, same LoRA factors: PEFT reproduces the trainer's own validation numbers.
+    assert correct / len(prep.val) == metrics["val_metric"]
+    assert loss / len(prep.val) == pytest.approx(metrics["val_loss"], rel=1e-5)
+
+
+def test_causal_lm_on_tiny_gpt2_adapts_fused_q_and_v(tmp_path, minilm_path, one_thread):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)  # a real vocabulary for the tiny GPT-2 (vocab sizes match)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(tok), n_positions=64)).save_pretrained(
+        model_dir)
+    tok.save_pretrained(model_dir)
+    rows = [{"prompt": f"name[cafe {i}] food[{f}]", "completion": f"cafe {i} serves {f} food."}
+            for i, f in enumerate(["french", "thai", "indian", "greek", "italian"] * 4)]
+    data = tmp_path / "e2e.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(model=str(model_dir), task=str(data), ranks=(2,), seeds=(0,), steps=3, batch_size=4,
+                      max_length=24, linear_probe=False)
+    path = train_point(cfg, grid_points(cfg)[0], tmp_path / "run")
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["metric"] == "loss" and 0 < metrics["val_metric"] < 20
+    init = load_file(path / "init.safetensors")
+    assert sorted(init) == [f"transformer.h.{i}.attn.c_attn:{s}" for i in range(2) for s in ("q", "v")]
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["fan_in_fan_out"] is True
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_files(tiny_bert_dir, tmp_path):
+    args = ["--model", tiny_bert_dir, "--ranks", "1", "2", "4", "--seeds", "0", "1", "--steps", "30",
+            "--batch-size", "8", "--max-length", "12", "--quiet", "--threads", "1", "--no-linear-probe"]
+    cmd = [sys.executable, "-m", "lora.train", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], cwd=REPO, env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (killed / "qv_r1_s0").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # land somewhere inside a later point's training or saving
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [p for p in killed.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert 1 <= len(finished) < 6, "the kill should land mid-sweep"
+    for d in finished:  # whatever exists is complete
+        assert {"adapter_config.json", "adapter_model.safetensors", "init.safetensors", "metrics.json"} <= {
+            p.name for p in d.iterdir()}
+    subprocess.run([*cmd, "--out", str(killed)], cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run([*cmd, "--out", str(tmp_path / "clean")], cwd=REPO, env=env, check=True, capture_output=True)
+    _assert_same_tensors(_tensors(killed), _tensors(tmp_path / "clean"))
+    assert not list(killed.glob(".*tmp*"))  # stale temporaries cleaned up
+    assert (killed / "summary.csv").read_text().count("\n") == 7
+
+
+def test_two_torchrun_processes_give_the_single_process_adapters(tiny_bert_dir, tmp_path):
+    args = ["-m", "lora.train", "--model", tiny_bert_dir, "--ranks", "1", "2", "--seeds", "0", "1", *TINY]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    dist = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert dist.returncode == 0, dist.stderr[-2000:]
+    _assert_same_tensors(_tensors(tmp_path / "one"), _tensors(tmp_path / "two"))
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert one["linear_probe"]["val_metric"] == two["linear_probe"]["val_metric"]
+    assert (tmp_path / "two" / "summary.csv").read_text().count("\n") == 5
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--ranks", "0"], "--ranks"),
+        (["--ranks", "33"], "--ranks"),  # above the tiny model's width (32)
+        (["--targets", "q,zz"], "--targets"),
+        (["--task", "missing.jsonl"], "--task"),
+        (["--lr", "-1"], "--lr"),
+        (["--steps", "2"], "--out"),  # a different config than the one in the existing run dir
+        (["--bogus"], "unrecognized"),
+    ],
+)
+def test_bad_configs_exit_2_with_one_line_and_leave_the_run_dir(tiny_bert_dir, tmp_path, capsys, extra, needle,
+                                                                 one_thread):
+    out = tmp_path / "run"
+    base = ["--model", tiny_bert_dir, "--ranks", "1", "--seeds", "0", "--no-linear-probe", *TINY, "--out", str(out)]
+    assert main(base) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    argv = [*base, *extra]
+    if extra[0] in ("--ranks", "--steps"):
+        argv = [a for i, a in enumerate(argv) if not (a == extra[0] and i < len(base))]
+        argv = _drop_value_of_first(base, extra[0]) + extra
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors exit from inside parse_args
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert _snapshot(out) == before
+
+
+def _drop_value_of_first(argv: list[str], flag: str) -> list[str]:
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]
+
+
+def test_unloadable_model_exits_2(tmp_path, capsys):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    assert main(["--model", str(empty), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model" in err
+    assert not (tmp_path / "run").exists()
