@@ -220,6 +220,7 @@ def pack_lora(
     layers: Sequence[int] | None = None,
     init_seed_per_rank: bool = False,
     modules_to_save: Sequence[str] = (),
+    init_copy: Callable[[int, str, nn.Module], None] | None = None,
 ) -> dict[str, _Routed]:
     """Replace each target ``nn.Linear`` of ``model`` by a :class:`PackedLoRALinear` holding ``specs``, and each
     ``modules_to_save`` module by :class:`PackedCopies`; freeze everything else.
@@ -227,6 +228,9 @@ def pack_lora(
     Adapter ``k``'s ``A`` starts exactly where :func:`lora.inject.inject_lora` with ``r=specs[k].r`` and
     ``seed=specs[k].seed`` would start it (same per-module generator), so packed and sequential training begin
     from the same point. Fused GPT-2 ``Conv1D`` slices and embeddings are not packed (``UserError``).
+
+    ``init_copy(k, path, module)``, if given, re-initialises adapter ``k``'s copy of a saved module in place
+    (e.g. a task head drawn from adapter ``k``'s seed, as a sequential run would draw it).
 
     Returns:
         ``{module path: packed module}``.
@@ -252,6 +256,9 @@ def pack_lora(
             raise UserError(f"--modules-to-save: {name!r} matches no module of {type(model).__name__}")
         for path in hits:
             packed = PackedCopies(model.get_submodule(path), len(specs))
+            if init_copy is not None:
+                for k, m in enumerate(packed.copies):
+                    init_copy(k, path, m)
             packed.requires_grad_(True)
             _set_submodule(model, path, packed)
             out[path] = packed
@@ -329,6 +336,7 @@ def train_packed(
     lr_lambda: Callable[[int], float] | None = None,
     pad_id: int = 0,
     loss: Callable[[nn.Module, object, tuple[int, ...]], Tensor] | None = None,
+    init_copy: Callable[[int, str, nn.Module], None] | None = None,
 ) -> PackedResult:
     """Train ``len(specs)`` adapters on ``model`` in one packed forward/backward per step.
 
@@ -337,7 +345,8 @@ def train_packed(
         specs: the adapters.
         batches: per step, a sequence of K batches (batch ``k`` feeds adapter ``k``; the same data order a
             sequential run of adapter ``k`` would see).
-        targets, dropout, init, use_rslora, layers, init_seed_per_rank, modules_to_save: as :func:`pack_lora`.
+        targets, dropout, init, use_rslora, layers, init_seed_per_rank, modules_to_save, init_copy: as
+            :func:`pack_lora`.
         kind: ``"classification"`` (model returns ``logits (N, C)``) or ``"causal_lm"``.
         lr, weight_decay: AdamW settings; one parameter group per adapter (``AdapterSpec.lr`` overrides ``lr``).
         lr_lambda: optional multiplier schedule per step (``torch.optim.lr_scheduler.LambdaLR``).
@@ -349,7 +358,7 @@ def train_packed(
     """
     specs = tuple(specs)
     pack_lora(model, targets, specs, dropout=dropout, init=init, use_rslora=use_rslora, layers=layers,
-              init_seed_per_rank=init_seed_per_rank, modules_to_save=modules_to_save)
+              init_seed_per_rank=init_seed_per_rank, modules_to_save=modules_to_save, init_copy=init_copy)
     groups = [{"params": adapter_parameters(model, k), "lr": s.lr if s.lr is not None else lr}
               for k, s in enumerate(specs)]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=False)

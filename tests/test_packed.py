@@ -57,8 +57,16 @@ def _batches(steps: int, k: int) -> list[list[_Batch]]:
     return out
 
 
+def _head_init(seed: int, head: nn.Module) -> None:
+    """A task head drawn from the adapter's seed (as the trainer does), so the K heads start differently."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g, dtype=torch.float64) * 0.02)
+
+
 def _train_sequential(base: nn.Module, spec: AdapterSpec, batches: list[_Batch], *, lr: float) -> nn.Module:
     model = copy.deepcopy(base)
+    _head_init(spec.seed, model.classifier)
     inject_lora(model, ["q", "v"], r=spec.r, alpha=spec.alpha, seed=spec.seed)
     mark_only_lora_trainable(model, modules_to_save=["classifier"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01, foreach=False)
@@ -79,7 +87,8 @@ def test_packed_training_equals_sequential(tiny_cls):
     tiny_cls.double()
     batches = _batches(steps, len(SPECS))
     base = copy.deepcopy(tiny_cls)
-    result = train_packed(tiny_cls, SPECS, batches, targets=["q", "v"], lr=lr, weight_decay=0.01, modules_to_save=["classifier"])
+    result = train_packed(tiny_cls, SPECS, batches, targets=["q", "v"], lr=lr, weight_decay=0.01,
+                          modules_to_save=["classifier"], init_copy=lambda k, path, m: _head_init(SPECS[k].seed, m))
     assert len(result.losses) == steps and all(len(row) == len(SPECS) for row in result.losses)
     for k, spec in enumerate(SPECS):
         seq = _train_sequential(base, spec, [row[k] for row in batches], lr=lr)
