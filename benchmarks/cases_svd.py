@@ -264,7 +264,10 @@ def section7_case(
                   f"Table 7 'W' column rel. error "
                   f"{abs(w_approx - w_exact) / w_exact:.1e}; one dense SVD took {t_exact:.1f} s "
                   f"(x{2 * n_layers} = {t_exact * 2 * n_layers:.0f} s for all W, extrapolated)")
+    full = (n_layers, d) == (32, 4096)
+    # a reduced run (--quick) is named as such and claims no goal: the goal is for the full 7B shape
+    name = "section7_7b_shaped" if full else f"section7_7b_shaped[reduced: {n_layers} layers, d={d}]"
     return result_from_runs(
-        "section7_7b_shaped", [wall], [budget_s], peer_name=f"goal budget {budget_s:g} s (no other tool computes this)",
-        goal_max=1.0, notes=notes, extra=extra,
+        name, [wall], [budget_s], peer_name=f"goal budget {budget_s:g} s (no other tool computes this)",
+        goal_max=1.0 if full else None, notes=notes, extra=extra,
     )
