@@ -202,7 +202,9 @@ def _load_model(cfg: TrainConfig, task: TaskData) -> tuple[nn.Module, Any, str, 
 
     path, base_name = resolve_model_path(cfg.model)
     verbosity = hf_logging.get_verbosity()
+    bar_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected: we train that head
+    hf_logging.disable_progress_bar()  # no per-tensor "Loading weights" bar between the trainer's bars
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if task.kind == "classification":
@@ -217,6 +219,8 @@ def _load_model(cfg: TrainConfig, task: TaskData) -> tuple[nn.Module, Any, str, 
         raise UserError(f"--model {cfg.model}: cannot load (offline, or not a model directory?): {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bar_enabled:
+            hf_logging.enable_progress_bar()
     model.float()
     if tokenizer.pad_token_id is None:  # GPT-2 has no pad token: pad with eos (masked out anyway)
         tokenizer.pad_token = tokenizer.eos_token
