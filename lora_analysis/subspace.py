@@ -477,6 +477,7 @@ def _cli_plot(results: dict[str, dict], path, *, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
     import seaborn as sns
 
     from lora.fsio import atomic_path
@@ -487,12 +488,14 @@ def _cli_plot(results: dict[str, dict], path, *, title: str) -> None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 1, 2.8 * nrows), squeeze=False,
                              layout="constrained")
     for ax, key in zip(axes.ravel(), keys, strict=False):
-        grid = results[key]["phi"].numpy()
+        phi = results[key]["phi"].numpy()
+        grid = pd.DataFrame(phi, index=range(1, phi.shape[0] + 1), columns=range(1, phi.shape[1] + 1))  # 1-based i, j
         sns.heatmap(grid, ax=ax, vmin=0.0, vmax=1.0, cmap="viridis", cbar=False,
                     xticklabels=max(1, grid.shape[1] // 8), yticklabels=max(1, grid.shape[0] // 8))
         ax.set_title(key if len(key) < 40 else "…" + key[-39:], fontsize=8)
         ax.set_xlabel("j")
         ax.set_ylabel("i")
+        ax.tick_params(axis="both", labelrotation=0)
     for ax in axes.ravel()[len(keys):]:
         ax.set_visible(False)
     fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap="viridis"), ax=axes.ravel().tolist(),
