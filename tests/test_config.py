@@ -23,7 +23,9 @@ def test_defaults_are_the_section7_grid():
     assert cfg.targets == ("q,v",)
     assert cfg.ranks == (1, 2, 4, 8, 64)
     assert cfg.seeds == (0, 1, 2)
-    assert cfg.scale_alpha(8) == 8.0  # alpha = r by default, so s = 1
+    assert cfg.scale_alpha(1) == cfg.scale_alpha(64) == 8.0  # a fixed alpha, as in the paper
+    assert TrainConfig(alpha=None).scale_alpha(64) == 64.0  # alpha = r: s = 1
+    assert TrainConfig.from_dict({"alpha": "r"}).alpha is None
     with pytest.raises(FrozenInstanceError):
         cfg.lr = 1.0  # type: ignore[misc]
 
@@ -87,7 +89,8 @@ def test_cli_is_generated_from_fields_and_overrides_the_file(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('ranks = [1, 64]\nlr = 0.01\ntargets = ["q", "v"]\n')
     file_values = load_config_file(toml)
-    cfg = _parse(["--lr", "0.002", "--targets", "q,k", "--no-linear-probe"], file_values)
+    cfg = _parse(["--lr", "0.002", "--targets", "q,k", "--no-linear-probe", "--alpha", "r"], file_values)
+    assert cfg.alpha is None
     assert cfg.ranks == (1, 64)  # from the file
     assert cfg.lr == 0.002  # the flag wins
     assert cfg.targets == ("q,k",)

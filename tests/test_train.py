@@ -113,8 +113,9 @@ def test_sweep_writes_adapters_manifest_summary_and_resumes(tiny_bert_dir, tmp_p
 
 
 def test_point_is_bitwise_reproducible_and_independent_of_the_grid(tiny_bert_dir, tmp_path, one_thread):
-    point = GridPoint("q,v", 4, 1, 4.0)
     cfg_alone = _tiny_cfg(tiny_bert_dir, ranks=(4,), seeds=(1,), linear_probe=False)
+    (point,) = grid_points(cfg_alone)
+    assert point == GridPoint("q,v", 4, 1, cfg_alone.scale_alpha(4))
     train_point(cfg_alone, point, tmp_path / "a")
     # The same point inside a bigger grid, listed in another order, with another weight set before it.
     cfg_grid = _tiny_cfg(tiny_bert_dir, targets=("q", "q,v"), ranks=(4, 2), seeds=(2, 1), linear_probe=False)
@@ -175,46 +176,58 @@ def test_causal_lm_on_tiny_gpt2_adapts_fused_q_and_v(tmp_path, minilm_path, one_
     assert config["task_type"] == "CAUSAL_LM" and config["fan_in_fan_out"] is True
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_files(tiny_bert_dir, tmp_path):
-    args = ["--model", tiny_bert_dir, "--ranks", "1", "2", "4", "--seeds", "0", "1", "--steps", "30",
+def test_kill_9_then_resume_gives_the_uninterrupted_files(tiny_bert_dir, tmp_path, one_thread):
+    args = ["--model", tiny_bert_dir, "--ranks", "1", "2", "4", "--seeds", "0", "1", "--steps", "15",
             "--batch-size", "8", "--max-length", "12", "--quiet", "--threads", "1", "--no-linear-probe"]
     cmd = [sys.executable, "-m", "lora.train", *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, "--out", str(killed)], cwd=REPO, env=env, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
+    deadline = time.time() + 90
     while time.time() < deadline and not (killed / "qv_r1_s0").exists():
-        time.sleep(0.05)
-    time.sleep(0.3)  # land somewhere inside a later point's training or saving
-    proc.send_signal(signal.SIGKILL)
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # lands while the next point trains (or saves)
     proc.wait()
     finished = [p for p in killed.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert 1 <= len(finished) < 6, "the kill should land mid-sweep"
     for d in finished:  # whatever exists is complete
         assert {"adapter_config.json", "adapter_model.safetensors", "init.safetensors", "metrics.json"} <= {
             p.name for p in d.iterdir()}
-    subprocess.run([*cmd, "--out", str(killed)], cwd=REPO, env=env, check=True, capture_output=True)
-    subprocess.run([*cmd, "--out", str(tmp_path / "clean")], cwd=REPO, env=env, check=True, capture_output=True)
+    resumed = subprocess.run([*cmd, "--out", str(killed)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    clean_cfg = _tiny_cfg(tiny_bert_dir, ranks=(1, 2, 4), seeds=(0, 1), steps=15, linear_probe=False)
+    run_sweep(clean_cfg, tmp_path / "clean", progress=False)  # uninterrupted, in-process, also one thread
     _assert_same_tensors(_tensors(killed), _tensors(tmp_path / "clean"))
     assert not list(killed.glob(".*tmp*"))  # stale temporaries cleaned up
     assert (killed / "summary.csv").read_text().count("\n") == 7
 
 
-def test_two_torchrun_processes_give_the_single_process_adapters(tiny_bert_dir, tmp_path):
+def test_two_torchrun_processes_give_the_single_process_adapters(tiny_bert_dir, tmp_path, one_thread):
     args = ["-m", "lora.train", "--model", tiny_bert_dir, "--ranks", "1", "2", "--seeds", "0", "1", *TINY]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
-                            capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr[-2000:]
     dist = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True)
     assert dist.returncode == 0, dist.stderr[-2000:]
+    run_sweep(_tiny_cfg(tiny_bert_dir, ranks=(1, 2), seeds=(0, 1)), tmp_path / "one", progress=False)
     _assert_same_tensors(_tensors(tmp_path / "one"), _tensors(tmp_path / "two"))
     one = json.loads((tmp_path / "one" / "manifest.json").read_text())
     two = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert one["linear_probe"]["val_metric"] == two["linear_probe"]["val_metric"]
     assert (tmp_path / "two" / "summary.csv").read_text().count("\n") == 5
+
+
+BAD_BASE = ["--ranks", "1", "--seeds", "0", "--no-linear-probe", *TINY]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_bert_dir, tmp_path_factory):
+    """A small finished run directory that every bad-config case tries (and must fail) to touch."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    before = torch.get_num_threads()
+    assert main(["--model", tiny_bert_dir, *BAD_BASE, "--out", str(out)]) == 0
+    torch.set_num_threads(before)
+    return out
 
 
 @pytest.mark.parametrize(
@@ -227,32 +240,25 @@ def test_two_torchrun_processes_give_the_single_process_adapters(tiny_bert_dir, 
         (["--lr", "-1"], "--lr"),
         (["--steps", "2"], "--out"),  # a different config than the one in the existing run dir
         (["--bogus"], "unrecognized"),
+        (["--config", "nope.toml"], "--config"),
     ],
 )
-def test_bad_configs_exit_2_with_one_line_and_leave_the_run_dir(tiny_bert_dir, tmp_path, capsys, extra, needle,
-                                                                 one_thread):
-    out = tmp_path / "run"
-    base = ["--model", tiny_bert_dir, "--ranks", "1", "--seeds", "0", "--no-linear-probe", *TINY, "--out", str(out)]
-    assert main(base) == 0
-    before = _snapshot(out)
+def test_bad_configs_exit_2_with_one_line_and_leave_the_run_dir(tiny_bert_dir, finished_run, capsys, extra,
+                                                                 needle):
+    before = _snapshot(finished_run)
     capsys.readouterr()
-    argv = [*base, *extra]
-    if extra[0] in ("--ranks", "--steps"):
-        argv = [a for i, a in enumerate(argv) if not (a == extra[0] and i < len(base))]
-        argv = _drop_value_of_first(base, extra[0]) + extra
+    argv = ["--model", tiny_bert_dir, *BAD_BASE, "--out", str(finished_run)]
+    if extra[0] in argv:  # replace the flag's value rather than give it twice
+        i = argv.index(extra[0])
+        argv = argv[:i] + argv[i + 2:]
     try:
-        code = main(argv)
+        code = main([*argv, *extra])
     except SystemExit as exc:  # argparse errors exit from inside parse_args
         code = exc.code
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
-    assert _snapshot(out) == before
-
-
-def _drop_value_of_first(argv: list[str], flag: str) -> list[str]:
-    i = argv.index(flag)
-    return argv[:i] + argv[i + 2:]
+    assert _snapshot(finished_run) == before
 
 
 def test_unloadable_model_exits_2(tmp_path, capsys):
