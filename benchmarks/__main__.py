@@ -216,6 +216,8 @@ def render(results: Sequence[CaseResult], *, machine: dict[str, str], started: s
         "of the last hidden state, identical in every variant. LoRA on q and v (`query`, `value`), alpha = r, "
         "dropout 0. The frozen-base floor runs the same forward and backward with no adapter, no trainable "
         "parameter and no optimizer (the embedding output requires grad so the backward reaches layer 0).",
+        "- Threads: torch intra-op threads as given by `--threads` (see Machine). On this shared machine one "
+        "thread per process gave stable figures; two threads spent most of their time waiting for each other.",
         "- Inference: eval mode, `torch.inference_mode`, same batch; merged = ΔW folded into W0 by `merge_lora`.",
         "- Memory: see `benchmarks/memory.py` (fresh process per variant, kernel peak-RSS counter reset after "
         "loading, peak during 3 steps minus RSS before them).",
@@ -242,9 +244,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not rewrite the Markdown report")
     p.add_argument("--cases", nargs="+", metavar="GROUP", default=None,
                    help=f"run only these case groups (default: all): {', '.join(CASE_GROUPS)}")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                   help="torch intra-op threads (default: min(2, cores): the machine the reference figures come "
-                        "from has 2 cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a shared, oversubscribed machine two threads made "
+                        "timings depend on OpenMP wake-ups rather than on the work, 3x slower and far noisier; "
+                        "use --threads 2 or more on a quiet machine)")
     return p
 
 
