@@ -141,6 +141,44 @@ def headline(results: Sequence[CaseResult]) -> list[str]:
     return lines
 
 
+def interpretation(cases: dict[str, dict]) -> list[str]:
+    """Why a goal was missed, for the cases present (``cases``: the JSON records by name). Figures come from the
+    records; the causes were established by profiling (see the notes in each case module)."""
+    out = []
+    m, u = cases.get("merged_inference_vs_base"), cases.get("unmerged_inference_vs_base")
+    if m and m.get("met") is False:
+        out.append(
+            f"`merged_inference_vs_base` ({m['ratio']:.3f}): the merged forward does the base model's arithmetic "
+            f"plus one Python `if merged` per adapted layer. Its paired ratio has median "
+            f"{m['paired_ratio_median']:.3f} and spans {m['paired_ratio_min']:.2f}–{m['paired_ratio_max']:.2f}"
+            + (f", and the unmerged forward, which does strictly more work, measured {u['ratio']:.3f}" if u else "")
+            + ": the miss is within this shared machine's noise, not a measured added latency.")
+    s7 = cases.get("section7_7b_shaped")
+    if s7 and s7.get("met") is False:
+        out.append(
+            f"`section7_7b_shaped` ({s7['ours_s']:.0f} s against 60 s): W's top-64 by subspace iteration took "
+            f"{s7.get('w_top_svd_s', float('nan')):.0f} s for all 64 matrices (a dense SVD took "
+            f"{s7.get('exact_svd_one_W_s', float('nan')):.0f} s for one, "
+            f"{s7.get('exact_svd_all_W_s_extrapolated', float('nan')):.0f} s for all, extrapolated); drawing the "
+            f"seeded W took {s7.get('w_generate_s', float('nan')):.0f} s. Most of the rest is input validation inside "
+            "`lora_analysis.projection.table7_row`: profiled at d = 4096, 0.66 s of its 0.87 s per row is three "
+            "`torch.isfinite` passes over the same 4096 × 4096 W (once in `table7_row`, once in each of its two "
+            "`projection_norm` calls), × 256 rows ≈ 170 s. Proposed to the analysis owner: check W once per "
+            "matrix (or a finite-sum fast path), which would bring this run to roughly 160 s on one busy thread.")
+    packed = [(n, c) for n, c in cases.items() if n.startswith("packed_sweep") and c.get("met") is False]
+    if packed:
+        figs = ", ".join(f"{1 / c['ratio']:.2f}x ({n})" for n, c in packed)
+        out.append(
+            f"`packed_sweep` ({figs}): exact packing cannot share the frozen forward beyond the embeddings, because "
+            "q and v are adapted in every layer, so each adapter's activations differ from layer 0 on. One packed "
+            "pass therefore does the same arithmetic as K sequential passes; on a CPU thread that is already busy "
+            "with one 32-example batch, a K-times larger batch is not computed faster. What packing saves is "
+            "per-step overhead (Python, autograd, optimizer launches), which shows only at small batches; on a "
+            "GPU, where a 32 x 32 batch leaves the device mostly idle, that is where a speed-up is expected "
+            "(not measured here: no GPU on this machine).")
+    return out
+
+
 def _machine() -> dict[str, str]:
     import torch
 
@@ -204,6 +242,10 @@ def render(results: Sequence[CaseResult], *, machine: dict[str, str], started: s
         *([f"- `{c.name}`: goal {c.goal}, measured ratio {c.ratio:.3f}"
            + (f" (speed-up {1 / c.ratio:.2f}x)" if "speed-up" in c.goal else "") for c in missed]
           or ["- none"]),
+        "",
+        "## Why goals were missed",
+        "",
+        *([f"- {line}" for line in interpretation({c.name: c.to_json() for c in results})] or ["- nothing missed"]),
         "",
         "## Notes per case",
         "",
