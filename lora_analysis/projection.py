@@ -36,7 +36,13 @@ def projection_norm(W: Tensor, U: Tensor, V: Tensor) -> float:
     if U.shape[0] != W.shape[0] or V.shape[0] != W.shape[1]:
         raise ValueError(f"U {tuple(U.shape)} and V {tuple(V.shape)} do not fit W {tuple(W.shape)}: "
                          "need U (d_out, k) and V (d_in, k)")
-    return float(torch.linalg.matrix_norm(U.T @ W @ V))
+    return _projection_norm(W, U, V)
+
+
+def _projection_norm(W: Tensor, U: Tensor, V: Tensor) -> float:
+    # Unchecked core of projection_norm, for callers that validated W once: the finiteness scan of a 4096²
+    # W costs more than the projection itself (benchmarks/, section7_7b_shaped).
+    return float(torch.linalg.matrix_norm(U.T @ (W @ V)))
 
 
 def random_orthonormal(n: int, k: int, *, generator: torch.Generator) -> Tensor:
@@ -112,7 +118,7 @@ def table7_row(
     U_rand = random_orthonormal(W.shape[0], k, generator=g)
     V_rand = random_orthonormal(W.shape[1], k, generator=g)
 
-    delta = projection_norm(W, dw.U[:, :k], dw.V[:, :k])
+    delta = _projection_norm(W, dw.U[:, :k], dw.V[:, :k])
     dw_norm = float(torch.linalg.vector_norm(dw.S))  # ‖ΔW‖_F = ‖σ(ΔW)‖_2, exact from the factors
     if delta > 0:
         amplification = dw_norm / delta
@@ -121,7 +127,7 @@ def table7_row(
     return Table7Row(
         delta=delta,
         weight=float(torch.linalg.vector_norm(ws.S[:k])),  # == projection_norm(W, ws.U, ws.V)
-        random=projection_norm(W, U_rand, V_rand),
+        random=_projection_norm(W, U_rand, V_rand),
         w_norm=float(torch.linalg.matrix_norm(W)),
         dw_norm=dw_norm,
         amplification=amplification,
