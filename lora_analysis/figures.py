@@ -123,7 +123,7 @@ def _require(table: pd.DataFrame | None, what: str, columns: Sequence[str]) -> p
     return table
 
 
-def _where(table: pd.DataFrame, **equal) -> pd.DataFrame:
+def rows_where(table: pd.DataFrame, **equal) -> pd.DataFrame:
     """Rows whose columns equal the given values (a value of None is not filtered on)."""
     mask = np.ones(len(table), dtype=bool)
     for col, value in equal.items():
@@ -167,10 +167,10 @@ def pick_rank(ranks: Sequence[int], target: int) -> int:
 
 def _modules_at(table: pd.DataFrame, layer: int, weight_types: Sequence[str] = ("q", "v")) -> dict[str, str]:
     """Module key per weight type at ``layer`` (the first key in sort order if a layer has several)."""
-    at = _where(table, layer=layer)
+    at = rows_where(table, layer=layer)
     out = {}
     for wt in weight_types:
-        keys = sorted(set(_where(at, weight_type=wt)["module"]))
+        keys = sorted(set(rows_where(at, weight_type=wt)["module"]))
         if keys:
             out[wt] = keys[0]
     return out
@@ -244,13 +244,13 @@ def _new_figure(nrows: int, ncols: int, *, width: float, height: float, width_ra
 
 def _rank_rows(phi: pd.DataFrame, *, quantity: str, r_small: int, r_large: int | None, seed: int | None):
     cols = ["comparison", "quantity", "module", "weight_type", "layer", "r1", "r2", "seed1", "seed2", "i", "j", "phi"]
-    rows = _where(_require(phi, "phi", cols), comparison="rank", quantity=quantity)
+    rows = rows_where(_require(phi, "phi", cols), comparison="rank", quantity=quantity)
     if len(rows) == 0:
         raise FigureSkipped(f"phi: no rank comparison rows for quantity {quantity!r}")
     r1, r2 = _rank_pair(rows, r_small=r_small, r_large=r_large)
-    rows = _where(rows, r1=r1, r2=r2)
+    rows = rows_where(rows, r1=r1, r2=r2)
     seed = int(rows["seed1"].min()) if seed is None else int(seed)
-    rows = _where(rows, seed1=seed)
+    rows = rows_where(rows, seed1=seed)
     if len(rows) == 0:
         raise FigureSkipped(f"phi: no rank comparison r={r1} vs r={r2} for seed {seed}")
     return rows, r1, r2, seed
@@ -263,7 +263,7 @@ def _rank_panels(fig, axes_row, rows, *, layer: int, r1: int, r2: int, zoom: int
     k = 0
     for zoomed in (False, True):
         for wt, module in modules.items():
-            sub = _where(rows, module=module)
+            sub = rows_where(rows, module=module)
             grid = _grid(sub, j_max=zoom if zoomed else None)
             suffix = f" (j ≤ {zoom})" if zoomed else ""
             _heatmap(axes_row[k], grid, vmin=0.0, vmax=1.0, title=_wt_title(wt, layer) + suffix)
@@ -325,15 +325,15 @@ def _quantity_name(quantity: str) -> str:
 
 def _seed_rows(phi: pd.DataFrame, *, quantity: str, rank: int | None, seeds: tuple[int, int] | None):
     cols = ["comparison", "quantity", "module", "weight_type", "layer", "r1", "r2", "seed1", "seed2", "i", "j", "phi"]
-    rows = _where(_require(phi, "phi", cols), comparison="seed", quantity=quantity)
+    rows = rows_where(_require(phi, "phi", cols), comparison="seed", quantity=quantity)
     rows = rows[rows["r1"] == rows["r2"]]
     if len(rows) == 0:
         raise FigureSkipped(f"phi: no seed comparison rows for quantity {quantity!r} (a run needs two seeds)")
     rank = int(rows["r1"].max()) if rank is None else pick_rank(rows["r1"].tolist(), rank)
-    rows = _where(rows, r1=rank)
+    rows = rows_where(rows, r1=rank)
     pairs = sorted(set(zip(rows["seed1"], rows["seed2"], strict=True)))
     pair = pairs[0] if seeds is None else tuple(int(s) for s in seeds)
-    rows = _where(rows, seed1=pair[0], seed2=pair[1])
+    rows = rows_where(rows, seed1=pair[0], seed2=pair[1])
     if len(rows) == 0:
         raise FigureSkipped(f"phi: no seed comparison for seeds {pair} at r={rank} (pairs present: {pairs})")
     return rows, rank, pair
@@ -341,18 +341,18 @@ def _seed_rows(phi: pd.DataFrame, *, quantity: str, rank: int | None, seeds: tup
 
 def _random_rows(phi: pd.DataFrame, *, rank: int, layer: int) -> tuple[pd.DataFrame, str]:
     """Two random Gaussian matrices of the same shape (``"random"`` rows), else the analytic E[φ] = max(i, j)/d."""
-    rnd = _where(phi, comparison="random", r1=rank, r2=rank)
+    rnd = rows_where(phi, comparison="random", r1=rank, r2=rank)
     if len(rnd):
-        preferred = _where(rnd, quantity="A")
+        preferred = rows_where(rnd, quantity="A")
         rnd = preferred if len(preferred) else rnd
-        at = _where(rnd, layer=layer)
+        at = rows_where(rnd, layer=layer)
         rnd = at if len(at) else rnd
         module = sorted(set(rnd["module"]))[0]
-        return _where(rnd, module=module), "two random Gaussian matrices"
-    exp = _where(phi, quantity="expected_random", r1=rank, r2=rank)
+        return rows_where(rnd, module=module), "two random Gaussian matrices"
+    exp = rows_where(phi, quantity="expected_random", r1=rank, r2=rank)
     if len(exp):
         module = sorted(set(exp["module"]))[0]
-        return _where(exp, module=module), r"random, analytic $E[\phi] = \max(i, j)/d$"
+        return rows_where(exp, module=module), r"random, analytic $E[\phi] = \max(i, j)/d$"
     raise FigureSkipped(f"phi: no random baseline at r={rank}")
 
 
@@ -362,7 +362,7 @@ def _seed_panels(axes_row, phi, rows, *, layer: int, rank: int, vmax: float) -> 
         raise FigureSkipped(f"phi: no ΔW_q / ΔW_v seed comparison at layer {layer}")
     k = 0
     for wt, module in modules.items():
-        _heatmap(axes_row[k], _grid(_where(rows, module=module)), vmin=0.0, vmax=vmax, title=_wt_title(wt, layer))
+        _heatmap(axes_row[k], _grid(rows_where(rows, module=module)), vmin=0.0, vmax=vmax, title=_wt_title(wt, layer))
         k += 1
     rnd, what = _random_rows(phi, rank=rank, layer=layer)
     _heatmap(axes_row[k], _grid(rnd), vmin=0.0, vmax=vmax, title=what)
@@ -429,25 +429,25 @@ def figure8(fig8: pd.DataFrame, *, layer: int | None = None, weight_type: str = 
         The colour scale is shared, from 0 to max(0.2, the largest φ shown) so "barely exceeds 0.2" is visible.
     """
     cols = ["module", "weight_type", "layer", "rank", "seed", "source", "i", "j", "phi"]
-    table = _where(_require(fig8, "fig8", cols), weight_type=weight_type)
+    table = rows_where(_require(fig8, "fig8", cols), weight_type=weight_type)
     if len(table) == 0:
         raise FigureSkipped(f"fig8: no rows for weight type {weight_type!r}")
     layer = pick_layer(table["layer"], layer)
-    table = _where(table, layer=layer)
+    table = rows_where(table, layer=layer)
     module = sorted(set(table["module"]))[0]
-    table = _where(table, module=module)
-    delta = _where(table, source="delta")
+    table = rows_where(table, module=module)
+    delta = rows_where(table, source="delta")
     if len(delta) == 0:
         raise FigureSkipped(f"fig8: no ΔW rows for {module}")
     seed = int(delta["seed"].min()) if seed is None else int(seed)
-    delta = _where(delta, seed=seed)
+    delta = rows_where(delta, seed=seed)
     shown = sorted({pick_rank(delta["rank"].tolist(), r) for r in ranks})
-    panels = [(f"$\\Delta W_{{{weight_type}}}$, r={r}", _grid(_where(delta, rank=r))) for r in shown]
-    rnd = _where(table, source="random")
+    panels = [(f"$\\Delta W_{{{weight_type}}}$, r={r}", _grid(rows_where(delta, rank=r))) for r in shown]
+    rnd = rows_where(table, source="random")
     if len(rnd):
         r_rand = max(shown) if max(shown) in set(rnd["rank"]) else int(rnd["rank"].max())
-        rnd = _where(rnd, rank=r_rand)
-        rnd = _where(rnd, seed=int(rnd["seed"].min()))
+        rnd = rows_where(rnd, rank=r_rand)
+        rnd = rows_where(rnd, seed=int(rnd["seed"].min()))
         panels.append((f"random, r={r_rand}", _grid(rnd)))
     vmax = max(0.2, float(max(g.to_numpy().max() for _, g in panels)))
     widths = [max(1.0, min(4.0, g.shape[1] / 10)) for _, g in panels]
@@ -572,7 +572,7 @@ def table5_plot(quality: pd.DataFrame) -> Figure:
     ax.bar(range(len(order)), agg["mean"], yerr=agg["std"].fillna(0.0), capsize=3,
            color=sns.color_palette(n_colors=len(order)))
     for k, ws in enumerate(order):
-        vals = _where(rows, weight_set=ws)["val_metric"]
+        vals = rows_where(rows, weight_set=ws)["val_metric"]
         ax.scatter(np.full(len(vals), k), vals, color="k", s=8, zorder=3)
     _probe_line(ax, _quality(quality))
     ax.set_xticks(range(len(order)), labels)
@@ -652,7 +652,7 @@ def spectra(spectra_table: pd.DataFrame, singular_values: pd.DataFrame, *, layer
     ranks = sorted(set(sv["rank"]))
     palette = dict(zip(ranks, sns.color_palette("mako", n_colors=len(ranks)), strict=True))
     for ax, (wt, module) in zip(axes[0], modules.items(), strict=False):
-        sub = _where(sv, module=module, seed=seed)
+        sub = rows_where(sv, module=module, seed=seed)
         for r, rows in sub.groupby("rank", sort=True):
             ax.plot(rows["index"], rows["sigma"], marker="o", ms=2, color=palette[r], label=f"r={r}")
         ax.set_xscale("log", base=2)
@@ -693,13 +693,13 @@ def init_control(phi: pd.DataFrame, *, layer: int | None = None, r_small: int = 
     """
     cols = ["comparison", "quantity", "module", "weight_type", "layer", "r1", "r2", "seed1", "seed2", "i", "j", "phi"]
     t = _require(phi, "phi", cols)
-    present = [q for q in INIT_QUANTITIES if len(_where(t, quantity=q, comparison="rank"))]
+    present = [q for q in INIT_QUANTITIES if len(rows_where(t, quantity=q, comparison="rank"))]
     if len(present) < 2:
         raise FigureSkipped("phi: needs rank comparison rows for A and A-A_init / A_init")
     rank_rows, r1, r2, seed = _rank_rows(t, quantity="A", r_small=r_small, r_large=r_large, seed=None)
     layer = pick_layer(rank_rows["layer"], layer)
     modules = _modules_at(rank_rows, layer)
-    seed_any = _where(t, comparison="seed", quantity="A")
+    seed_any = rows_where(t, comparison="seed", quantity="A")
     columns: list[tuple[str, str, dict]] = []
     for wt in modules:
         columns.append((f"{_wt_title(wt, layer)}\nr={r1} vs r={r2}, seed {seed}", wt,
@@ -714,7 +714,7 @@ def init_control(phi: pd.DataFrame, *, layer: int | None = None, r_small: int = 
     for a, quantity in enumerate(present):
         for b, (title, wt, sel) in enumerate(columns):
             ax = axes[a, b]
-            rows = _where(t, quantity=quantity, module=modules[wt], **sel)
+            rows = rows_where(t, quantity=quantity, module=modules[wt], **sel)
             if len(rows) == 0:
                 ax.set_visible(False)
                 continue

@@ -48,6 +48,7 @@ import pandas as pd
 
 from lora.errors import UserError
 from lora.fsio import write_text
+from lora_analysis.figures import rows_where
 
 __all__ = [
     "FAILS",
@@ -130,14 +131,6 @@ class Context:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _where(table: pd.DataFrame, **equal) -> pd.DataFrame:
-    mask = np.ones(len(table), dtype=bool)
-    for col, value in equal.items():
-        if value is not None:
-            mask &= (table[col] == value).to_numpy()
-    return table[mask]
-
-
 def _f(x: float, fmt: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(float(x), fmt)
 
@@ -161,10 +154,10 @@ def _rank_phi(phi: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
     """Rank-comparison rows and their (r_small, r_large): r_large the largest, r_small the present rank nearest 8."""
     from lora_analysis.figures import PAPER_RANK_SMALL, pick_rank
 
-    rows = _where(phi, comparison="rank")
+    rows = rows_where(phi, comparison="rank")
     r2 = int(rows["r2"].max())
-    r1 = pick_rank(_where(rows, r2=r2)["r1"].tolist(), PAPER_RANK_SMALL)
-    return _where(rows, r1=r1, r2=r2), r1, r2
+    r1 = pick_rank(rows_where(rows, r2=r2)["r1"].tolist(), PAPER_RANK_SMALL)
+    return rows_where(rows, r1=r1, r2=r2), r1, r2
 
 
 def _cell(rows: pd.DataFrame, i: int, j: int) -> float:
@@ -183,24 +176,24 @@ def _block(rows: pd.DataFrame, lo: int, hi: int) -> float:
 def _claim_top(phi: pd.DataFrame | None, layer: int) -> Claim:
     rule = f"φ(1, 1) on A at layer {layer} > {TOP_SHARED} for ΔW_q and ΔW_v: holds both, partly one, else does not hold"
     title = "The top singular direction is shared between a small and a large rank"
-    if _empty(phi) or len(_where(phi, comparison="rank", quantity="A")) == 0:
+    if _empty(phi) or len(rows_where(phi, comparison="rank", quantity="A")) == 0:
         return _not_measured("top", title, rule, "no rank comparison (needs two ranks at the same seed)", ["figure3"])
     rows, r1, r2 = _rank_phi(phi)
     parts, passed, details = [], 0, []
-    wts = [wt for wt in ("q", "v") if len(_where(rows, weight_type=wt, layer=layer, quantity="A"))]
+    wts = [wt for wt in ("q", "v") if len(rows_where(rows, weight_type=wt, layer=layer, quantity="A"))]
     for wt in wts:
-        at = _where(rows, weight_type=wt, layer=layer)
-        a, learned, init = (_cell(_where(at, quantity=q), 1, 1) for q in ("A", "A-A_init", "A_init"))
+        at = rows_where(rows, weight_type=wt, layer=layer)
+        a, learned, init = (_cell(rows_where(at, quantity=q), 1, 1) for q in ("A", "A-A_init", "A_init"))
         passed += a > TOP_SHARED
         parts.append(f"ΔW_{wt}: {_f(a)}")
         details.append(f"ΔW_{wt}, layer {layer}: φ(1,1) on A {_f(a)}; on A − A_init {_f(learned)}; "
                        f"between the starts A_init {_f(init)}")
-    all_a = _where(rows, quantity="A")
+    all_a = rows_where(rows, quantity="A")
     per = all_a[(all_a["i"] == 1) & (all_a["j"] == 1)]
     frac = float((per["phi"] > TOP_SHARED).mean()) if len(per) else float("nan")
     details.append(f"all layers and seeds: φ(1,1) > {TOP_SHARED} in {_f(100 * frac, '.0f')} % of "
                    f"{len(per)} (module, seed) pairs")
-    learned_all = _where(rows, quantity="A-A_init")
+    learned_all = rows_where(rows, quantity="A-A_init")
     per_l = learned_all[(learned_all["i"] == 1) & (learned_all["j"] == 1)]
     if len(per_l):
         details.append(f"on the learned change A − A_init: > {TOP_SHARED} in "
@@ -214,19 +207,19 @@ def _claim_noise(phi: pd.DataFrame | None, layer: int) -> Claim:
     rule = (f"mean φ(i, j) over 2 ≤ i, j ≤ r_small on A at layer {layer}, divided by the mean random baseline "
             f"max(i, j)/d: holds ≤ {NOISE_HOLDS} for both, partly ≤ {NOISE_PARTLY}, else does not hold")
     title = "Directions other than the top one look like random noise"
-    if _empty(phi) or len(_where(phi, comparison="rank", quantity="A")) == 0:
+    if _empty(phi) or len(rows_where(phi, comparison="rank", quantity="A")) == 0:
         return _not_measured("noise", title, rule, "no rank comparison", ["figure3"])
     rows, r1, r2 = _rank_phi(phi)
     if r1 < 2:
         return _not_measured("noise", title, rule, f"r_small = {r1} has no direction after the first", ["figure3"])
     ratios, parts, details = [], [], []
     for wt in ("q", "v"):
-        at = _where(rows, weight_type=wt, layer=layer)
+        at = rows_where(rows, weight_type=wt, layer=layer)
         if len(at) == 0:
             continue
-        a = _block(_where(at, quantity="A"), 2, r1)
-        base = _block(_where(at, quantity="expected_random"), 2, r1)
-        learned = _block(_where(at, quantity="A-A_init"), 2, r1)
+        a = _block(rows_where(at, quantity="A"), 2, r1)
+        base = _block(rows_where(at, quantity="expected_random"), 2, r1)
+        learned = _block(rows_where(at, quantity="A-A_init"), 2, r1)
         ratio = a / base if base > 0 else float("nan")
         ratios.append(ratio)
         parts.append(f"ΔW_{wt}: {_f(a)} vs random {_f(base)} (× {_f(ratio, '.1f')})")
@@ -240,28 +233,28 @@ def _claim_noise(phi: pd.DataFrame | None, layer: int) -> Claim:
 
 
 def _shared(rows: pd.DataFrame, k: int) -> float:
-    return _block(_where(rows, quantity="A"), 1, k) - _block(_where(rows, quantity="expected_random"), 1, k)
+    return _block(rows_where(rows, quantity="A"), 1, k) - _block(rows_where(rows, quantity="expected_random"), 1, k)
 
 
 def _claim_intrinsic(phi: pd.DataFrame | None, layer: int) -> Claim:
     rule = (f"shared = mean φ − mean random baseline over i, j ≤ {SHARED_K} between two seeds at r_large: holds if "
             f"shared_q > shared_v at layer {layer} and in ≥ 2/3 of layers, partly one of the two")
     title = "ΔW_q has a higher intrinsic rank than ΔW_v"
-    seed = _where(phi, comparison="seed") if not _empty(phi) else None
+    seed = rows_where(phi, comparison="seed") if not _empty(phi) else None
     if _empty(seed):
         return _not_measured("intrinsic", title, rule, "no seed comparison (needs two seeds at the largest rank)",
                              ["figure4"])
     r = int(seed["r1"].max())
-    seed = _where(seed, r1=r, r2=r)
+    seed = rows_where(seed, r1=r, r2=r)
     k = min(SHARED_K, r)
     wins, at_layer, details, ours = [], False, [], ""
     for lay in sorted(set(seed["layer"])):
-        sq = _shared(_where(seed, layer=lay, weight_type="q"), k)
-        sv = _shared(_where(seed, layer=lay, weight_type="v"), k)
+        sq = _shared(rows_where(seed, layer=lay, weight_type="q"), k)
+        sv = _shared(rows_where(seed, layer=lay, weight_type="v"), k)
         if math.isnan(sq) or math.isnan(sv):
             continue
         wins.append(sq > sv)
-        init_q = _block(_where(seed, layer=lay, weight_type="q", quantity="A_init"), 1, k)
+        init_q = _block(rows_where(seed, layer=lay, weight_type="q", quantity="A_init"), 1, k)
         details.append(f"layer {lay}: shared ΔW_q {_f(sq)}, ΔW_v {_f(sv)}"
                        + (f" (starting points' overlap {_f(init_q)})" if not math.isnan(init_q) else ""))
         if lay == layer:
@@ -289,7 +282,7 @@ def _claim_amplification(t7: pd.DataFrame | None, layer: int) -> Claim:
     if _empty(t7) or t7["rank"].nunique() < 2:
         return _not_measured("amplification", title, rule, "needs Table 7 rows at two ranks", ["table7_amplification"])
     rs, rl = _t7_ranks(t7)
-    q = _where(t7, weight_type="q")
+    q = rows_where(t7, weight_type="q")
     q = q if len(q) else t7
     mean = q.groupby(["layer", "rank"])["amplification"].mean()
     wins, details = [], []
@@ -311,7 +304,7 @@ def _claim_projection(t7: pd.DataFrame | None, layer: int) -> Claim:
     if _empty(t7):
         return _not_measured("projection", title, rule, "no Table 7 rows", ["table7"])
     rs, rl = _t7_ranks(t7)
-    q = _where(_where(t7, weight_type="q"), layer=layer)
+    q = rows_where(rows_where(t7, weight_type="q"), layer=layer)
     mean = q.groupby("rank")[["random", "delta", "weight", "w_norm", "dw_norm"]].mean()
     ok, parts = 0, []
     ranks = sorted({rs, rl})
@@ -333,8 +326,8 @@ def _claim_fig8(fig8: pd.DataFrame | None, layer: int) -> Claim:
     title = "W's top singular directions barely overlap ΔW's"
     if _empty(fig8):
         return _not_measured("fig8", title, rule, "no Figure 8 rows", ["figure8"])
-    rows = _where(_where(fig8, weight_type="q"), layer=layer)
-    delta, rnd = _where(rows, source="delta"), _where(rows, source="random")
+    rows = rows_where(rows_where(fig8, weight_type="q"), layer=layer)
+    delta, rnd = rows_where(rows, source="delta"), rows_where(rows, source="random")
     if len(delta) == 0:
         return _not_measured("fig8", title, rule, f"no ΔW_q rows at layer {layer}", ["figure8"])
     peak = float(delta["phi"].max())
@@ -365,7 +358,7 @@ def _claim_flat(quality: pd.DataFrame | None) -> Claim:
         return _not_measured("flat", title, rule, str(exc), ["table6"])
     sets = sorted(set(agg["weight_set"]))
     ws = "q,v" if "q,v" in sets else sets[0]
-    sub = _where(agg, weight_set=ws)
+    sub = rows_where(agg, weight_set=ws)
     best, worst = float(sub["mean"].max()), float(sub["mean"].min())
     spread, std = best - worst, _pooled_std(sub)
     std_term = 0.0 if math.isnan(std) else std
@@ -375,11 +368,11 @@ def _claim_flat(quality: pd.DataFrame | None) -> Claim:
                else PARTLY if spread <= max(FLAT_STD_PARTLY * std_term, FLAT_REL_PARTLY * abs(best)) else FAILS)
     ours = f"{{{ws}}} {metric}: {by_rank}; range {_f(spread, '.4f')}, pooled seed std {_f(std, '.4f')}"
     details = []
-    probe = _where(quality, weight_set="linear probe") if not _empty(quality) else None
+    probe = rows_where(quality, weight_set="linear probe") if not _empty(quality) else None
     if probe is not None and len(probe):
         details.append(f"frozen linear probe: {_f(float(probe['val_metric'].mean()), '.4f')}")
     if "q" in sets:
-        q_mean, qv_mean = float(_where(agg, weight_set="q")["mean"].mean()), float(sub["mean"].mean())
+        q_mean, qv_mean = float(rows_where(agg, weight_set="q")["mean"].mean()), float(sub["mean"].mean())
         details.append(f"{{W_q}} alone: mean {_f(q_mean, '.4f')} vs {{W_q, W_v}} {_f(qv_mean, '.4f')} "
                        f"(paper: W_q alone is lower) — {'lower' if q_mean < qv_mean else 'not lower'}")
     return Claim("flat", title, PAPER["flat"], ours, verdict, rule, tuple(details), ("table6",))
@@ -435,7 +428,7 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
         chosen = None
     phi, t7 = tables.get("phi"), tables.get("table7")
     r_small = r_large = None
-    if not _empty(phi) and len(_where(phi, comparison="rank")):
+    if not _empty(phi) and len(rows_where(phi, comparison="rank")):
         _, r_small, r_large = _rank_phi(phi)
     lay = -1 if chosen is None else chosen
     claims = [
