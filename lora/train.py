@@ -20,6 +20,10 @@ trains exactly the missing points. A point's adapter depends only on its own set
 
 Under ``torchrun --nproc_per_node N -m lora.train ...`` process i trains points ``i::N`` (gloo), and rank 0
 writes the manifest before and the summary after a barrier.
+
+``--pack`` trains a process's unfinished points of one weight set together (:func:`train_pack`, one routed
+forward/backward per step, :mod:`lora.packed`) and writes the same files; it is an execution option, not part
+of the config, so runs resume with or without it. Packed adapters equal sequential ones to float rounding.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -63,7 +67,7 @@ from lora.data import (
 )
 from lora.errors import ArgumentParser, UserError, run_cli
 from lora.fsio import atomic_dir, write_json, write_text
-from lora.inject import count_parameters, inject_lora, mark_only_lora_trainable, resolve_targets
+from lora.inject import count_parameters, inject_lora, lora_modules, mark_only_lora_trainable, resolve_targets
 
 EMBEDDED_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")
 SUMMARY_COLUMNS = (
@@ -369,16 +373,26 @@ def _fresh_model(cfg: TrainConfig, prep: Prepared, seed: int) -> tuple[nn.Module
     """A deep copy of the base with the task head re-initialised from ``seed`` (same for every rank)."""
     model = copy.deepcopy(prep.template)
     heads = head_modules(cfg, model, prep.task.kind)
+    _init_head_(model.named_modules(), seed, std=_head_std(model))
+    return model, heads
+
+
+def _head_std(model: nn.Module) -> float:
+    return float(getattr(model.config, "initializer_range", 0.02))
+
+
+def _init_head_(named: Iterable[tuple[str, nn.Module]], seed: int, *, std: float) -> None:
+    """Draw the task head's ``nn.Linear`` weights ``~ N(0, std²)`` from ``(seed, "head")`` (biases zero), in the
+    order ``named`` lists them; ``named`` is ``model.named_modules()`` or a head's ``named_modules(prefix=path)``,
+    so a packed head copy gets exactly the draw a sequential run's head gets."""
     gen = _generator(seed, "head")
-    std = float(getattr(model.config, "initializer_range", 0.02))
     with torch.no_grad():
-        for path, m in model.named_modules():
+        for path, m in named:
             if isinstance(m, nn.Linear) and (path == "classifier" or path.startswith("classifier.")
                                              or path == "score"):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
                 if m.bias is not None:
                     m.bias.zero_()
-    return model, heads
 
 
 def _metric_name(kind: str) -> str:
@@ -401,10 +415,6 @@ def train_point(
 
     Returns the directory; if it already exists the point counts as finished and nothing is trained.
     """
-    from safetensors.torch import save_file
-
-    from lora.adapter_io import save_adapter
-
     final = Path(out_dir) / point.name
     if final.exists():
         return final
@@ -416,9 +426,24 @@ def train_point(
     )
     mark_only_lora_trainable(model, modules_to_save=heads)
     init_A = _module_key_A(modules)
-    counts = count_parameters(model)
-    lora_params = sum(p.numel() for m in modules.values() for p in m.lora_parameters())
     result = fit(model, cfg, prep, seed=point.seed, point_name=point.name, progress=progress, desc=point.name)
+    _write_point(final, model, point, prep, heads=heads, init_A=init_A, result=result)
+    return final
+
+
+def _write_point(
+    final: Path, model: nn.Module, point: GridPoint, prep: Prepared, *, heads: tuple[str, ...],
+    init_A: dict[str, Tensor], result: FitResult, extra_metrics: dict[str, Any] | None = None,
+) -> None:
+    """Write one trained adapter directory atomically: the adapter (:func:`lora.adapter_io.save_adapter`),
+    ``init.safetensors`` and ``metrics.json``. ``model`` holds this point's LoRA layers alone, with only the LoRA
+    factors and ``heads`` trainable (the parameter counts are read from it)."""
+    from safetensors.torch import save_file
+
+    from lora.adapter_io import save_adapter
+
+    counts = count_parameters(model)
+    lora_params = sum(p.numel() for m in lora_modules(model).values() for p in m.lora_parameters())
     metric = _metric_name(prep.task.kind)
     metrics = {
         "point": point.to_dict(),
@@ -434,6 +459,7 @@ def train_point(
         "total_params": counts.total,
         "modules_to_save": list(heads),
         "threads": torch.get_num_threads(),
+        **(extra_metrics or {}),
     }
     model.eval()
     task_type = "SEQ_CLS" if prep.task.kind == "classification" else "CAUSAL_LM"
@@ -445,7 +471,123 @@ def train_point(
         if not (tmp / "init.safetensors").exists():
             save_file(init_A, str(tmp / "init.safetensors"))
         write_json(tmp / "metrics.json", metrics)
-    return final
+
+
+def check_packable(cfg: TrainConfig, points: Sequence[GridPoint], model: nn.Module) -> None:
+    """Fail before any training if ``--pack`` cannot reproduce sequential training: LoRA dropout must be 0 (each
+    adapter would draw other masks than alone), and every target must be a plain ``nn.Linear`` (what
+    :func:`lora.packed.pack_lora` packs; GPT-2's fused ``c_attn`` slices and embeddings are not)."""
+    if cfg.dropout > 0:
+        raise UserError(f"--pack: needs --dropout 0 (got {cfg.dropout}); packed adapters equal sequential ones "
+                        "only without LoRA dropout")
+    for ws in dict.fromkeys(p.weight_set for p in points):
+        for path, slices in resolve_targets(model, parse_target_set(ws), layers=cfg.layers).items():
+            m = model.get_submodule(path)
+            if slices or not isinstance(m, nn.Linear):
+                raise UserError(f"--pack: {path} ({ws}) is a {type(m).__name__}"
+                                f"{' slice' if slices else ''}; packing supports nn.Linear targets only")
+
+
+def base_has_dropout(model: nn.Module) -> bool:
+    """Whether the base model applies dropout of its own in training (e.g. MiniLM's hidden and attention
+    dropout 0.1): then a packed adapter draws other masks than it would alone."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def train_pack(
+    cfg: TrainConfig, points: Sequence[GridPoint], out_dir: str | os.PathLike, *, progress: bool = False
+) -> list[Path]:
+    """Train the unfinished ``points`` (all of one weight set) in one packed pass and write each adapter directory
+    exactly as :func:`train_point` would (same files, atomically, one by one).
+
+    Each adapter of the pack is routed its own batches (:mod:`lora.packed`): adapter ``k`` sees the data order of
+    its seed, ``A``'s init of ``(seed, module path)``, the head init of its seed and the same lr schedule as
+    alone, and its gradient is exactly its own, so it equals :func:`train_point`'s adapter up to float rounding
+    (not bitwise: batched products round differently) when no dropout is random (LoRA dropout 0, required, and
+    a base without dropout of its own; see :func:`base_has_dropout`).
+
+    ``metrics.json`` gets ``wall_time_s`` = the pack's training time divided by the number of adapters plus this
+    adapter's own validation time, so ``summary.csv``'s column still sums to the time spent, and a ``pack`` entry
+    with the pack's points, this adapter's index, the pack's whole training time and ``base_dropout``.
+
+    Returns the directories of ``points`` (finished ones are skipped, as :func:`train_point` skips them).
+    """
+    from tqdm.auto import tqdm
+
+    from lora.packed import (
+        AdapterSpec,
+        PackedLoRALinear,
+        adapter_parameters,
+        concat_batches,
+        group_losses,
+        pack_lora,
+        route,
+        unpack_adapter,
+    )
+
+    out = Path(out_dir)
+    todo = [p for p in points if not (out / p.name).exists()]
+    if len({p.weight_set for p in points}) > 1:
+        raise ValueError(f"a pack holds one weight set, got {sorted({p.weight_set for p in points})}")
+    if not todo:
+        return [out / p.name for p in points]
+    prep = prepare(cfg)
+    check_packable(cfg, todo, prep.template)
+    kind = prep.task.kind
+    model = copy.deepcopy(prep.template)
+    heads = head_modules(cfg, model, kind)
+    std = _head_std(model)
+
+    def init_copy(k: int, path: str, module: nn.Module) -> None:  # adapter k's head: its seed's draw
+        _init_head_(module.named_modules(prefix=path), todo[k].seed, std=std)
+
+    specs = [AdapterSpec(r=p.rank, alpha=p.alpha, seed=p.seed) for p in todo]
+    packed = pack_lora(model, todo[0].targets, specs, dropout=cfg.dropout, init=cfg.init, use_rslora=cfg.use_rslora,
+                       layers=cfg.layers, init_seed_per_rank=cfg.init_seed_per_rank, modules_to_save=heads,
+                       init_copy=init_copy)
+    init_As = [{path: m.lora_A[k].detach().clone().contiguous() for path, m in packed.items()
+                if isinstance(m, PackedLoRALinear)} for k in range(len(todo))]
+
+    steps = cfg.total_steps(len(prep.train))
+    # One AdamW group per adapter: AdamW is elementwise, so its moments and updates are each adapter's own.
+    opt = torch.optim.AdamW([{"params": adapter_parameters(model, k)} for k in range(len(todo))], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, int(cfg.warmup_fraction * steps)))
+    torch.manual_seed(_seed_of("dropout", tuple(p.name for p in todo)))  # only the base's own dropout draws
+    streams = [make_batches(prep.train, batch_size=cfg.batch_size, steps=steps, generator=_generator(p.seed, "data"),
+                            pad_id=prep.pad_id) for p in todo]
+    losses: list[tuple[float, ...]] = []
+    start = time.perf_counter()
+    model.train()
+    desc = f"pack {weight_set_label(todo[0].weight_set)} x{len(todo)}"
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for step in zip(*streams, strict=True):
+        batch, sizes = concat_batches(step, pad_id=prep.pad_id)
+        with route(model, sizes):
+            out_ = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        per_adapter = group_losses(out_.logits, batch.labels, sizes, kind=kind)  # (K,), each as alone
+        opt.zero_grad(set_to_none=True)
+        per_adapter.sum().backward()  # ∂(Σ L_j)/∂θ_k = ∂L_k/∂θ_k: adapters share no parameters
+        opt.step()
+        sched.step()
+        losses.append(tuple(float(v) for v in per_adapter.detach()))
+        bar.update(1)
+    bar.close()
+    train_time = time.perf_counter() - start
+    names = [p.name for p in todo]
+    for k, p in enumerate(todo):  # one unpacked copy at a time: K full copies at once could be large
+        t0 = time.perf_counter()
+        single = unpack_adapter(model, k)
+        mark_only_lora_trainable(single, modules_to_save=heads)
+        val = evaluate(single, prep.val, batch_size=max(64, cfg.batch_size), pad_id=prep.pad_id)
+        # Its share of the packed training plus its own validation: the column still sums to the time spent.
+        wall = train_time / len(todo) + time.perf_counter() - t0
+        result = FitResult(tuple(step[k] for step in losses), val, len(losses), wall)
+        pack_info = {"pack": {"points": names, "index": k, "train_time_s": round(train_time, 3),
+                              "base_dropout": base_has_dropout(prep.template)}}
+        _write_point(out / p.name, single, p, prep, heads=heads, init_A=init_As[k], result=result,
+                     extra_metrics=pack_info)
+    return [out / p.name for p in points]
 
 
 def linear_probe(cfg: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
@@ -575,8 +717,28 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def run_sweep(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> SweepResult:
+def pack_groups(points: Sequence[GridPoint], *, size: int | None = None) -> list[list[GridPoint]]:
+    """Split ``points`` (in grid order) into packs: consecutive points of one weight set, at most ``size`` each
+    (``None``: all of a weight set's points in one pack)."""
+    groups: list[list[GridPoint]] = []
+    for p in points:
+        if groups and groups[-1][0].weight_set == p.weight_set and (size is None or len(groups[-1]) < size):
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
+
+
+def run_sweep(
+    cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, pack: bool = False,
+    pack_size: int | None = None,
+) -> SweepResult:
     """Train every unfinished grid point of ``cfg`` into ``out_dir`` (resumable; see the module docstring).
+
+    With ``pack`` the unfinished points of this process are trained in packs (:func:`pack_groups`,
+    :func:`train_pack`) instead of one by one; the files written are the same (see :func:`train_pack` for how
+    close the adapters are). Packing is how the points are executed, not part of the run's config, so a run
+    directory may be resumed with or without it.
 
     Everything that can fail on bad input (data, model, targets, ranks, a conflicting run directory) is checked
     before the first step, so a bad config leaves ``out_dir`` untouched.
@@ -589,6 +751,10 @@ def run_sweep(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = 
     points = grid_points(cfg, model=prep.template)
     check_points(cfg, points, prep.template)
     head_modules(cfg, prep.template, prep.task.kind)
+    if pack:
+        check_packable(cfg, points, prep.template)
+        if pack_size is not None and pack_size < 1:
+            raise UserError(f"--pack-size: must be >= 1, got {pack_size}")
     manifest = _manifest(cfg, points, prep)
     old = check_run_dir(out, manifest)
     if rank == 0:
@@ -604,11 +770,17 @@ def run_sweep(cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = 
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"grid (rank {rank})" if world > 1 else "grid",
                disable=not progress, dynamic_ncols=True)
     trained = []
-    for p in todo:
-        bar.set_postfix_str(p.name)
-        train_point(cfg, p, out, progress=progress)
-        trained.append(p.name)
-        bar.update(1)
+    if pack and rank == 0 and base_has_dropout(prep.template) and todo:
+        print(f"--pack: {prep.base_name} applies dropout of its own in training, so each packed adapter draws "
+              "other dropout masks than it would alone (same data, init and schedule)", file=sys.stderr)
+    for group in pack_groups(todo, size=pack_size) if pack else [[p] for p in todo]:
+        bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1}")
+        if pack:
+            train_pack(cfg, group, out, progress=progress)
+        else:
+            train_point(cfg, group[0], out, progress=progress)
+        trained.extend(p.name for p in group)
+        bar.update(len(group))
     bar.close()
     _barrier(world)
 
@@ -661,6 +833,21 @@ def build_parser() -> ArgumentParser:
                         help="torch CPU threads per process (default: all cores, divided among torchrun "
                              "processes); results are bitwise reproducible for a fixed thread count")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+    parser.add_argument(
+        "--pack", action="store_true",
+        help="train the unfinished grid points in packs, one routed forward/backward per step for the whole pack "
+             "(lora.packed): each adapter still sees exactly its own batches, A init, head init and lr schedule, "
+             "and the files written are the same, so a run started with or without --pack resumes either way "
+             "(an execution option, like --threads: not part of the run's config). Packed adapters equal "
+             "sequential ones within float tolerance, not bitwise, and only at --dropout 0 (refused otherwise) "
+             "on a base without dropout of its own (MiniLM has 0.1: a warning says so, and the adapters are then "
+             "equally valid but differently drawn). Not faster on a CPU (0.97-1.01x sequential, see "
+             "BENCHMARKS.md); it pays off where per-step overhead dominates (GPU). metrics.json's wall_time_s is "
+             "then the pack's training time / its size + the point's own validation. nn.Linear targets only "
+             "(not GPT-2's fused c_attn)")
+    parser.add_argument("--pack-size", type=int, metavar="K",
+                        help="with --pack: at most K points per pack (default: all unfinished points of a weight "
+                             "set in this process; smaller packs bound memory)")
     add_config_arguments(parser)
     return parser
 
@@ -682,9 +869,14 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     file_values = load_config_file(args.config) if args.config else None
     cfg = config_from_args(args, file_values)
+    if args.pack_size is not None and not args.pack:
+        raise UserError("--pack-size: needs --pack")
+    if args.pack and cfg.dropout > 0:
+        raise UserError(f"--pack: needs --dropout 0 (got {cfg.dropout}); packed adapters equal sequential ones "
+                        "only without LoRA dropout")
     _set_threads(args.threads, int(os.environ.get("WORLD_SIZE", "1")))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run_sweep(cfg, args.out, progress=not args.quiet)
+    result = run_sweep(cfg, args.out, progress=not args.quiet, pack=args.pack, pack_size=args.pack_size)
     if not args.quiet and result.summary_csv is not None:
         probe = result.linear_probe.get("val_metric")
         extra = f"; linear probe {probe:.4f}" if isinstance(probe, float) else ""

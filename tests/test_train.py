@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -268,3 +270,96 @@ def test_unloadable_model_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--model" in err
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- --pack
+@pytest.fixture(scope="module")
+def tiny_bert_no_dropout_dir(tmp_path_factory, minilm_path):
+    """The tiny BERT without dropout of its own: then nothing random is left in a step, so packed and sequential
+    training compute the same maths (a base with dropout draws other masks when packed; see train_pack)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    d = tmp_path_factory.mktemp("tiny_bert_no_dropout")
+    BertModel(cfg).save_pretrained(d)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
+    return str(d)
+
+
+def _assert_close_tensors(a: dict, b: dict, *, atol: float) -> float:
+    assert a.keys() == b.keys() and a
+    worst = 0.0
+    for k in a:
+        if k.split("/")[1] == "init.safetensors":  # A at step 0 is drawn, not computed: bitwise equal
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+            worst = max(worst, float((a[k] - b[k]).abs().max()))
+    return worst
+
+
+def _copy_run(src: Path, dst: Path, *, drop: Sequence[str]) -> None:
+    """A run interrupted after some points: the directory minus the adapters in ``drop`` (and the summary)."""
+    shutil.copytree(src, dst)
+    for name in drop:
+        shutil.rmtree(dst / name)
+    (dst / "summary.csv").unlink()
+
+
+# float32 training, 4 AdamW steps of lr 3e-3: a packed batch pads to the longest of the K batches and runs
+# larger products, so activations differ from the sequential ones by float32 rounding (~1e-7 relative). Adam's
+# update m/(sqrt(v)+eps) is about lr per element per step whatever the gradient's size, so rounding shows at most
+# as a small fraction of lr; a wrong batch, init, head draw or schedule changes elements by ~lr = 3e-3 or more.
+# atol 1e-5 sits between the two (the measured worst difference is printed by -s).
+PACK_ATOL = 1e-5
+
+
+def test_pack_gives_the_sequential_adapters_and_resumes_either_way(tiny_bert_no_dropout_dir, tmp_path, one_thread):
+    cfg = _tiny_cfg(tiny_bert_no_dropout_dir, ranks=(2, 4), seeds=(0, 1), linear_probe=False)
+    seq = run_sweep(cfg, tmp_path / "seq", progress=False)
+    packed = run_sweep(cfg, tmp_path / "packed", progress=False, pack=True, pack_size=3)  # packs of 3 and 1
+    assert packed.trained == seq.trained and len(seq.trained) == 4
+    worst = _assert_close_tensors(_tensors(tmp_path / "seq"), _tensors(tmp_path / "packed"), atol=PACK_ATOL)
+    print(f"packed vs sequential: max |diff| {worst:.2e}")
+    for name in seq.trained:
+        ms = json.loads((tmp_path / "seq" / name / "metrics.json").read_text())
+        mp = json.loads((tmp_path / "packed" / name / "metrics.json").read_text())
+        for key in ("point", "metric", "steps", "lora_params", "trainable_params", "total_params",
+                    "modules_to_save"):
+            assert ms[key] == mp[key], key
+        assert mp["train_loss"] == pytest.approx(ms["train_loss"], rel=1e-4)
+        assert mp["val_loss"] == pytest.approx(ms["val_loss"], rel=1e-4)
+        assert name in mp["pack"]["points"] and mp["pack"]["base_dropout"] is False and "pack" not in ms
+        cs = json.loads((tmp_path / "seq" / name / "adapter_config.json").read_text())
+        cp = json.loads((tmp_path / "packed" / name / "adapter_config.json").read_text())
+        assert cs == cp
+    assert len(json.loads((tmp_path / "packed" / "qv_r4_s1" / "metrics.json").read_text())["pack"]["points"]) == 1
+
+    # A sequential run resumed with --pack (through the CLI: the manifest's config must still match) ...
+    _copy_run(tmp_path / "seq", tmp_path / "seq_then_pack", drop=["qv_r2_s1", "qv_r4_s0"])
+    argv = ["--model", tiny_bert_no_dropout_dir, "--ranks", "2", "4", "--seeds", "0", "1", "--no-linear-probe",
+            *TINY, "--out", str(tmp_path / "seq_then_pack"), "--pack"]
+    assert main(argv) == 0
+    _assert_close_tensors(_tensors(tmp_path / "seq"), _tensors(tmp_path / "seq_then_pack"), atol=PACK_ATOL)
+    assert (tmp_path / "seq_then_pack" / "summary.csv").read_text().count("\n") == 5
+    # ... and a packed run resumed without it: the points trained now are the sequential ones, bitwise.
+    _copy_run(tmp_path / "packed", tmp_path / "pack_then_seq", drop=["qv_r2_s0", "qv_r4_s1"])
+    again = run_sweep(cfg, tmp_path / "pack_then_seq", progress=False)
+    assert again.trained == ("qv_r2_s0", "qv_r4_s1")
+    seq_t, mixed_t = _tensors(tmp_path / "seq"), _tensors(tmp_path / "pack_then_seq")
+    _assert_same_tensors({k: v for k, v in seq_t.items() if k.split("/")[0] in again.trained},
+                         {k: v for k, v in mixed_t.items() if k.split("/")[0] in again.trained})
+    assert (tmp_path / "pack_then_seq" / "summary.csv").read_text().count("\n") == 5
+
+
+@pytest.mark.parametrize("extra, needle", [(["--dropout", "0.1", "--pack"], "--pack"),
+                                           (["--pack-size", "2"], "--pack-size")])
+def test_pack_with_dropout_exits_2_with_one_line(tiny_bert_dir, tmp_path, capsys, extra, needle):
+    out = tmp_path / "run"
+    assert main(["--model", tiny_bert_dir, *BAD_BASE, "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert not out.exists()
