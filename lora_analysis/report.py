@@ -131,6 +131,11 @@ class Context:
 # --------------------------------------------------------------------------------------------- helpers
 
 
+def _lower_first(title: str) -> str:
+    """Lower-case a sentence's first word for use mid-sentence, but keep symbols such as ΔW_q intact."""
+    return title[0].lower() + title[1:] if title[:1].isascii() and title[1:2].islower() else title
+
+
 def _f(x: float, fmt: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(float(x), fmt)
 
@@ -504,7 +509,7 @@ def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[s
     lines += ["", "Verdict counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()), ""]
     failing = [c for c in claims if c.verdict == FAILS]
     if failing:
-        lines += ["**Does not hold here:** " + "; ".join(f"{c.title.lower()} ({c.ours})" for c in failing) + ".", ""]
+        lines += ["**Does not hold here:** " + "; ".join(f"{_lower_first(c.title)} ({c.ours})" for c in failing) + ".", ""]
     files = {Path(f).name for f in figure_files}
     for n, c in enumerate(claims, start=1):
         lines += [f"## {n}. {c.title}", "", f"- **Paper:** {c.paper}", f"- **Ours:** {c.ours}",
