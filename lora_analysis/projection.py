@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from lora_analysis.linalg import SVD, as_float64_matrix, factored_svd, top_singular
+from lora_analysis.linalg import SVD, as_float64_matrix, top_singular, weight_and_delta_svd
 
 __all__ = ["Table7Row", "projection_norm", "random_orthonormal", "table7_row"]
 
@@ -103,11 +103,7 @@ def table7_row(
         ``ΔW = α·u vᵀ`` with ``(u, σ, v)`` a singular triplet of ``W`` gives ``delta == σ`` and
         ``amplification == α / σ``.
     """
-    W = as_float64_matrix(W, name="W (d_out, d_in)")
-    dw = factored_svd(A, B, scaling=scaling)
-    if dw.U.shape[0] != W.shape[0] or dw.V.shape[0] != W.shape[1]:
-        raise ValueError(f"ΔW ({dw.U.shape[0]}, {dw.V.shape[0]}) from A {tuple(A.shape)}, B {tuple(B.shape)} "
-                         f"does not match W {tuple(W.shape)}")
+    W, dw = weight_and_delta_svd(W, A, B, scaling=scaling)
     k = dw.k if top is None else top
     if not 0 < k <= dw.k:
         raise ValueError(f"top={top} must be in 1..{dw.k} for A {tuple(A.shape)}, B {tuple(B.shape)}")

@@ -23,11 +23,11 @@ from torch import Tensor
 from lora_analysis.linalg import (
     SVD,
     as_float64_matrix,
-    factored_svd,
     left_singular_vectors,
     orthonormal_basis,
     right_singular_vectors,
     top_singular,
+    weight_and_delta_svd,
 )
 
 __all__ = [
@@ -226,11 +226,7 @@ def phi_weight_vs_delta(
     Returns:
         ``(i_max, j_max)`` φ grid. The paper finds values that "barely exceed 0.2".
     """
-    W = as_float64_matrix(W, name="W (d_out, d_in)")
-    dw = factored_svd(A, B, scaling=scaling)
-    if dw.U.shape[0] != W.shape[0] or dw.V.shape[0] != W.shape[1]:
-        raise ValueError(f"ΔW ({dw.U.shape[0]}, {dw.V.shape[0]}) from A {tuple(A.shape)}, B {tuple(B.shape)} "
-                         f"does not match W {tuple(W.shape)}")
+    W, dw = weight_and_delta_svd(W, A, B, scaling=scaling)
     j_max = dw.k if j_max is None else j_max
     if not 0 < j_max <= dw.k:
         raise ValueError(f"j_max={j_max} must be in 1..{dw.k} for A {tuple(A.shape)}, B {tuple(B.shape)}")
