@@ -155,16 +155,17 @@ def interpretation(cases: dict[str, dict]) -> list[str]:
             + ": the miss is within this shared machine's noise, not a measured added latency.")
     s7 = cases.get("section7_7b_shaped")
     if s7 and s7.get("met") is False:
+        rest = s7["ours_s"] - s7.get("w_top_svd_s", 0.0) - s7.get("w_generate_s", 0.0) - s7.get("load_s", 0.0)
         out.append(
             f"`section7_7b_shaped` ({s7['ours_s']:.0f} s against 60 s): W's top-64 by subspace iteration took "
             f"{s7.get('w_top_svd_s', float('nan')):.0f} s for all 64 matrices (a dense SVD took "
             f"{s7.get('exact_svd_one_W_s', float('nan')):.0f} s for one, "
             f"{s7.get('exact_svd_all_W_s_extrapolated', float('nan')):.0f} s for all, extrapolated); drawing the "
-            f"seeded W took {s7.get('w_generate_s', float('nan')):.0f} s. Most of the rest is input validation inside "
-            "`lora_analysis.projection.table7_row`: profiled at d = 4096, 0.66 s of its 0.87 s per row is three "
-            "`torch.isfinite` passes over the same 4096 × 4096 W (once in `table7_row`, once in each of its two "
-            "`projection_norm` calls), × 256 rows ≈ 170 s. Proposed to the analysis owner: check W once per "
-            "matrix (or a finite-sum fast path), which would bring this run to roughly 160 s on one busy thread.")
+            f"seeded W took {s7.get('w_generate_s', float('nan')):.0f} s (it stands in for reading W from disk). "
+            f"The remaining {rest:.0f} s are the {s7.get('table7_rows', 0):.0f} Table 7 rows (each makes two "
+            f"projections of a 4096 × 4096 W and one NaN/Inf check) and {s7.get('phi_layer_comparisons', 0):.0f} φ comparisons. An earlier run "
+            "spent about half its time re-checking W for NaN/Inf inside every Table 7 row; `table7_row` now checks "
+            "W once per row.")
     packed = [(n, c) for n, c in cases.items() if n.startswith("packed_sweep") and c.get("met") is False]
     if packed:
         figs = ", ".join(f"{1 / c['ratio']:.2f}x ({n})" for n, c in packed)
@@ -258,8 +259,8 @@ def render(results: Sequence[CaseResult], *, machine: dict[str, str], started: s
         "of the last hidden state, identical in every variant. LoRA on q and v (`query`, `value`), alpha = r, "
         "dropout 0. The frozen-base floor runs the same forward and backward with no adapter, no trainable "
         "parameter and no optimizer (the embedding output requires grad so the backward reaches layer 0).",
-        "- Threads: torch intra-op threads as given by `--threads` (see Machine). On this shared machine one "
-        "thread per process gave stable figures; two threads spent most of their time waiting for each other.",
+        "- Threads: torch intra-op threads as given by `--threads` (see Machine). On a busy shared machine "
+        "use 1 (two threads then spend most of their time waiting for each other); on an idle one, 2.",
         "- Inference: eval mode, `torch.inference_mode`, same batch; merged = ΔW folded into W0 by `merge_lora`.",
         "- Memory: see `benchmarks/memory.py` (fresh process per variant, kernel peak-RSS counter reset after "
         "loading, peak during 3 steps minus RSS before them).",
