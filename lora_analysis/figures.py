@@ -735,8 +735,10 @@ def save_figure(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
     try:
         for fmt in ("png", "pdf"):
             path = out / f"{name}.{fmt}"
+            # No creation date in the PDF: re-rendering the same tables gives byte-identical files.
+            metadata = {"CreationDate": None} if fmt == "pdf" else None
             with atomic_path(path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight")
+                fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight", metadata=metadata)
             paths.append(path)
     finally:
         plt.close(fig)
