@@ -35,13 +35,14 @@ with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import re
 import shutil
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -794,6 +795,24 @@ def load_loralib_checkpoint(
 # Base models and base weights
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers while a base model loads: no per-tensor "Loading weights" bar between our own bars,
+    and no "newly initialized ... train it on a downstream task" notice for a task head we train or never read."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bar_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_base_model(
     name_or_path: str | Path,
     *,
@@ -817,7 +836,7 @@ def load_base_model(
     if p.exists() and not (p.is_dir() and (p / "config.json").is_file()):
         raise UserError(f"{option} {p}: not a transformers model directory (no config.json)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_transformers():
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -202,29 +202,23 @@ def resolve_model_path(name: str) -> tuple[str, str]:
 
 def _load_model(cfg: TrainConfig, task: TaskData) -> tuple[nn.Module, Any, str, str]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from lora.adapter_io import quiet_transformers
 
     path, base_name = resolve_model_path(cfg.model)
-    verbosity = hf_logging.get_verbosity()
-    bar_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected: we train that head
-    hf_logging.disable_progress_bar()  # no per-tensor "Loading weights" bar between the trainer's bars
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if task.kind == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=task.num_labels, id2label=dict(enumerate(task.labels)),
-                label2id={lab: i for i, lab in enumerate(task.labels)},
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path)
+        with quiet_transformers():  # "newly initialized: classifier" is expected: we train that head
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if task.kind == "classification":
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=task.num_labels, id2label=dict(enumerate(task.labels)),
+                    label2id={lab: i for i, lab in enumerate(task.labels)},
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--model {cfg.model}: cannot load (offline, or not a model directory?): {first}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar_enabled:
-            hf_logging.enable_progress_bar()
     model.float()
     if tokenizer.pad_token_id is None:  # GPT-2 has no pad token: pad with eos (masked out anyway)
         tokenizer.pad_token = tokenizer.eos_token

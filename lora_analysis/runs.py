@@ -19,13 +19,12 @@ module.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora.adapter_io import quiet_transformers
 from lora.errors import UserError
 from lora.inject import layer_index
 from lora.layers import LoRAFactors
@@ -413,23 +413,6 @@ def _resolve_base(name: str) -> str:
     return resolve_model_path(name)[0]
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No per-tensor "Loading weights" progress bar from transformers while a base model loads."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        yield
-        return
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 class BaseWeights:
     """Base weights ``W0`` per module key (float64, ``(d_out, d_in)``) and their SVDs, each computed once.
 
@@ -490,7 +473,7 @@ class BaseWeights:
             # base_model_for picks the model class that owns the adapter's module paths (task head, LM head).
             shim = Adapter(path=adapter.path, config={**adapter.config, "base_model_name_or_path": target}, factors={})
             try:
-                with _quiet_transformers():
+                with quiet_transformers():
                     self._models[target] = base_model_for(shim, target if self.base is not None else None)
             except UserError as exc:
                 hint = "" if self.base is not None else "; pass --base PATH to use a local copy"
@@ -613,7 +596,7 @@ def ensure_default_run(
              "seeds": sorted(set(base.seeds) | {s for _, s in needed})},
             source="default run config",
         )
-    with _quiet_transformers():
+    with quiet_transformers():
         prep = trainer.prepare(cfg)
     points = trainer.grid_points(cfg, model=prep.template)
     by_key = {(p.rank, p.seed): p for p in points if _canon_set(p.weight_set) == "q,v"}
