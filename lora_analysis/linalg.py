@@ -116,17 +116,20 @@ def factored_svd(A: Tensor, B: Tensor, *, scaling: float = 1.0) -> SVD:
     return SVD(Q_B @ U_c, S, Q_A @ Vh_c.T)
 
 
-def weight_and_delta_svd(W: Tensor, A: Tensor, B: Tensor, *, scaling: float) -> tuple[Tensor, SVD]:
+def weight_and_delta_svd(
+    W: Tensor, A: Tensor, B: Tensor, *, scaling: float, name: str = "W"
+) -> tuple[Tensor, SVD]:
     """``W`` as a checked float64 matrix and the factored SVD of ``ΔW = s·B·A``, which must have ``W``'s shape.
 
     Args:
         W: ``(d_out, d_in)``; A: ``(r, d_in)``; B: ``(d_out, r)``; scaling: ``s``.
+        name: what the error messages call ``W`` (e.g. ``"W0"``).
     """
-    W = as_float64_matrix(W, name="W (d_out, d_in)")
+    W = as_float64_matrix(W, name=f"{name} (d_out, d_in)")
     dw = factored_svd(A, B, scaling=scaling)
     if dw.U.shape[0] != W.shape[0] or dw.V.shape[0] != W.shape[1]:
         raise ValueError(f"ΔW ({dw.U.shape[0]}, {dw.V.shape[0]}) from A {tuple(A.shape)}, B {tuple(B.shape)} "
-                         f"does not match W {tuple(W.shape)}")
+                         f"does not match {name} {tuple(W.shape)}")
     return W, dw
 
 

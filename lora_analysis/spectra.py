@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lora_analysis.linalg import SVD, as_float64_matrix, factored_svd, top_singular
+from lora_analysis.linalg import SVD, factored_svd, top_singular, weight_and_delta_svd
 
 __all__ = [
     "IntruderResult",
@@ -179,11 +179,7 @@ def intruder_dimensions(
         side: compare left (default, as PEFT) or right singular vectors.
         w0_svd: the full thin SVD of ``W0`` (all ``min(d_out, d_in)`` triplets).
     """
-    W0 = as_float64_matrix(W0, name="W0 (d_out, d_in)")
-    dw = factored_svd(A, B, scaling=scaling)
-    if dw.U.shape[0] != W0.shape[0] or dw.V.shape[0] != W0.shape[1]:
-        raise ValueError(f"ΔW ({dw.U.shape[0]}, {dw.V.shape[0]}) from A {tuple(A.shape)}, B {tuple(B.shape)} "
-                         f"does not match W0 {tuple(W0.shape)}")
+    W0, dw = weight_and_delta_svd(W0, A, B, scaling=scaling, name="W0")
     if not 0 < k <= min(W0.shape):
         raise ValueError(f"k={k} must be in 1..{min(W0.shape)} for W0 {tuple(W0.shape)}")
     if not 0 < threshold <= 1:
