@@ -17,20 +17,23 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    # The only way to read the umask is to set it; put it straight back.
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _tmp_sibling(path: Path, *, directory: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
         tmp = tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp gives 0700; a finished directory should follow the umask
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp gives 0700; a finished directory should follow the umask
         return Path(tmp)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     # mkstemp creates 0600 files; give the final artifact the permissions a plain open() would (umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(name, 0o666 & ~umask)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
 
 
