@@ -1,7 +1,7 @@
 """Linear-algebra cases: factored SVD of ΔW against a dense SVD, and a 7B-shaped Section 7 analysis.
 
 * ``svd_factored_vs_dense[...]``: singular triplets of ``ΔW = s·B·A`` from the factors
-  (:func:`lora_analysis.linalg.factored_svd`, QR of ``B`` and ``Aᵀ`` and an ``r × r`` SVD) against
+  (:func:`lora_analysis.metrics.linalg.factored_svd`, QR of ``B`` and ``Aᵀ`` and an ``r × r`` SVD) against
   ``torch.linalg.svd`` of the formed ``ΔW``, both float64. The error column is the largest difference of the
   top-r singular values relative to σ_1 and ``1 − min |cos|`` between matching singular vectors.
   Goal: speed-up >= 300x at 4096², r = 64.
@@ -33,7 +33,7 @@ def svd_case(d_out: int, d_in: int, r: int, *, reps: int, dense_reps: int = 1) -
     """Factored SVD against a dense SVD of the formed ΔW (float64). The dense side runs ``dense_reps`` times
     (seconds to minutes each); the factored side ``reps`` times, interleaved with the dense runs."""
     from lora.layers import delta_weight
-    from lora_analysis.linalg import factored_svd
+    from lora_analysis.metrics.linalg import factored_svd
 
     A, B = _factors(d_out, d_in, r, seed=d_out + d_in + r)
     s = 2.0
@@ -128,7 +128,7 @@ def top_svd_subspace(
     dominant directions, loose where singular values cluster (a random bulk edge), measured by
     :func:`section7_case` against a dense SVD.
     """
-    from lora_analysis.linalg import SVD
+    from lora_analysis.metrics.linalg import SVD
 
     g = torch.Generator().manual_seed(seed)
     m, n = W.shape
@@ -184,7 +184,7 @@ def section7_case(
 
     Four PEFT-layout adapters (``ranks`` × ``seeds``, q and v of ``n_layers`` layers, d × d) are written to a
     temporary directory; the timed part loads them through the analysis loader
-    (:func:`lora_analysis.runs.load_adapter_dir`), then layer by layer: W_q, W_v (seeded, generated in memory:
+    (:func:`lora_analysis.load.adapters.load_adapter_dir`), then layer by layer: W_q, W_v (seeded, generated in memory:
     a 7B base does not fit beside the rest on this machine), W's top-64 SVD once per matrix, shared by every rank
     and seed (:func:`top_svd_subspace`), Table 7 rows (:func:`lora_analysis.projection.table7_row` with that SVD)
     for all four adapters, and the φ grids r8 vs r64 (each seed) and seed 0 vs seed 1 at r64
@@ -193,9 +193,9 @@ def section7_case(
     The peer is the goal itself (``budget_s``): ``ratio = wall / budget``. With ``check_exact``, layer 0's W_q is
     also decomposed by a dense ``torch.linalg.svd`` (untimed) to measure the subspace iteration's error.
     """
-    from lora_analysis.projection import table7_row
-    from lora_analysis.runs import load_adapter_dir
-    from lora_analysis.tables import phi_table
+    from lora_analysis.metrics.projection import table7_row
+    from lora_analysis.load.adapters import load_adapter_dir
+    from lora_analysis.tables.build import phi_table
 
     k = max(ranks)
     with tempfile.TemporaryDirectory(prefix="bench-s7-") as tmp:

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import hashlib
-import io
 import os
 import platform
 import shutil
@@ -66,14 +64,11 @@ from lora.data import (
     tokenize,
 )
 from lora.errors import ArgumentParser, UserError, run_cli
-from lora.fsio import atomic_dir, write_json, write_text
+from lora.fsio import atomic_dir, write_json
+from lora import rundir
 from lora.inject import count_parameters, inject_lora, lora_modules, mark_only_lora_trainable, resolve_targets
 
 EMBEDDED_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")
-SUMMARY_COLUMNS = (
-    "name", "weight_set", "targets", "rank", "seed", "alpha", "metric", "val_metric", "val_loss",
-    "linear_probe_metric", "lora_params", "trainable_params", "total_params", "steps", "wall_time_s",
-)
 
 
 # ---------------------------------------------------------------------------------------------- the grid
@@ -627,7 +622,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _manifest(cfg: TrainConfig, points: Sequence[GridPoint], prep: Prepared) -> dict[str, Any]:
+def build_manifest(cfg: TrainConfig, points: Sequence[GridPoint], prep: Prepared) -> dict[str, Any]:
     t = prep.task
     return {
         "format": "lora-train-run/1",
@@ -642,53 +637,6 @@ def _manifest(cfg: TrainConfig, points: Sequence[GridPoint], prep: Prepared) -> 
         "versions": _versions(),
         "nested_init": not cfg.init_seed_per_rank,
     }
-
-
-def check_run_dir(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
-    """Refuse to mix runs: an existing run directory must hold a manifest with the same config, base weights and
-    data. Returns the existing manifest (or ``None`` for a new or empty directory)."""
-    path = out_dir / "manifest.json"
-    if path.exists():
-        import json
-
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise UserError(f"{path}: unreadable manifest: {exc}") from None
-        for key, what in (("config", "config"), ("base_fingerprint", "base model weights")):
-            if old.get(key) != manifest[key]:
-                raise UserError(f"--out {out_dir}: holds a run with a different {what}; choose another --out")
-        if old.get("task", {}).get("fingerprint") != manifest["task"]["fingerprint"]:
-            raise UserError(f"--out {out_dir}: holds a run on different data; choose another --out")
-        return old
-    if out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
-        raise UserError(f"--out {out_dir}: exists, is not empty and has no manifest.json; choose another --out")
-    return None
-
-
-def _read_summary_row(adapter_dir: Path, probe: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    m = json.loads((adapter_dir / "metrics.json").read_text(encoding="utf-8"))
-    p = m["point"]
-    return {
-        "name": p["name"], "weight_set": p["weight_set"], "targets": " ".join(p["targets"]), "rank": p["rank"],
-        "seed": p["seed"], "alpha": p["alpha"], "metric": m["metric"], "val_metric": m["val_metric"],
-        "val_loss": m["val_loss"], "linear_probe_metric": probe.get("val_metric", ""),
-        "lora_params": m["lora_params"], "trainable_params": m["trainable_params"],
-        "total_params": m["total_params"], "steps": m["steps"], "wall_time_s": m["wall_time_s"],
-    }
-
-
-def write_summary(out_dir: Path, points: Sequence[GridPoint], probe: dict[str, Any]) -> Path:
-    """``summary.csv``: one row per finished grid point, in grid order (atomic)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for p in points:
-        if (out_dir / p.name).is_dir():
-            writer.writerow(_read_summary_row(out_dir / p.name, probe))
-    return write_text(out_dir / "summary.csv", buf.getvalue())
 
 
 def _dist() -> tuple[int, int]:
@@ -749,14 +697,14 @@ def run_sweep(
         check_packable(cfg, points, prep.template)
         if pack_size is not None and pack_size < 1:
             raise UserError(f"--pack-size: must be >= 1, got {pack_size}")
-    manifest = _manifest(cfg, points, prep)
-    old = check_run_dir(out, manifest)
+    manifest = build_manifest(cfg, points, prep)
+    old = rundir.check_manifest_matches(out, manifest)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp-*"):  # left by a killed run: never a finished adapter
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         if old is None:
-            write_json(out / "manifest.json", manifest)
+            write_json(out / rundir.MANIFEST, manifest)
     _barrier(world)
 
     mine = points[rank::world]
@@ -781,15 +729,13 @@ def run_sweep(
     probe: dict[str, Any] = {}
     summary = None
     if rank == 0:
-        import json
-
-        current = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        current = rundir.read_manifest(out) or {}
         probe = current.get("linear_probe", {})
         if cfg.linear_probe and not probe:
             probe = linear_probe(cfg, progress=progress)
             current["linear_probe"] = probe
-            write_json(out / "manifest.json", current)
-        summary = write_summary(out, points, probe)
+            write_json(out / rundir.MANIFEST, current)
+        summary = rundir.write_summary(out, [p.name for p in points], probe)
     _barrier(world)
     if world > 1:
         import torch.distributed as dist
@@ -797,7 +743,94 @@ def run_sweep(
         dist.destroy_process_group()
     done = {p.name for p in todo}
     return SweepResult(out, tuple(out / p.name for p in points), tuple(trained),
-                       tuple(p.name for p in mine if p.name not in done), summary, out / "manifest.json", probe)
+                       tuple(p.name for p in mine if p.name not in done), summary, out / rundir.MANIFEST, probe)
+
+
+def ensure_adapters(
+    run_dir: str | os.PathLike,
+    ranks: Sequence[int],
+    seeds: Sequence[int],
+    *,
+    weight_set: str = "q,v",
+    progress: bool = True,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Make sure ``run_dir`` holds an adapter for every rank × seed of ``weight_set``, training only missing ones.
+
+    This is what an analysis command calls *before* it loads anything, so a bare
+    ``python -m lora_analysis.subspace --r1 8 --r2 64`` works on a fresh install (train -> load, one way).
+    A new run directory gets the trainer's default config (the Section 7 grid on the embedded default), extended
+    by any rank or seed asked for; only the points needed now are trained, and ``python -m lora.train --out
+    DIR`` later resumes the rest. An existing run keeps its own config. A line on stderr says what is trained.
+
+    Args:
+        run_dir: the run directory (usually :func:`lora.rundir.default_run_dir`).
+        ranks, seeds: the grid points needed.
+        weight_set: their weight set (the paper's ``"q,v"``).
+        progress: tqdm progress bars.
+        config: :class:`TrainConfig` fields for a new run (tests pass tiny settings).
+
+    Returns:
+        ``run_dir`` as a Path.
+
+    Raises:
+        UserError: a path that is a file, or an existing run whose grid lacks a needed rank or seed.
+    """
+    from tqdm.auto import tqdm
+
+    from lora.adapter_io import quiet_transformers
+
+    root = Path(run_dir)
+    needed = sorted({(int(r), int(s)) for r in ranks for s in seeds})
+    if root.is_file():
+        raise UserError(f"{root}: is a file; expected a run directory")
+    label = weight_set_label(weight_set)
+    if all((root / f"{label}_r{r}_s{s}").is_dir() for r, s in needed):
+        return root  # fast path: nothing to train, no model to load
+    manifest = rundir.read_manifest(root)
+    if manifest is not None:
+        if not isinstance(manifest.get("config"), dict):
+            raise UserError(f"{root / rundir.MANIFEST}: not a lora.train manifest (no config object)")
+        cfg = TrainConfig.from_dict(manifest["config"], source=str(root / rundir.MANIFEST))
+    else:
+        base = TrainConfig.from_dict(dict(config or {}), source="default run config")
+        if base.budget is not None:
+            raise UserError("default run config: --budget mode has no rank grid to add ranks to")
+        cfg = TrainConfig.from_dict(
+            {**base.to_dict(), "ranks": sorted(set(base.ranks or ()) | {r for r, _ in needed}),
+             "seeds": sorted(set(base.seeds) | {s for _, s in needed})},
+            source="default run config",
+        )
+    with quiet_transformers():
+        prep = prepare(cfg)
+    points = grid_points(cfg, model=prep.template)
+    wanted = parse_target_set(weight_set)
+    by_key = {(p.rank, p.seed): p for p in points if sorted(p.targets) == sorted(wanted)}
+    absent = [k for k in needed if k not in by_key]
+    if absent:
+        raise UserError(
+            f"{root}: this run's grid has {weight_set} ranks {sorted({r for r, _ in by_key})} and seeds "
+            f"{sorted({s for _, s in by_key})}; (rank, seed) {absent[0]} is not part of it "
+            f"(choose available ones, or pass --runs DIR for another run)"
+        )
+    todo = [by_key[k] for k in needed if not (root / by_key[k].name).is_dir()]
+    if not todo:
+        return root
+    manifest_new = build_manifest(cfg, points, prep)
+    old = rundir.check_manifest_matches(root, manifest_new)
+    root.mkdir(parents=True, exist_ok=True)
+    if old is None:
+        write_json(root / rundir.MANIFEST, manifest_new)
+    print(
+        f"{root}: training {len(todo)} missing adapter(s) ({', '.join(p.name for p in todo)}) on "
+        f"{cfg.model} / {cfg.task} first; `python -m lora.train --out {root}` resumes the rest of the grid",
+        file=sys.stderr,
+    )
+    for p in tqdm(todo, desc="training missing adapters", disable=not progress, dynamic_ncols=True):
+        train_point(cfg, p, root, progress=progress)  # an inner bar shows the optimizer steps
+    current = rundir.read_manifest(root) or {}
+    rundir.write_summary(root, [p.name for p in points], current.get("linear_probe", {}))
+    return root
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -819,8 +852,8 @@ grid under `torchrun --nproc_per_node N -m lora.train ...` (process i takes poin
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lora-train", description=DESCRIPTION,
                             formatter_class=lambda prog: _Formatter(prog, max_help_position=32))
-    parser.add_argument("--out", default="runs/default", metavar="DIR",
-                        help="run directory (default: runs/default); rerun to resume")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help=f"run directory (default: ${rundir.RUNS_ENV} or {rundir.DEFAULT_RUN_DIR}); rerun to resume")
     parser.add_argument("--config", metavar="FILE",
                         help="TOML or JSON file of the options below (keys = option names); flags override it")
     parser.add_argument("--threads", type=int, metavar="N",
@@ -870,7 +903,7 @@ def _main(argv: Sequence[str] | None) -> int:
                         "only without LoRA dropout")
     _set_threads(args.threads, int(os.environ.get("WORLD_SIZE", "1")))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run_sweep(cfg, args.out, progress=not args.quiet, pack=args.pack, pack_size=args.pack_size)
+    result = run_sweep(cfg, args.out or rundir.default_run_dir(), progress=not args.quiet, pack=args.pack, pack_size=args.pack_size)
     if not args.quiet and result.summary_csv is not None:
         probe = result.linear_probe.get("val_metric")
         extra = f"; linear probe {probe:.4f}" if isinstance(probe, float) else ""

@@ -6,11 +6,11 @@
    - ``<runs>``: ranks 1 2 4 8 64 × seeds 0 1 2 on {W_q, W_v} (Table 6, Figures 3, 4, 6–8, Table 7);
    - ``<runs>/table5``: the Table 5 weight sets {q} {k} {v} {o} {q,k} {q,v} {q,k,v,o} at one budget of LoRA
      parameters, the {W_q} r = 8 budget (so r = 8, 4, 2 for one, two, four weight types, as the paper).
-2. **Analyse** every adapter (:func:`lora_analysis.report.load_tables`), and run the quick planted-rank
-   validation (:mod:`lora_analysis.validate`) as a ground-truth check of the metrics.
-3. **Render** every figure and table into ``<out>`` (:func:`lora_analysis.figures.render_all`), the tidy tables
-   into ``<out>/tables``.
-4. **Report**: ``<out>/REPORT.md`` (:mod:`lora_analysis.report`).
+2. **Analyse** every adapter (:func:`lora_analysis.tables.cache.load_tables`), and run the quick planted-rank
+   validation (:mod:`lora_analysis.groundtruth.planted`) as a ground-truth check of the metrics.
+3. **Render** every figure and table into ``<out>`` (:func:`lora_analysis.render.figures.render_all`), the tidy
+   tables into ``<out>/tables``.
+4. **Judge and report**: ``<out>/REPORT.md`` and ``<out>/report.json`` (:mod:`lora_analysis.verdicts`).
 
 ``--quick`` is a smoke test of the same pipeline on a tiny grid (ranks 2 4, seeds 0 1, a few steps, no
 validation) into ``runs/quick`` and ``figures/quick`` unless ``--runs`` / ``--out`` say otherwise, so it never
@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora.errors import ArgumentParser, UserError, run_cli
+from lora import rundir
+from lora.errors import UserError
+from lora_analysis.cli import check_output_dir, entry_point, new_parser
 
 __all__ = ["GridPlan", "default_plan", "main", "quick_plan", "reproduce", "train_grid"]
 
@@ -50,7 +52,7 @@ class GridPlan:
 
 
 def default_plan() -> GridPlan:
-    """The paper's Section 7 grid on the embedded default (trainer defaults: MiniLM, chatterbot, 300 steps)."""
+    """The paper's Section 7 grid on the embedded default (trainer defaults: MiniLM, chatterbot, 200 steps)."""
     from lora.config import TABLE5_SETS
 
     return GridPlan(sweep={"targets": ("q,v",), "ranks": (1, 2, 4, 8, 64), "seeds": (0, 1, 2)},
@@ -82,7 +84,6 @@ def train_grid(plan: GridPlan, runs: Path, *, progress: bool = True) -> list[Pat
     """Train (or resume) the sweep into ``runs`` and the Table 5 run into ``runs/table5``; returns the run dirs."""
     from lora import train
     from lora.config import TrainConfig
-    from lora_analysis.report import TABLE5_SUBDIR
 
     sweep = TrainConfig.from_dict(plan.sweep, source="reproduce sweep")
     train.run_sweep(sweep, runs, progress=progress)  # first: its run dir must exist before table5/ is added to it
@@ -90,21 +91,21 @@ def train_grid(plan: GridPlan, runs: Path, *, progress: bool = True) -> list[Pat
     if plan.table5 is not None:
         budget = _budget(sweep, plan.table5_rank)
         t5 = TrainConfig.from_dict({**plan.table5, "budget": budget}, source="reproduce table5")
-        train.run_sweep(t5, runs / TABLE5_SUBDIR, progress=progress)
-        dirs.append(runs / TABLE5_SUBDIR)
+        train.run_sweep(t5, runs / rundir.TABLE5_SUBDIR, progress=progress)
+        dirs.append(runs / rundir.TABLE5_SUBDIR)
     return dirs
 
 
 def _validation(out: Path, *, quiet: bool) -> str:
     """Quick planted-rank validation: its text summary (also written to ``<out>/planted_rank.txt``)."""
     from lora.fsio import write_json, write_text
-    from lora_analysis import validate
+    from lora_analysis.groundtruth import planted
 
-    cfg = dataclasses.replace(validate.LayerConfig(), **validate.QUICK_LAYER)
-    res = validate.validate_layer(cfg, quiet=quiet)
-    text = validate.format_layer(res)
+    cfg = dataclasses.replace(planted.LayerConfig(), **planted.QUICK_LAYER)
+    res = planted.validate_layer(cfg, quiet=quiet)
+    text = planted.format_layer(res)
     write_text(out / "planted_rank.txt", text + "\n")
-    write_json(out / "planted_rank.json", validate._jsonable(res))
+    write_json(out / "planted_rank.json", planted.jsonable(res))
     return text
 
 
@@ -115,15 +116,15 @@ def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *
     Returns:
         The files written into ``out``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: tqdm.auto warns without ipywidgets in a notebook
 
-    from lora_analysis.report import analyse_and_render, check_run_dir
+    from lora_analysis.figures import analyse_and_render
+    from lora_analysis.tables.cache import check_run_dir
 
     runs, out = Path(runs), Path(out)
     if runs.exists() and not runs.is_dir():
         raise UserError(f"--runs {runs}: is a file, expected a run directory")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, expected a directory")
+    check_output_dir("--out", out)
     stages = tqdm(total=3, desc="reproduce", disable=quiet, unit="stage", position=0)
     if train:
         stages.set_postfix_str("train")
@@ -143,17 +144,19 @@ def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *
     return written
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(
-        prog="python -m lora_analysis.reproduce",
-        description="Reproduce Section 7 of the LoRA paper end to end: train or resume the default grid (ranks "
+def _run(argv: Sequence[str] | None = None) -> int:
+    """the main job"""
+    parser = new_parser(
+        "python -m lora_analysis.reproduce",
+        "Reproduce Section 7 of the LoRA paper end to end: train or resume the default grid (ranks "
                     "1 2 4 8 64 x seeds 0 1 2 on q,v, plus the Table 5 weight sets at one parameter budget), "
                     "analyse every adapter, render every figure and write REPORT.md. Rerunning resumes: finished "
                     "adapters are skipped.",
     )
     parser.add_argument("--runs", default=None, metavar="DIR",
-                        help="run directory (default: runs/default; with --quick runs/quick, so a smoke test never "
-                             "mixes with the real run); the Table 5 run goes to DIR/table5")
+                        help=f"run directory (default: ${rundir.RUNS_ENV} or {rundir.DEFAULT_RUN_DIR}; with --quick "
+                             f"{rundir.QUICK_RUN_DIR}, so a smoke test never mixes with the real run); the Table 5 "
+                             f"run goes to DIR/{rundir.TABLE5_SUBDIR}")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="figures, tables and REPORT.md (default: figures, the folder the README links to; "
                              "with --quick figures/quick)")
@@ -170,7 +173,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     plan = quick_plan() if args.quick else default_plan()
     if args.no_validation:
         plan = dataclasses.replace(plan, validation=False)
-    runs = Path(args.runs or ("runs/quick" if args.quick else "runs/default"))
+    runs = Path(args.runs) if args.runs else (rundir.QUICK_RUN_DIR if args.quick else rundir.default_run_dir())
     out = Path(args.out or ("figures/quick" if args.quick else "figures"))
     written = reproduce(plan, runs, out, quiet=args.quiet, train=not args.no_train)
     if not args.quiet:
@@ -178,10 +181,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lora_analysis.reproduce``: exit 0 on success, 2 with one line on bad input."""
-    return run_cli(_main, argv)
-
+main = entry_point(_run)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,9 +1,10 @@
 """Build (and optionally execute) the notebooks in this folder from the cell lists below (nbformat v4).
 
 The notebooks only call the library and show its results: no maths, no plotting helpers, no ``sys.path``
-changes, no unseeded randomness. Their first code cell is tagged ``parameters`` and sets ``RUN_DIR``: the
-default run (``../runs/default``, relative to this folder), or ``$LORA_RUN_DIR`` when set (the tests point it at
-a tiny run).
+changes, no unseeded randomness. Their first code cell is tagged ``parameters`` (papermill's convention) and sets
+``RUN_DIR`` to the default run (:func:`lora.rundir.default_run_dir`, seen from this folder) and any other inputs;
+:func:`execute` overrides them by inserting a cell after it, as papermill does (the tests point them at a tiny
+run).
 
     python notebooks/build_notebooks.py             # write the five .ipynb files (unexecuted)
     python notebooks/build_notebooks.py --execute   # write and execute them in place (figures embedded)
@@ -27,16 +28,20 @@ KERNEL = {"display_name": "Python 3", "language": "python", "name": "python3"}
 PARAMETERS = """\
 import os
 
-# The run to analyse: the default run written by `python -m lora_analysis.reproduce` (relative to notebooks/),
-# or the directory in $LORA_RUN_DIR.
-RUN_DIR = os.environ.get("LORA_RUN_DIR", "../runs/default")
+from lora.rundir import default_run_dir
+
+# The run to analyse: the default run of `python -m lora_analysis.reproduce` ($LORA_RUNS_DIR if set), seen from
+# notebooks/ (a relative path is relative to the repository root, one level up).
+RUN_DIR = os.path.join("..", default_run_dir())
 """
 
 SETUP = """\
 %matplotlib inline
-from lora_analysis import figures, report
+from lora_analysis.render import figures
+from lora_analysis.tables.cache import load_tables
+from lora_analysis.verdicts.claims import claims_table
 
-tables = report.load_tables(RUN_DIR, cache=True)  # analysed once per run, then read from RUN_DIR/analysis/
+tables = load_tables(RUN_DIR, cache=True)  # analysed once per run, then read from RUN_DIR/analysis/
 """
 
 
@@ -75,8 +80,8 @@ def subspace_similarity() -> nbformat.NotebookNode:
         new_code_cell('figures.draw("init_control", tables);'),
         new_markdown_cell("## Footnote 7: the same on $B$'s left singular vectors"),
         new_code_cell('figures.draw("figure3_B", tables);'),
-        new_markdown_cell("## The claims, measured (rules in `lora_analysis/report.py`)"),
-        new_code_cell('report.claims_table(tables, keys=["top", "noise", "intrinsic"])'),
+        new_markdown_cell("## The claims, measured (rules in `lora_analysis/verdicts/claims.py`)"),
+        new_code_cell('claims_table(tables, keys=["top", "noise", "intrinsic"])'),
     ])
 
 
@@ -101,7 +106,7 @@ def delta_w_vs_w() -> nbformat.NotebookNode:
         new_markdown_cell("## Beyond the paper: $\\Delta W$'s spectrum and effective rank"),
         new_code_cell('figures.draw("spectra", tables);'),
         new_markdown_cell("## The claims, measured"),
-        new_code_cell('report.claims_table(tables, keys=["amplification", "projection", "fig8"])'),
+        new_code_cell('claims_table(tables, keys=["amplification", "projection", "fig8"])'),
     ])
 
 
@@ -121,7 +126,7 @@ def rank_and_weight_types() -> nbformat.NotebookNode:
         new_code_cell('figures.tabulate("table5", tables)'),
         new_code_cell('figures.draw("table5", tables);'),
         new_markdown_cell("## The claims, measured"),
-        new_code_cell('report.claims_table(tables, keys=["flat", "table5"])'),
+        new_code_cell('claims_table(tables, keys=["flat", "table5"])'),
     ])
 
 
@@ -134,11 +139,13 @@ def your_own_adapters() -> nbformat.NotebookNode:
             "a run of `python -m lora.train`). The base model is read from each adapter's "
             "`base_model_name_or_path`. Every figure the adapters allow is drawn: two ranks at one seed give "
             "Figure 3, two seeds at one rank give Figure 4, and so on; the rest say what is missing."),
-        _params(PARAMETERS + '\nADAPTER_DIR = os.environ.get("LORA_ADAPTER_DIR", RUN_DIR)\n'
-                             'OUT_DIR = os.environ.get("LORA_OUT_DIR", "../figures/your_adapters")\n'),
-        new_code_cell("%matplotlib inline\nfrom lora_analysis import figures, report\n\n"
+        _params(PARAMETERS + '\nADAPTER_DIR = RUN_DIR  # your folder of adapters\n'
+                             'OUT_DIR = "../figures/your_adapters"  # where the figures and REPORT.md go\n'),
+        new_code_cell("%matplotlib inline\nfrom lora_analysis.render import figures, report_md\n"
+                      "from lora_analysis.tables.cache import load_tables\n"
+                      "from lora_analysis.verdicts.claims import claims_table\n\n"
                       "# cache the analysis only in our own run directories, never in someone else's adapters\n"
-                      "tables = report.load_tables(ADAPTER_DIR, cache=ADAPTER_DIR == RUN_DIR)\n"
+                      "tables = load_tables(ADAPTER_DIR, cache=ADAPTER_DIR == RUN_DIR)\n"
                       "{name: len(table) for name, table in tables.items()}"),
         new_code_cell('figures.draw("figure3", tables);'),
         new_code_cell('figures.draw("figure4", tables);'),
@@ -146,8 +153,8 @@ def your_own_adapters() -> nbformat.NotebookNode:
         new_code_cell('figures.tabulate("table7", tables)'),
         new_markdown_cell("## Every figure, the tables and REPORT.md, written to `OUT_DIR`"),
         new_code_cell("written = figures.render_all(tables, OUT_DIR)\n"
-                      "report_path = report.write_report(tables, OUT_DIR, setup=report.setup_from_run(ADAPTER_DIR))\n"
-                      "report.claims_table(tables)"),
+                      "report_path = report_md.write_report(tables, OUT_DIR, setup=report_md.setup_from_run(ADAPTER_DIR))\n"
+                      "claims_table(tables)"),
     ])
 
 
@@ -158,14 +165,15 @@ def planted_rank() -> nbformat.NotebookNode:
             "A rank-$K$ update $\\Delta W^*$ is planted into one real all-MiniLM-L6-v2 weight, LoRA students of two "
             "ranks and two seeds are trained on real chatterbot-corpus inputs to reproduce it, and the Section 7 "
             "metrics must find $K$ again: $\\phi(i, i) \\approx 1$ for $i \\le K$ between ranks and seeds, then "
-            "falling to the random baseline (see `lora_analysis/validate.py`). Everything is seeded."),
+            "falling to the random baseline (see `lora_analysis/groundtruth/planted.py`). Everything is seeded."),
         _params(PARAMETERS + '\n# Students\' size: the quick test-suite size by default; the tests shrink it further.\n'
-                             'STEPS = int(os.environ.get("LORA_VALIDATE_STEPS", 200))\n'
-                             'TEXTS = int(os.environ.get("LORA_VALIDATE_TEXTS", 160))\n'),
-        new_code_cell("%matplotlib inline\nfrom lora_analysis import figures, validate\n\n"
-                      "cfg = validate.LayerConfig(ranks=(8, 16), steps=STEPS, texts=TEXTS)\n"
-                      "result = validate.validate_layer(cfg)\n"
-                      "print(validate.format_layer(result))"),
+                             'STEPS = 200\n'
+                             'TEXTS = 160\n'),
+        new_code_cell("%matplotlib inline\nfrom lora_analysis.groundtruth import planted\n"
+                      "from lora_analysis.render import figures\n\n"
+                      "cfg = planted.LayerConfig(ranks=(8, 16), steps=STEPS, texts=TEXTS)\n"
+                      "result = planted.validate_layer(cfg)\n"
+                      "print(planted.format_layer(result))"),
         new_code_cell("figures.planted_rank(result);"),
     ])
 
@@ -191,13 +199,26 @@ def build(out_dir: Path = HERE) -> list[Path]:
     return paths
 
 
-def execute(path: Path, *, timeout: int = 1800) -> None:
-    """Execute one notebook in place (working directory: its folder), atomically."""
+def inject_parameters(nb: nbformat.NotebookNode, parameters: dict) -> None:
+    """Override the ``parameters`` cell's values as papermill does: a cell tagged ``injected-parameters`` right
+    after it assigns each name."""
+    if not parameters:
+        return
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    source = "# Parameters injected at execution\n" + "".join(f"{k} = {v!r}\n" for k, v in parameters.items())
+    nb.cells.insert(index + 1, new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+
+
+def execute(path: Path, *, timeout: int = 1800, parameters: dict | None = None) -> None:
+    """Execute one notebook in place (working directory: its folder), atomically; ``parameters`` override the
+    values of its ``parameters`` cell (only the names it defines)."""
     from nbclient import NotebookClient
 
     from lora.fsio import write_text
 
     nb = nbformat.read(path, as_version=4)
+    params_cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    inject_parameters(nb, {k: v for k, v in (parameters or {}).items() if f"{k} =" in params_cell.source})
     NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     write_text(path, nbformat.writes(nb))
 
@@ -205,7 +226,7 @@ def execute(path: Path, *, timeout: int = 1800) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--execute", action="store_true",
-                        help="also execute each notebook in place against RUN_DIR (default run, or $LORA_RUN_DIR)")
+                        help="also execute each notebook in place against RUN_DIR (the default run, $LORA_RUNS_DIR if set)")
     parser.add_argument("--out", type=Path, default=HERE, help="folder to write into (default: this folder)")
     args = parser.parse_args(argv)
     for path in build(args.out):

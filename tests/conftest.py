@@ -14,6 +14,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread per test: the tests' matrices are small, and on a busy 2-core machine two threads wait for
+    each other (about 5x slower per unit of work when tried)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def seed() -> int:
     torch.manual_seed(0)

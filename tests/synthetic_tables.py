@@ -1,4 +1,4 @@
-"""Synthetic tables that follow the tables.md schemas exactly, with structure the tests control.
+"""Synthetic tables that follow the schemas of lora_analysis.tables.build.COLUMNS exactly, with structure the tests control.
 
 Used by tests/test_figures.py and tests/test_report.py: the renderers and the report's verdict logic are
 tested on tables whose "truth" is set here (e.g. φ(1, 1) = ``top``), independent of any training run.

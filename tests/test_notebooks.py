@@ -40,16 +40,16 @@ def test_notebooks_only_call_the_library(name):
 
 @pytest.mark.slow
 def test_notebooks_execute(runs, tmp_path, monkeypatch):
-    monkeypatch.setenv("LORA_RUN_DIR", str(runs))
-    monkeypatch.setenv("LORA_OUT_DIR", str(tmp_path / "out"))
-    monkeypatch.setenv("LORA_VALIDATE_STEPS", "10")  # the planted-rank students: a smoke size
-    monkeypatch.setenv("LORA_VALIDATE_TEXTS", "24")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    parameters = {"RUN_DIR": str(runs), "ADAPTER_DIR": str(runs), "OUT_DIR": str(tmp_path / "out"),
+                  "STEPS": 10, "TEXTS": 24}  # the planted-rank students at a smoke size
     for path in build_notebooks.build(tmp_path):
-        build_notebooks.execute(path, timeout=300)
+        build_notebooks.execute(path, timeout=300, parameters=parameters)
         nb = nbformat.read(path, as_version=4)
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
         assert not [o for o in outputs if o.output_type == "error"], path.name
+        stderr = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr"]
+        assert not [t for t in stderr if "Warning" in t or "Loading weights" in t], (path.name, stderr)
         images = [o for o in outputs if "image/png" in o.get("data", {})]
         assert images, f"{path.name}: no figure shown"
     assert (tmp_path / "out" / "REPORT.md").is_file()  # notebook 04 wrote the report for "your" adapters

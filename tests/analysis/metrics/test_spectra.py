@@ -1,4 +1,4 @@
-"""lora_analysis.spectra: effective ranks on analytic spectra; intruder dimensions against PEFT's reference."""
+"""lora_analysis.metrics.spectra: effective ranks on analytic spectra; intruder dimensions against PEFT's reference."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lora_analysis.linalg import top_singular
-from lora_analysis.spectra import (
+from lora_analysis.metrics.linalg import top_singular
+from lora_analysis.metrics.spectra import (
     IntruderResult,
     energy_rank,
     entropy_effective_rank,

@@ -1,4 +1,4 @@
-"""The two analysis CLIs, `python -m lora_analysis.subspace` and `python -m lora_analysis.projection`.
+"""The analysis commands: `python -m lora_analysis.subspace`, `.projection` and `.figures`.
 
 Every bad input must give exit status 2 and exactly one stderr line naming the file/option (and module), with no
 traceback, and must leave an existing --json file untouched. Most cases call ``main(argv)`` in-process (the same
@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_runs import _one_thread, make_adapter, tiny_train_setup  # noqa: F401  (_one_thread: autouse fixture)
+from tiny_models import make_adapter, tiny_train_setup
 
-from lora_analysis import projection, subspace
-from lora_analysis.runs import BaseWeights, load_run_adapter
-from lora_analysis.subspace import init_control, subspace_similarity
-from lora_analysis.tables import table7_table
+from lora_analysis import figures, projection, subspace
+from lora_analysis.load.adapters import load_run_adapter
+from lora_analysis.load.base import BaseWeights
+from lora_analysis.metrics.projection import table7_row
+from lora_analysis.metrics.subspace import init_control, subspace_similarity
 
 KEY = "bert.encoder.layer.1.attention.self.query"  # the trainer adapts a task model (BertForSequenceClassification)
 SENTINEL = '{"keep": "me"}\n'
@@ -34,7 +35,7 @@ def trained(tmp_path_factory) -> Path:
     """A real run of the trainer (Python API) on a tiny BERT and a 40-line CSV: q,v at ranks 2, 4 x seeds 0, 1."""
     from lora.config import TrainConfig
     from lora.train import run_sweep
-    from lora_analysis.tables import torch_threads
+    from lora_analysis.tables.build import torch_threads
 
     root = tmp_path_factory.mktemp("cli")
     config = tiny_train_setup(root)
@@ -197,12 +198,14 @@ def test_projection_run_point_json(run, tmp_path, capsys):
     assert "amplification" in out and KEY in out
     doc = json.loads(js.read_text())
     a = load_run_adapter(run, rank=4, seed=1)
-    ref = table7_table(a, BaseWeights())
-    assert set(doc["modules"]) == set(ref["module"])
+    assert set(doc["modules"]) == set(a.factors)
     m = doc["modules"][KEY]
-    row = ref[ref.module == KEY].iloc[0]
-    for col in ("delta", "weight", "random", "w_norm", "dw_norm", "amplification"):
-        assert m[col] == pytest.approx(row[col], rel=1e-12)
+    f = a.factors[KEY]
+    # checked against the metric called directly, not against the table function the command itself uses
+    row = table7_row(BaseWeights().weights(a, [KEY])[KEY], f.A, f.B, scaling=f.scaling)
+    for col in ("delta", "weight", "w_norm", "dw_norm", "amplification"):
+        assert m[col] == pytest.approx(getattr(row, col), rel=1e-12)
+    assert 0 < m["random"] < m["weight"]  # a random pair's projection (its own seed) lies below W's top one
     assert m["top"] == 4 and m["amplification"] == pytest.approx(m["dw_norm"] / m["delta"])
 
 
@@ -286,3 +289,25 @@ def test_help_explains_the_metrics(capsys):
         out = capsys.readouterr().out
         for w in words:
             assert w in out
+
+
+# ------------------------------------------------------------------------------------------- figures
+def test_cli_bad_inputs_exit_2(tmp_path, capsys):
+    assert figures.main(["--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--runs" in err and "missing" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert figures.main(["--runs", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "empty" in capsys.readouterr().err
+    afile = tmp_path / "f.txt"
+    afile.write_text("x")
+    assert figures.main(["--runs", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    nothing = tmp_path / "nothing"
+    (nothing / "sub").mkdir(parents=True)
+    assert figures.main(["--runs", str(nothing), "--out", str(tmp_path / "o")]) == 2
+    assert "adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        figures.main(["--bogus"])
+    assert exc.value.code == 2

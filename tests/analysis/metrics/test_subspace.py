@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.linalg import subspace_angles
 
-from lora_analysis.linalg import factored_svd, right_singular_vectors, top_singular
-from lora_analysis.subspace import (
+from lora_analysis.metrics.linalg import factored_svd, right_singular_vectors, top_singular
+from lora_analysis.metrics.subspace import (
     InitControl,
     grassmann_distance,
     init_control,
@@ -192,7 +192,7 @@ def test_subspace_similarity_bad_input():
 
 
 def test_shared_dimensions_counts_planted_overlap():
-    from lora_analysis.subspace import shared_dimensions
+    from lora_analysis.metrics.subspace import shared_dimensions
 
     d, K = 200, 3
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""lora_analysis.linalg: factored SVD against a dense SVD of the formed ΔW, the W-SVD cache, bases, bad input."""
+"""lora_analysis.metrics.linalg: factored SVD against a dense SVD of the formed ΔW, the W-SVD cache, bases, bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora.layers import delta_weight
-from lora_analysis.linalg import (
+from lora_analysis.metrics.linalg import (
     SVD,
     WeightSVDCache,
     factored_svd,

@@ -1,7 +1,7 @@
 """Exact float64 linear algebra for LoRA updates: factored SVD, cached SVD of W, orthonormal bases.
 
 A LoRA update ``ΔW = s · B A`` (``B (d_out, r)``, ``A (r, d_in)``) has rank at most ``r``. Its singular
-triplets follow exactly from the factors, without forming the ``(d_out, d_in)`` matrix (DESIGN.md, Numerics)::
+triplets follow exactly from the factors, without forming the ``(d_out, d_in)`` matrix::
 
     B = Q_B R_B,  Aᵀ = Q_A R_A          (reduced QR; Q_B (d_out, r), Q_A (d_in, r))
     ΔW = Q_B (s R_B R_Aᵀ) Q_Aᵀ          (an r × r core)

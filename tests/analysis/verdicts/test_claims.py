@@ -1,4 +1,4 @@
-"""Verdict logic of lora_analysis.report on synthetic tables whose Section 7 structure is set by the test."""
+"""Verdict logic of lora_analysis.verdicts.claims (and the REPORT.md writer) on synthetic tables whose Section 7 structure is set by the test."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import pytest
 from synthetic_tables import synthetic_tables
 
-from lora_analysis import report as R
+from lora.errors import UserError
+from lora_analysis.render import report_md
+from lora_analysis.verdicts import claims as R
 
 KEYS = ["top", "noise", "intrinsic", "amplification", "projection", "fig8", "flat", "table5"]
 
@@ -82,13 +84,13 @@ def test_write_report(paper_like, tmp_path):
                          "n_val": 5},
                 "config": {"ranks": [2, 8, 32], "seeds": [0, 1], "steps": 300, "lr": 0.001}, "nested_init": True}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    setup = R.setup_from_run(tmp_path)
+    setup = report_md.setup_from_run(tmp_path)
     assert "all-MiniLM-L6-v2" in setup["base model"] and "nested" in setup["initialisation"]
-    path = R.write_report(paper_like, tmp_path, setup=setup, validation="layer level: PASSED")
+    path = report_md.write_report(paper_like, tmp_path, setup=setup, validation="layer level: PASSED")
     text = path.read_text()
     assert path.name == "REPORT.md"
     assert text.count("**holds**") >= len(KEYS)
-    assert "21.5" in text and "0.32" in text and "73.4" in text  # the paper's numbers from DESIGN.md
+    assert "21.5" in text and "0.32" in text and "73.4" in text  # the paper's numbers (arXiv v2)
     assert "[figure3](figure3.png)" in text and "[table6.md](table6.md)" in text
     assert "A − A_init" in text and "layer level: PASSED" in text
     assert "chatterbot" in text
@@ -97,12 +99,5 @@ def test_write_report(paper_like, tmp_path):
 
 def test_report_says_plainly_what_fails(tmp_path):
     t = synthetic_tables(layers=(0, 1), ranks=(2, 8), top=0.2)
-    text = R.write_report(t, tmp_path).read_text()
+    text = report_md.write_report(t, tmp_path).read_text()
     assert "**Does not hold here:**" in text and "top singular direction" in text
-
-
-def test_check_run_dir(tmp_path):
-    with pytest.raises(R.UserError, match="no such directory"):
-        R.check_run_dir(tmp_path / "nope")
-    with pytest.raises(R.UserError, match="empty"):
-        R.check_run_dir(tmp_path)

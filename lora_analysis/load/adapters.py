@@ -1,4 +1,4 @@
-"""Find and load LoRA adapters for analysis: the only place where :mod:`lora_analysis` reads files.
+"""Find and load LoRA adapters for analysis (with :mod:`lora_analysis.load.base`, the analysis's only file reads).
 
 Three sources, one result type (:class:`LoadedAdapter`, factors upcast to float64):
 
@@ -9,9 +9,8 @@ Three sources, one result type (:class:`LoadedAdapter`, factors upcast to float6
 
 Fused GPT-2 ``c_attn`` updates come back as separate ``<path>:q`` / ``<path>:v`` module keys
 (:func:`lora.adapter_io.load_adapter` splits them). The base weights ``W0`` come from the adapter's
-``base_model_name_or_path`` (the embedded default id maps to the installed package, anything else is a local
-directory or a hub id) or from an explicit ``base``; :class:`BaseWeights` loads each base model once and shares one
-:class:`~lora_analysis.linalg.WeightSVDCache`, so W's SVD is computed once per weight matrix for every rank and seed.
+``base_model_name_or_path`` or an explicit ``base``: see :class:`lora_analysis.load.base.BaseWeights`. The
+run-directory format itself (manifest, summary, default directory) belongs to :mod:`lora.rundir`.
 
 Every bad input raises :class:`lora.errors.UserError` with one line naming the file and, where it applies, the
 module.
@@ -19,47 +18,35 @@ module.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lora.adapter_io import quiet_transformers
 from lora.errors import UserError
 from lora.inject import layer_index
 from lora.layers import LoRAFactors
+from lora.rundir import read_json_object, read_manifest
 
 __all__ = [
-    "DEFAULT_RANKS",
-    "DEFAULT_SEEDS",
-    "RUNS_ENV",
     "AdapterEntry",
-    "BaseWeights",
     "LoadedAdapter",
     "RunIndex",
-    "default_run_dir",
-    "ensure_default_run",
     "index_run",
     "load_adapter_dir",
     "load_any",
     "load_loralib",
     "load_run_adapter",
     "module_layer",
-    "nearest",
     "weight_type",
 ]
 
-RUNS_ENV = "LORA_RUNS_DIR"  # overrides the default run directory (runs/default under the current directory)
-DEFAULT_RANKS = (8, 64)  # Figure 3: r=8 against r=64
-DEFAULT_SEEDS = (0, 1)  # Figure 4: two seeds at r=64
 CONFIG_NAME = "adapter_config.json"
 _SHORT = {
     "query": "q", "key": "k", "value": "v", "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
@@ -93,13 +80,6 @@ def module_layer(module_key: str) -> int:
 def _weight_set_of(keys: Iterable[str]) -> str:
     types = sorted({weight_type(k) for k in keys}, key=lambda t: (_ORDER.get(t, 9), t))
     return ",".join(types)
-
-
-def nearest(wanted: int, available: Sequence[int]) -> int:
-    """The value of ``available`` closest to ``wanted`` (ties go to the smaller one)."""
-    if not available:
-        raise ValueError("nearest: nothing available")
-    return min(available, key=lambda a: (abs(a - wanted), a))
 
 
 # ---------------------------------------------------------------------------------------------- loaded adapters
@@ -327,22 +307,9 @@ def _canon_set(spec: str) -> str:
     return ",".join(parts)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text (invalid JSON)") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-
-
 def _entry(adapter_dir: Path) -> AdapterEntry:
     cfg_path = adapter_dir / CONFIG_NAME
-    cfg = _read_json(cfg_path)
-    if not isinstance(cfg, dict):
-        raise UserError(f"{cfg_path}: expected a JSON object")
+    cfg = read_json_object(cfg_path)
     r = cfg.get("r")
     if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
         raise UserError(f"{cfg_path}: r must be a positive integer, got {r!r}")
@@ -383,12 +350,7 @@ def index_run(run_dir: str | os.PathLike) -> RunIndex:
     if not entries:
         what = "is empty" if not any(root.iterdir()) else "holds no adapter directory (none has adapter_config.json)"
         raise UserError(f"{root}: run directory {what}")
-    manifest: dict[str, Any] = {}
-    if (root / "manifest.json").is_file():
-        m = _read_json(root / "manifest.json")
-        if not isinstance(m, dict):
-            raise UserError(f"{root / 'manifest.json'}: expected a JSON object")
-        manifest = m
+    manifest = read_manifest(root) or {}
     entries.sort(key=lambda e: (e.weight_set, e.rank, -1 if e.seed is None else e.seed, e.name))
     return RunIndex(root=root, entries=tuple(entries), manifest=manifest)
 
@@ -402,226 +364,3 @@ def load_run_adapter(
     return load_adapter_dir(entry.path)
 
 
-# ---------------------------------------------------------------------------------------------- base weights
-def _resolve_base(name: str) -> str:
-    """The path to load for a recorded base name: the embedded default id maps to the installed package's
-    directory (no hub needed); a local directory stays; anything else is a hub id for ``from_pretrained``."""
-    try:
-        from lora.train import resolve_model_path
-    except ImportError:  # the trainer is optional for analysis
-        return name
-    return resolve_model_path(name)[0]
-
-
-class BaseWeights:
-    """Base weights ``W0`` per module key (float64, ``(d_out, d_in)``) and their SVDs, each computed once.
-
-    One instance serves a whole analysis: each base model is loaded once (keyed by its resolved path), each
-    ``W0`` is extracted once, and :attr:`svd` (a :class:`~lora_analysis.linalg.WeightSVDCache`) gives W's SVD
-    shared by every rank and seed that adapts it.
-
-    Args:
-        base: a base model directory or hub id that overrides every adapter's ``base_model_name_or_path``
-            (the ``--base`` option), or a loaded ``nn.Module``.
-    """
-
-    def __init__(self, base: str | os.PathLike | nn.Module | None = None) -> None:
-        from lora_analysis.linalg import WeightSVDCache
-
-        self.base = base
-        self.svd = WeightSVDCache()
-        self._models: dict[str, nn.Module] = {}
-        self._weights: dict[tuple[str, str], Tensor] = {}
-        self._checked: set[tuple[str, str]] = set()  # (base, adapter fingerprint) pairs already compared
-        self._svd_memo: dict[str, tuple[Tensor, Any]] = {}
-
-    def _check_fingerprint(self, name: str, model: nn.Module, adapter: LoadedAdapter) -> None:
-        """Warn (once per base and fingerprint) if ``base_fingerprint`` recorded by the trainer does not match the
-        loaded base: shapes may agree while the weights differ (another checkpoint), and every W-vs-ΔW number
-        would then describe a base the adapter never saw."""
-        from lora.adapter_io import base_fingerprint
-
-        recorded = adapter.config.get("base_fingerprint")
-        if not recorded or (name, recorded) in self._checked:
-            return
-        self._checked.add((name, recorded))
-        paths = sorted({k.partition(":")[0] for k in adapter.factors})
-        try:
-            actual = base_fingerprint(model, module_paths=paths)
-        except (AttributeError, ValueError, KeyError):  # paths named differently in this model class: cannot compare
-            return
-        if actual != recorded:
-            print(f"warning: {adapter.path}: the base weights in {name} differ from those it was trained on "
-                  f"(base_fingerprint); W-vs-ΔW results describe {name}", file=sys.stderr)
-
-    def _model_for(self, adapter: LoadedAdapter) -> tuple[str, nn.Module]:
-        from lora.adapter_io import Adapter, base_model_for
-
-        if isinstance(self.base, nn.Module):
-            return "<model>", self.base
-        if self.base is not None:
-            p = Path(self.base)
-            if p.is_file():
-                raise UserError(f"--base {self.base}: is a file; expected a transformers model directory")
-            name = str(self.base)
-        elif adapter.base_model:
-            name = adapter.base_model
-        else:
-            raise UserError(f"{adapter.path}: records no base_model_name_or_path; pass --base PATH")
-        target = _resolve_base(name)
-        if target not in self._models:
-            # base_model_for picks the model class that owns the adapter's module paths (task head, LM head).
-            shim = Adapter(path=adapter.path, config={**adapter.config, "base_model_name_or_path": target}, factors={})
-            try:
-                with quiet_transformers():
-                    self._models[target] = base_model_for(shim, target if self.base is not None else None)
-            except UserError as exc:
-                hint = "" if self.base is not None else "; pass --base PATH to use a local copy"
-                raise UserError(f"{exc}{hint}") from None
-        return target, self._models[target]
-
-    def weights(self, adapter: LoadedAdapter, keys: Iterable[str] | None = None) -> dict[str, Tensor]:
-        """``{module key: W0}`` for ``keys`` (default: every module of ``adapter``), checked against the factors.
-
-        Raises:
-            UserError: naming the adapter and module if a module is missing from the base model or ``W0``'s shape
-                does not match ``(B.shape[0], A.shape[1])``.
-        """
-        from lora.adapter_io import load_base_weights
-
-        keys = list(adapter.factors) if keys is None else list(keys)
-        name, model = self._model_for(adapter)
-        missing = [k for k in keys if (name, k) not in self._weights]
-        if missing:
-            from lora.adapter_io import Adapter
-
-            shim = Adapter(path=adapter.path, config=adapter.config, factors={})
-            got = load_base_weights(shim, missing, base=model)
-            for k, W in got.items():
-                W = W.to(torch.float64)
-                if not bool(torch.isfinite(W).all()):
-                    raise UserError(f"base model {name}: module {k}: weight contains NaN or Inf")
-                self._weights[(name, k)] = W
-        out = {}
-        for k in keys:
-            W = self._weights[(name, k)]
-            f = adapter.factors.get(k)
-            if f is not None and tuple(W.shape) != (f.B.shape[0], f.A.shape[1]):
-                raise UserError(
-                    f"{adapter.path}: module {k}: ΔW is ({f.B.shape[0]}, {f.A.shape[1]}) but the base weight is "
-                    f"{tuple(W.shape)} in {name}: adapter and base model do not match"
-                )
-            out[k] = W
-        self._check_fingerprint(name, model, adapter)  # after the shape checks: a misfit base is an error, not a warning
-        return out
-
-    def w_svd(self, key: str, W: Tensor):
-        """The full thin SVD of ``W`` (cached; slice it with ``.truncate(k)``).
-
-        ``W`` tensors handed out by :meth:`weights` are memoised by identity, so repeated calls skip even the
-        content hash that :class:`~lora_analysis.linalg.WeightSVDCache` uses to key its entries.
-        """
-        memo = self._svd_memo.get(key)
-        if memo is not None and memo[0] is W:
-            return memo[1]
-        svd = self.svd.get(key, W)
-        self._svd_memo[key] = (W, svd)
-        return svd
-
-
-# ---------------------------------------------------------------------------------------------- default run
-def default_run_dir() -> Path:
-    """``$LORA_RUNS_DIR`` if set, else ``runs/default`` under the current directory (where ``lora.train`` writes
-    by default)."""
-    env = os.environ.get(RUNS_ENV)
-    return Path(env) if env else Path("runs") / "default"
-
-
-def ensure_default_run(
-    ranks: Sequence[int] = DEFAULT_RANKS,
-    seeds: Sequence[int] = DEFAULT_SEEDS,
-    *,
-    run_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    config: Mapping[str, Any] | None = None,
-) -> Path:
-    """Make sure the default run holds q,v adapters for every rank × seed, training only the missing ones.
-
-    A new run directory gets the trainer's default config (the full Section 7 grid on the embedded default:
-    real all-MiniLM-L6-v2 on real chatterbot-corpus text, offline), extended by any rank or seed asked for, but only
-    the points needed here are trained now; ``python -m lora.train --out DIR`` later resumes the rest of the
-    grid in the same directory. An existing run keeps its own config. A line on stderr says what is trained.
-
-    Args:
-        ranks, seeds: the grid points needed (weight set ``q,v``).
-        run_dir: default :func:`default_run_dir`.
-        progress: tqdm progress bars.
-        config: :class:`lora.config.TrainConfig` fields for a new run (tests pass tiny settings).
-
-    Returns:
-        The run directory.
-
-    Raises:
-        UserError: an existing run that does not include a needed rank or seed (its message lists what it has).
-    """
-    from tqdm.auto import tqdm
-
-    from lora import train as trainer
-    from lora.config import TrainConfig
-    from lora.fsio import write_json
-
-    root = Path(run_dir) if run_dir is not None else default_run_dir()
-    needed = sorted({(int(r), int(s)) for r in ranks for s in seeds})
-    if root.is_file():
-        raise UserError(f"{root}: is a file; expected a run directory")
-    if root.is_dir() and any(root.iterdir()):
-        try:
-            have = {(e.rank, e.seed) for e in index_run(root).find(weight_set="q,v")}
-        except UserError:
-            have = set()
-        if all(k in have for k in needed):
-            return root  # fast path: nothing to train, no model to load
-    manifest_path = root / "manifest.json"
-    if manifest_path.is_file():
-        m = _read_json(manifest_path)
-        if not isinstance(m, dict) or not isinstance(m.get("config"), dict):
-            raise UserError(f"{manifest_path}: not a lora.train manifest (no config object)")
-        cfg = TrainConfig.from_dict(m["config"], source=str(manifest_path))
-    else:
-        base = TrainConfig.from_dict(dict(config or {}), source="default run config")
-        if base.budget is not None:
-            raise UserError("default run config: --budget mode has no rank grid to add ranks to")
-        cfg = TrainConfig.from_dict(
-            {**base.to_dict(), "ranks": sorted(set(base.ranks or ()) | {r for r, _ in needed}),
-             "seeds": sorted(set(base.seeds) | {s for _, s in needed})},
-            source="default run config",
-        )
-    with quiet_transformers():
-        prep = trainer.prepare(cfg)
-    points = trainer.grid_points(cfg, model=prep.template)
-    by_key = {(p.rank, p.seed): p for p in points if _canon_set(p.weight_set) == "q,v"}
-    absent = [k for k in needed if k not in by_key]
-    if absent:
-        raise UserError(
-            f"{root}: this run's grid has q,v ranks {sorted({r for r, _ in by_key})} and seeds "
-            f"{sorted({s for _, s in by_key})}; (rank, seed) {absent[0]} is not part of it "
-            f"(choose available ones, or pass --runs DIR for another run)"
-        )
-    todo = [by_key[k] for k in needed if not (root / by_key[k].name).is_dir()]
-    if not todo:
-        return root
-    manifest = trainer._manifest(cfg, points, prep)
-    old = trainer.check_run_dir(root, manifest)
-    root.mkdir(parents=True, exist_ok=True)
-    if old is None:
-        write_json(manifest_path, manifest)
-    print(
-        f"{root}: training {len(todo)} missing adapter(s) ({', '.join(p.name for p in todo)}) on "
-        f"{cfg.model} / {cfg.task} first; `python -m lora.train --out {root}` resumes the rest of the grid",
-        file=sys.stderr,
-    )
-    for p in tqdm(todo, desc="training default adapters", disable=not progress, dynamic_ncols=True):
-        trainer.train_point(cfg, p, root, progress=progress)  # an inner bar shows the optimizer steps
-    current = _read_json(manifest_path)
-    trainer.write_summary(root, points, current.get("linear_probe", {}) if isinstance(current, dict) else {})
-    return root

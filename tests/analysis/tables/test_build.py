@@ -1,4 +1,4 @@
-"""lora_analysis.tables: exact schemas (tables.md) and values equal to direct metric calls and external references."""
+"""lora_analysis.tables.build: exact schemas (COLUMNS) and values equal to direct metric calls and external references."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import pandas as pd
 import pytest
 import scipy.linalg
 import torch
-from test_runs import D, _one_thread, _tiny_bert, make_adapter  # noqa: F401  (_one_thread: autouse fixture)
+from tiny_models import D, make_adapter, tiny_bert_model
 
 from lora.errors import UserError
-from lora_analysis.linalg import factored_svd
-from lora_analysis.projection import table7_row
-from lora_analysis.runs import BaseWeights, load_run_adapter
-from lora_analysis.spectra import intruder_dimensions, spectrum_summary
-from lora_analysis.subspace import init_control, phi_weight_vs_delta, subspace_similarity
-from lora_analysis.tables import (
+from lora_analysis.metrics.linalg import factored_svd
+from lora_analysis.metrics.projection import table7_row
+from lora_analysis.load.adapters import load_run_adapter
+from lora_analysis.load.base import BaseWeights
+from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
+from lora_analysis.metrics.subspace import init_control, phi_weight_vs_delta, subspace_similarity
+from lora_analysis.tables.build import (
     COLUMNS,
     analyse_run,
     fig8_table,
@@ -37,7 +38,7 @@ KEY = "encoder.layer.1.attention.self.value"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    model = _tiny_bert()
+    model = tiny_bert_model()
     model.save_pretrained(root / "base")
     for r in (2, 4, 8):
         for s in (0, 1):
@@ -60,7 +61,7 @@ def test_phi_table_schema_and_values(tiny_run):
     a1, a2 = load_run_adapter(tiny_run, rank=2), load_run_adapter(tiny_run, rank=8)
     t = phi_table(a1, a2, comparison="rank")
     assert list(t.columns) == COLUMNS["phi"]
-    assert set(t["quantity"]) == {"A", "A-A_init", "A_init", "B", "expected_random"}
+    assert set(t["quantity"]) == {"A", "A-A_init", "A_init", "B", "dW", "expected_random"}
     assert set(t["module"]) == set(a1.factors) and t["phi"].dtype == np.float64
     row = t[(t.module == KEY)].iloc[0]
     assert (row.weight_type, row.layer, row.r1, row.r2, row.seed1, row.seed2) == ("v", 1, 2, 8, 0, 0)
@@ -71,7 +72,12 @@ def test_phi_table_schema_and_values(tiny_run):
     np.testing.assert_allclose(_grid(t, module=KEY, quantity="A_init"), ctl.phi_init.numpy(), atol=1e-12)
     np.testing.assert_allclose(_grid(t, module=KEY, quantity="B"),
                                subspace_similarity(f1.B, f2.B, side="B").numpy(), atol=1e-12)
+    # dW: φ on ΔW's own right singular vectors, against a dense SVD of s·B·A (an external reference)
+    V1 = np.linalg.svd(f1.scaling * (f1.B @ f1.A).numpy())[2][:2].T
+    V2 = np.linalg.svd(f2.scaling * (f2.B @ f2.A).numpy())[2][:8].T
+    cum = ((V1.T @ V2) ** 2).cumsum(0).cumsum(1)
     i, j = np.meshgrid(np.arange(1, 3), np.arange(1, 9), indexing="ij")
+    np.testing.assert_allclose(_grid(t, module=KEY, quantity="dW"), cum / np.minimum(i, j), atol=1e-9)
     np.testing.assert_allclose(_grid(t, module=KEY, quantity="expected_random"), np.maximum(i, j) / D)
     # nested init (same seed): A_2's start is the first rows of A_8's, so its row space lies inside A_8's:
     # phi_init(i, j = 8) = 1 for every i
@@ -94,7 +100,7 @@ def test_phi_against_scipy_principal_angles(tiny_run):
 def test_phi_table_without_init_or_shared_modules(tiny_run, tmp_path):
     a1 = load_run_adapter(tiny_run, rank=2)
     make_adapter(tiny_run / "base", tmp_path / "q_only", r=2, seed=0, targets=("q",))
-    from lora_analysis.runs import load_adapter_dir
+    from lora_analysis.load.adapters import load_adapter_dir
 
     q_only = load_adapter_dir(tmp_path / "q_only")
     t = phi_table(a1, q_only, comparison="seed")
@@ -169,7 +175,7 @@ def test_spectra_and_singular_values(tiny_run, base):
 
 
 def _write_summary(root, rows):
-    from lora.train import SUMMARY_COLUMNS
+    from lora.rundir import SUMMARY_COLUMNS
 
     df = pd.DataFrame(rows)
     for c in SUMMARY_COLUMNS:
@@ -242,7 +248,7 @@ def test_singular_values_fused_keys_are_separate(tmp_path):
     """GPT-2 c_attn q and v slices give separate rows (their own module keys and weight types)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lora_analysis.runs import load_adapter_dir
+    from lora_analysis.load.adapters import load_adapter_dir
 
     torch.manual_seed(0)
     cfg = GPT2Config(n_layer=1, n_embd=D, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)

@@ -11,16 +11,14 @@ Tables and their columns (``module`` is a module key, ``weight_type`` q/k/v/o, `
 * ``singular_values``: module, weight_type, layer, rank, seed, index, sigma.
 * ``quality`` (Tables 5 and 6): weight_set, rank, seed, alpha, trainable_params, val_metric, metric_name, wall_s.
 
-Every number comes from the pure metrics in :mod:`lora_analysis.subspace`, :mod:`~lora_analysis.projection` and
-:mod:`~lora_analysis.spectra`; every file read goes through :mod:`lora_analysis.runs`. W's SVD is computed once
-per weight matrix (:class:`lora_analysis.runs.BaseWeights`) and shared by every rank and seed.
+Every number comes from the pure metrics in :mod:`lora_analysis.metrics`; every file read goes through
+:mod:`lora_analysis.load` and :mod:`lora.rundir`. W's SVD is computed once
+per weight matrix (:class:`lora_analysis.load.base.BaseWeights`) and shared by every rank and seed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import os
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -31,21 +29,22 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from lora import rundir
 from lora.errors import UserError
 from lora.fsio import atomic_path
-from lora_analysis.linalg import factored_svd, right_singular_vectors
-from lora_analysis.projection import table7_row
-from lora_analysis.runs import (
-    BaseWeights,
-    LoadedAdapter,
-    index_run,
-    load_adapter_dir,
-    module_layer,
-    nearest,
-    weight_type,
+from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir, module_layer, weight_type
+from lora_analysis.load.base import BaseWeights
+from lora_analysis.metrics.linalg import WeightSVDCache, factored_svd, right_singular_vectors
+from lora_analysis.metrics.projection import table7_row
+from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
+from lora_analysis.metrics.subspace import (
+    init_control,
+    phi_grid,
+    random_phi_expected,
+    random_phi_sampled,
+    subspace_similarity,
 )
-from lora_analysis.spectra import intruder_dimensions, spectrum_summary
-from lora_analysis.subspace import init_control, phi_grid, random_phi_expected, subspace_similarity
+from lora_analysis.tables.select import PAPER_FIG8_RANKS, nearest_rank, rank_pair
 
 __all__ = [
     "COLUMNS",
@@ -53,6 +52,7 @@ __all__ = [
     "PAPER_RANK_PAIR",
     "analyse_run",
     "fig8_table",
+    "module_phi_grids",
     "phi_table",
     "quality_table",
     "random_phi_table",
@@ -74,7 +74,6 @@ COLUMNS: dict[str, list[str]] = {
     "quality": ["weight_set", "rank", "seed", "alpha", "trainable_params", "val_metric", "metric_name", "wall_s"],
 }
 PAPER_RANK_PAIR = (8, 64)  # Figure 3
-PAPER_FIG8_RANKS = (4, 8, 64)  # Figure 8
 FIG8_FRACTION = 0.1  # Figure 8 shows W's top directions up to about 10 % of d
 
 
@@ -118,20 +117,64 @@ def _module_seed(key: str, seed: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- phi
+def module_phi_grids(
+    a1: LoadedAdapter, a2: LoadedAdapter, key: str, *, quantities: Sequence[str] = ("A", "A-A_init", "A_init")
+) -> dict[str, Tensor]:
+    """The φ grids of one module shared by two adapters, ``{quantity: (r1, r2) grid}`` (see :func:`phi_table`).
+
+    A quantity that cannot be computed for this module is absent: ``A-A_init`` / ``A_init`` without
+    ``init.safetensors`` in both adapters or where nothing was learned (A == A_init), ``B`` where a B is zero.
+
+    Raises:
+        UserError: if the module's factors act on different dimensions in the two adapters.
+    """
+    f1, f2 = a1.factors[key], a2.factors[key]
+    if f1.A.shape[1] != f2.A.shape[1] or f1.B.shape[0] != f2.B.shape[0]:
+        raise UserError(f"{a2.path}: module {key}: ΔW is ({f2.B.shape[0]}, {f2.A.shape[1]}) but "
+                        f"({f1.B.shape[0]}, {f1.A.shape[1]}) in {a1.path}")
+    grids: dict[str, Tensor] = {}
+    if "A" in quantities:
+        grids["A"] = subspace_similarity(f1.A, f2.A, side="A")
+    init1, init2 = (a1.init_A or {}).get(key), (a2.init_A or {}).get(key)
+    if {"A-A_init", "A_init"} & set(quantities) and init1 is not None and init2 is not None:
+        try:
+            ctl = init_control(f1.A, init1, f2.A, init2, side="A")
+        except ValueError:  # nothing learned in one of them (A == A_init): the learned change has no subspace
+            ctl = None
+        if ctl is not None:
+            if "A-A_init" in quantities:
+                grids["A-A_init"] = ctl.phi_learned
+            if "A_init" in quantities:
+                grids["A_init"] = ctl.phi_init
+    trained = bool(f1.B.abs().max() > 0) and bool(f2.B.abs().max() > 0)  # ΔW = 0 at step 0 has no subspace
+    if "B" in quantities and trained:
+        grids["B"] = subspace_similarity(f1.B, f2.B, side="B")
+    if "dW" in quantities and trained:
+        # ΔW's own right singular vectors: ordered by what B·A learned, not by A's singular values, which the
+        # random start can set (issue: φ(1,1) near 0 beside high φ(1, j >= 2) is a reordering inside A).
+        v1 = factored_svd(f1.A, f1.B, scaling=f1.scaling).V
+        v2 = factored_svd(f2.A, f2.B, scaling=f2.scaling).V
+        grids["dW"] = phi_grid(v1, v2)
+    if "expected_random" in quantities:
+        grids["expected_random"] = random_phi_expected(f1.rank, f2.rank, d=int(f1.A.shape[1]))
+    return grids
+
+
 def phi_table(
     a1: LoadedAdapter,
     a2: LoadedAdapter,
     *,
     comparison: str,
     keys: Iterable[str] | None = None,
-    quantities: Sequence[str] = ("A", "A-A_init", "A_init", "B", "expected_random"),
+    quantities: Sequence[str] = ("A", "A-A_init", "A_init", "B", "dW", "expected_random"),
 ) -> pd.DataFrame:
     """φ grids between two adapters for every module they share (Section 7.2, Figures 3, 4, 6, 7).
 
     Quantities: ``"A"`` φ(A_1, A_2) on right singular vectors (the paper); ``"A-A_init"`` on the learned change and
     ``"A_init"`` between the starting points (both need ``init.safetensors`` in the two adapters; skipped for a
     module where either is missing or nothing was learned); ``"B"`` on B's left singular vectors (footnote 7;
-    skipped where a B is still zero); ``"expected_random"`` the analytic ``max(i, j)/d_in``.
+    skipped where a B is still zero); ``"dW"`` on ΔW = s·B·A's own right singular vectors (ordered by what was
+    learned; skipped where a B is zero); ``"expected_random"`` the analytic ``max(i, j)/d_in``.
 
     Args:
         a1, a2: the adapters; rows have ``r1 = a1``'s module rank, ``r2 = a2``'s.
@@ -147,28 +190,9 @@ def phi_table(
     frames = []
     for key in shared:
         f1, f2 = a1.factors[key], a2.factors[key]
-        if f1.A.shape[1] != f2.A.shape[1] or f1.B.shape[0] != f2.B.shape[0]:
-            raise UserError(f"{a2.path}: module {key}: ΔW is ({f2.B.shape[0]}, {f2.A.shape[1]}) but "
-                            f"({f1.B.shape[0]}, {f1.A.shape[1]}) in {a1.path}")
         meta = {"comparison": comparison, **_ids(key), "r1": f1.rank, "r2": f2.rank, "seed1": _seed(a1),
                 "seed2": _seed(a2)}
-        grids: dict[str, Tensor] = {}
-        if "A" in quantities:
-            grids["A"] = subspace_similarity(f1.A, f2.A, side="A")
-        if {"A-A_init", "A_init"} & set(quantities) and a1.init_A and a2.init_A and key in a1.init_A and key in a2.init_A:
-            try:
-                ctl = init_control(f1.A, a1.init_A[key], f2.A, a2.init_A[key], side="A")
-            except ValueError:  # nothing learned in one of them (A == A_init): the learned change has no subspace
-                ctl = None
-            if ctl is not None:
-                if "A-A_init" in quantities:
-                    grids["A-A_init"] = ctl.phi_learned
-                if "A_init" in quantities:
-                    grids["A_init"] = ctl.phi_init
-        if "B" in quantities and bool(f1.B.abs().max() > 0) and bool(f2.B.abs().max() > 0):
-            grids["B"] = subspace_similarity(f1.B, f2.B, side="B")
-        if "expected_random" in quantities:
-            grids["expected_random"] = random_phi_expected(f1.rank, f2.rank, d=int(f1.A.shape[1]))
+        grids = module_phi_grids(a1, a2, key, quantities=quantities)
         for q in quantities:
             if q in grids:
                 frames.append(_grid_frame(grids[q], {**meta, "quantity": q}))
@@ -180,8 +204,6 @@ def random_phi_table(
 ) -> pd.DataFrame:
     """The random panel of Figure 4: φ between two seeded Gaussian ``(r1, d_in)`` and ``(r2, d_in)`` matrices per
     module (``d_in`` from the adapter's A), rows with ``comparison="random"``, ``quantity="A"``, seeds ``-1``."""
-    from lora_analysis.subspace import random_phi_sampled
-
     frames = []
     for key in adapter.factors if keys is None else keys:
         d = int(adapter.factors[key].A.shape[1])
@@ -198,8 +220,6 @@ def _weights(adapter: LoadedAdapter, base: BaseWeights | Mapping[str, Tensor], k
     keys = list(adapter.factors) if keys is None else list(keys)
     if isinstance(base, BaseWeights):
         return base.weights(adapter, keys), base.w_svd
-    from lora_analysis.linalg import WeightSVDCache
-
     missing = [k for k in keys if k not in base]
     if missing:
         raise UserError(f"{adapter.path}: module {missing[0]}: no base weight given")
@@ -219,7 +239,7 @@ def fig8_table(
 
     Args:
         adapter: the adapter (ΔW = s·B·A per module).
-        base: :class:`~lora_analysis.runs.BaseWeights` (shared SVD cache) or ``{module key: W (d_out, d_in)}``.
+        base: :class:`~lora_analysis.load.base.BaseWeights` (shared SVD cache) or ``{module key: W (d_out, d_in)}``.
         i_max: W's directions (default ``round(0.1 · min(d_out, d_in))``, as the paper's ~10 % of d).
         random: add ``source="random"`` rows: a seeded Gaussian ``A`` of the same rank in place of ΔW.
     """
@@ -311,67 +331,11 @@ def singular_values_table(adapter: LoadedAdapter, *, keys: Iterable[str] | None 
 
 
 # ---------------------------------------------------------------------------------------------- quality
-def _number(path: Path, row: int, column: str, value: str, cast=float):
-    try:
-        return cast(value) if cast is not int else int(float(value))
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: row {row}: column {column} is not a number ({value!r})") from None
-
-
 def quality_table(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Tables 5 and 6 data: one row per grid point from the run's ``summary.csv`` (or, if it is missing, each
-    adapter's ``metrics.json``), plus the frozen linear-probe baseline (``weight_set="linear probe"``, rank 0) from
-    ``manifest.json``. Empty (with the columns) for a directory of adapters without training metrics."""
-    root = Path(run_dir)
-    summary = root / "summary.csv"
-    rows: list[dict] = []
-    if summary.is_file():
-        try:
-            with summary.open(newline="", encoding="utf-8") as fh:
-                records = list(csv.DictReader(fh))
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise UserError(f"{summary}: unreadable CSV ({exc})") from None
-        needed = {"weight_set", "rank", "seed", "alpha", "trainable_params", "val_metric", "metric", "wall_time_s"}
-        if records and not needed <= set(records[0]):
-            raise UserError(f"{summary}: missing columns {sorted(needed - set(records[0]))}")
-        for n, r in enumerate(records, start=2):
-            rows.append({
-                "weight_set": r["weight_set"], "rank": _number(summary, n, "rank", r["rank"], int),
-                "seed": _number(summary, n, "seed", r["seed"], int), "alpha": _number(summary, n, "alpha", r["alpha"]),
-                "trainable_params": _number(summary, n, "trainable_params", r["trainable_params"], int),
-                "val_metric": _number(summary, n, "val_metric", r["val_metric"]), "metric_name": r["metric"],
-                "wall_s": _number(summary, n, "wall_time_s", r["wall_time_s"]),
-            })
-    else:
-        for d in sorted(p for p in root.iterdir() if p.is_dir() and (p / "metrics.json").is_file()):
-            m = _read_json_obj(d / "metrics.json")
-            p = m.get("point") or {}
-            try:
-                rows.append({"weight_set": p["weight_set"], "rank": int(p["rank"]), "seed": int(p["seed"]),
-                             "alpha": float(p["alpha"]), "trainable_params": int(m["trainable_params"]),
-                             "val_metric": float(m["val_metric"]), "metric_name": m["metric"],
-                             "wall_s": float(m["wall_time_s"])})
-            except (KeyError, TypeError, ValueError) as exc:
-                raise UserError(f"{d / 'metrics.json'}: missing or bad field {exc}") from None
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        probe = _read_json_obj(manifest).get("linear_probe") or {}
-        if isinstance(probe, dict) and "val_metric" in probe:
-            rows.append({"weight_set": "linear probe", "rank": 0, "seed": int(probe.get("seed", 0)), "alpha": 0.0,
-                         "trainable_params": int(probe.get("trainable_params", 0)),
-                         "val_metric": float(probe["val_metric"]), "metric_name": probe.get("metric", ""),
-                         "wall_s": float(probe.get("wall_time_s", float("nan")))})
+    """Tables 5 and 6 data: one row per grid point and the frozen linear probe (:func:`lora.rundir.quality_rows`).
+    Empty (with the columns) for a directory of adapters without training metrics."""
+    rows = rundir.quality_rows(run_dir)
     return pd.DataFrame(rows, columns=COLUMNS["quality"]) if rows else _empty("quality")
-
-
-def _read_json_obj(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------- a whole run
@@ -383,7 +347,7 @@ def analyse_run(
     ranks: Sequence[int] | None = None,
     seeds: Sequence[int] | None = None,
     weight_set: str | None = None,
-    rank_pair: tuple[int, int] = PAPER_RANK_PAIR,
+    ranks_compared: tuple[int, int] = PAPER_RANK_PAIR,
     fig8_ranks: Sequence[int] = PAPER_FIG8_RANKS,
     intruders: bool = True,
     progress: bool = True,
@@ -401,7 +365,7 @@ def analyse_run(
     * ``quality``: :func:`quality_table`.
 
     Args:
-        base: ``--base`` override (a directory), or a :class:`~lora_analysis.runs.BaseWeights` to share.
+        base: ``--base`` override (a directory), or a :class:`~lora_analysis.load.base.BaseWeights` to share.
         ranks, seeds: restrict to these (each must exist in the run).
         intruders: count intruder dimensions (one dense SVD of W0 + ΔW per module and adapter).
         threads: torch threads while computing (default 1: the matrices are small, so thread start-up dominates
@@ -412,7 +376,7 @@ def analyse_run(
     """
     with torch_threads(threads):
         return _analyse_run(run_dir, base=base, layers=layers, ranks=ranks, seeds=seeds, weight_set=weight_set,
-                            rank_pair=rank_pair, fig8_ranks=fig8_ranks, intruders=intruders, progress=progress)
+                            ranks_compared=ranks_compared, fig8_ranks=fig8_ranks, intruders=intruders, progress=progress)
 
 
 @contextlib.contextmanager
@@ -427,8 +391,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, rank_pair, fig8_ranks, intruders, progress):
-    from tqdm.auto import tqdm
+def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compared, fig8_ranks, intruders, progress):
+    from tqdm import tqdm  # plain text bars: tqdm.auto warns without ipywidgets in a notebook
 
     index = index_run(run_dir)
     ws = index.default_weight_set() if weight_set is None else weight_set
@@ -469,8 +433,7 @@ def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, rank_pair, 
     present_r = sorted({r for r, _ in adapters})
     present_s = sorted({s for _, s in adapters})
     if len(present_r) >= 2:
-        r_large = nearest(rank_pair[1], present_r)
-        r_small = nearest(rank_pair[0], [r for r in present_r if r != r_large])
+        r_small, r_large = rank_pair(present_r, small=ranks_compared[0], large=ranks_compared[1])
         for s in present_s:
             if (r_small, s) in adapters and (r_large, s) in adapters:
                 a1, a2 = adapters[(r_small, s)], adapters[(r_large, s)]
@@ -486,7 +449,7 @@ def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, rank_pair, 
         out["phi"].append(random_phi_table(a1, r1=r_max, r2=r_max, keys=keys_of(a1), seed=1))
     bar.update(1)
     s0 = present_s[0]
-    for r in sorted({nearest(r, present_r) for r in fig8_ranks}):
+    for r in sorted({nearest_rank(present_r, r) for r in fig8_ranks}):
         a = adapters.get((r, s0))
         if a is not None:
             out["fig8"].append(fig8_table(a, bw, keys=keys_of(a)))

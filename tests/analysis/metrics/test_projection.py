@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lora.layers import delta_weight
-from lora_analysis.linalg import WeightSVDCache, top_singular
-from lora_analysis.projection import Table7Row, projection_norm, random_orthonormal, table7_row
+from lora_analysis.metrics.linalg import WeightSVDCache, top_singular
+from lora_analysis.metrics.projection import Table7Row, projection_norm, random_orthonormal, table7_row
 
 F64 = torch.float64
 

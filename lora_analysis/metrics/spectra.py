@@ -4,7 +4,7 @@ Not in Hu et al. (2021) itself, but standard companions to its Section 7 questio
 ΔW?": the stable rank, the entropy effective rank (Roy & Vetterli, 2007), the energy rank, and the intruder
 dimensions of Shuttleworth et al. (2024, "LoRA vs Full Fine-tuning: An Illusion of Equivalence").
 
-Spectra of ``ΔW = s·B·A`` come from the factored SVD (:func:`lora_analysis.linalg.factored_svd`). Intruder
+Spectra of ``ΔW = s·B·A`` come from the factored SVD (:func:`lora_analysis.metrics.linalg.factored_svd`). Intruder
 dimensions need the SVD of ``W0 + ΔW``, which is a full-rank dense matrix by nature, so a dense SVD is used there.
 """
 
@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lora_analysis.linalg import SVD, factored_svd, top_singular, weight_and_delta_svd
+from lora_analysis.metrics.linalg import SVD, factored_svd, top_singular, weight_and_delta_svd
 
 __all__ = [
     "IntruderResult",

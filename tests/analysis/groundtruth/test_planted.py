@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from lora_analysis import validate as V
-from lora_analysis.linalg import top_singular
-from lora_analysis.projection import table7_row
+from lora_analysis import validate as command
+from lora_analysis.groundtruth import planted as V
+from lora_analysis.metrics.linalg import top_singular
+from lora_analysis.metrics.projection import table7_row
 
 F64 = torch.float64
 
@@ -106,16 +107,16 @@ def test_cli_json_and_bad_input(tmp_path, minilm_path, capsys):
     out = tmp_path / "v.json"
     argv = ["--level", "model", "--quick", "--quiet", "--model-steps", "1", "--model-texts", "8", "--json", str(out),
             "--model-path", minilm_path]
-    assert V.main(argv) == 0
+    assert command.main(argv) == 0
     data = json.loads(out.read_text())
     assert len(data["model"]["modules"]) == 12 and data["config"]["model"]["steps"] == 1
     assert "Model level" in capsys.readouterr().out
 
-    assert V.main(["--planted-rank", "0"]) == 2
-    assert V.main(["--ranks", "16", "8", "--level", "layer"]) == 2
-    assert V.main(["--model-path", str(tmp_path / "missing"), "--level", "model"]) == 2
+    assert command.main(["--planted-rank", "0"]) == 2
+    assert command.main(["--ranks", "16", "8", "--level", "layer"]) == 2
+    assert command.main(["--model-path", str(tmp_path / "missing"), "--level", "model"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: --") for line in err)
     with pytest.raises(SystemExit) as exc:
-        V.main(["--level", "nope"])
+        command.main(["--level", "nope"])
     assert exc.value.code == 2

@@ -36,19 +36,16 @@ with nested initialisation A_8's start is A_64's first rows, so φ on A can be i
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from lora.errors import UserError
-from lora.fsio import write_text
-from lora_analysis.figures import rows_where
+from lora_analysis.tables.aggregate import pooled_std, table5, table6
+from lora_analysis.tables.select import MissingRows, middle_layer, nearest_rank, phi_rank_pair, rows_where
 
 __all__ = [
     "FAILS",
@@ -57,14 +54,8 @@ __all__ = [
     "PARTLY",
     "Claim",
     "Context",
-    "analyse_and_render",
-    "check_run_dir",
     "claims_table",
     "evaluate_claims",
-    "load_tables",
-    "render_report",
-    "setup_from_run",
-    "write_report",
 ]
 
 HOLDS, PARTLY, FAILS, NOT_MEASURED = "holds", "partly", "does not hold", "not measured"
@@ -77,8 +68,6 @@ FIG8_HOLDS, FIG8_PARTLY = 0.3, 0.5  # "barely exceeds 0.2"
 FLAT_STD, FLAT_REL = 2.0, 0.01  # Table 6 flat: range <= max(2 std, 1 % of best)
 FLAT_STD_PARTLY, FLAT_REL_PARTLY = 4.0, 0.03
 TABLE5_BEST = ("q,v", "q,k,v,o")
-
-TABLE5_SUBDIR = "table5"  # the Table 5 budget run lives in <run dir>/table5 (its own config, its own manifest)
 
 PAPER = {
     "top": "φ(A_8, A_64, 1, 1) > 0.5 for ΔW_q and ΔW_v (layer 48 of 96, GPT-3 175B)",
@@ -131,11 +120,6 @@ class Context:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _lower_first(title: str) -> str:
-    """Lower-case a sentence's first word for use mid-sentence, but keep symbols such as ΔW_q intact."""
-    return title[0].lower() + title[1:] if title[:1].isascii() and title[1:2].islower() else title
-
-
 def _f(x: float, fmt: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(float(x), fmt)
 
@@ -157,11 +141,8 @@ def _not_measured(key: str, title: str, rule: str, why: str, figures=()) -> Clai
 
 def _rank_phi(phi: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
     """Rank-comparison rows and their (r_small, r_large): r_large the largest, r_small the present rank nearest 8."""
-    from lora_analysis.figures import PAPER_RANK_SMALL, pick_rank
-
     rows = rows_where(phi, comparison="rank")
-    r2 = int(rows["r2"].max())
-    r1 = pick_rank(rows_where(rows, r2=r2)["r1"].tolist(), PAPER_RANK_SMALL)
+    r1, r2 = phi_rank_pair(rows)
     return rows_where(rows, r1=r1, r2=r2), r1, r2
 
 
@@ -274,10 +255,8 @@ def _claim_intrinsic(phi: pd.DataFrame | None, layer: int) -> Claim:
 
 
 def _t7_ranks(t7: pd.DataFrame) -> tuple[int, int]:
-    from lora_analysis.figures import pick_rank
-
     ranks = sorted(set(t7["rank"]))
-    return pick_rank(ranks[:-1] or ranks, 4), ranks[-1]
+    return nearest_rank(ranks[:-1] or ranks, 4), ranks[-1]
 
 
 def _claim_amplification(t7: pd.DataFrame | None, layer: int) -> Claim:
@@ -346,26 +325,19 @@ def _claim_fig8(fig8: pd.DataFrame | None, layer: int) -> Claim:
     return Claim("fig8", title, PAPER["fig8"], ours, verdict, rule, tuple(details), ("figure8",))
 
 
-def _pooled_std(agg: pd.DataFrame) -> float:
-    var = agg["std"].dropna() ** 2
-    return float(np.sqrt(var.mean())) if len(var) else float("nan")
-
-
 def _claim_flat(quality: pd.DataFrame | None) -> Claim:
     rule = (f"range of mean metric over ranks for {{W_q, W_v}}: holds ≤ max({FLAT_STD:g} × pooled seed std, "
             f"{FLAT_REL:.0%} of best), partly ≤ max({FLAT_STD_PARTLY:g} × std, {FLAT_REL_PARTLY:.0%}), else not")
     title = "Validation quality is flat in the rank (r = 1 already suffices)"
-    from lora_analysis.figures import FigureSkipped, table6
-
     try:
         agg = table6(quality)
-    except (FigureSkipped, UserError) as exc:
+    except (MissingRows, UserError) as exc:
         return _not_measured("flat", title, rule, str(exc), ["table6"])
     sets = sorted(set(agg["weight_set"]))
     ws = "q,v" if "q,v" in sets else sets[0]
     sub = rows_where(agg, weight_set=ws)
     best, worst = float(sub["mean"].max()), float(sub["mean"].min())
-    spread, std = best - worst, _pooled_std(sub)
+    spread, std = best - worst, pooled_std(sub)
     std_term = 0.0 if math.isnan(std) else std
     metric = str(sub["metric_name"].iloc[0])
     by_rank = ", ".join(f"r={int(r)}: {_f(m, '.4f')}" for r, m in zip(sub["rank"], sub["mean"], strict=True))
@@ -387,16 +359,14 @@ def _claim_table5(quality: pd.DataFrame | None) -> Claim:
     rule = ("holds if the best weight set at the common budget is {W_q, W_v} or all four; partly if one of them is "
             "within one pooled seed std of the best; else does not hold")
     title = "At a fixed parameter budget, adapting {W_q, W_v} or all four is best"
-    from lora_analysis.figures import FigureSkipped, table5
-
     try:
         agg = table5(quality)
-    except (FigureSkipped, UserError) as exc:
+    except (MissingRows, UserError) as exc:
         return _not_measured("table5", title, rule, str(exc), ["table5"])
     canon = {ws: ",".join(sorted(ws.split(","), key="qkvo".find)) for ws in agg["weight_set"]}
     agg = agg.assign(canon=agg["weight_set"].map(canon))
     best = agg.iloc[int(np.argmax(agg["mean"].to_numpy()))]
-    std = _pooled_std(agg)
+    std = pooled_std(agg)
     good = agg[agg["canon"].isin(TABLE5_BEST)]
     ranking = "; ".join(f"{{{ws}}} r={int(r)}: {_f(m, '.4f')}" for ws, r, m in
                         zip(agg["weight_set"], agg["rank"], agg["mean"], strict=True))
@@ -420,16 +390,14 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
     Returns:
         The claims in the paper's order and the context (layer, ranks) they were measured on.
     """
-    from lora_analysis.figures import FigureSkipped, pick_layer
-
     layers: set[int] = set()
     for name in ("phi", "fig8", "table7"):
         t = tables.get(name)
         if not _empty(t):
             layers |= {int(x) for x in t["layer"]}
     try:
-        chosen = pick_layer(sorted(layers), layer) if layers else None
-    except FigureSkipped:
+        chosen = middle_layer(sorted(layers), layer) if layers else None
+    except MissingRows:
         chosen = None
     phi, t7 = tables.get("phi"), tables.get("table7")
     r_small = r_large = None
@@ -449,215 +417,9 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
     return claims, Context(layer=chosen, layers=tuple(sorted(layers)), r_small=r_small, r_large=r_large)
 
 
-# --------------------------------------------------------------------------------------------- the report
-
-
-def setup_from_run(run_dir: str | os.PathLike) -> dict[str, str]:
-    """Model, task and training config of a :mod:`lora.train` run, from its ``manifest.json`` (empty if none)."""
-    path = Path(run_dir) / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable manifest ({exc})") from None
-    cfg = m.get("config") or {}
-    task = m.get("task") or {}
-    keys = ("targets", "ranks", "seeds", "budget", "steps", "lr", "batch_size", "max_length", "alpha", "init",
-            "dropout", "weight_decay")
-    out = {
-        "run directory": str(run_dir),
-        "base model": f"{m.get('base_model', cfg.get('model', '?'))} (fingerprint {str(m.get('base_fingerprint', '?'))[:12]})",
-        "task": f"{task.get('name', cfg.get('task', '?'))} ({task.get('kind', '?')}, {len(task.get('labels', []))} "
-                f"labels, {task.get('n_train', '?')} train / {task.get('n_val', '?')} validation examples)",
-        "initialisation": "nested (A_r's start is the first r rows of the larger ranks' start)" if m.get("nested_init")
-        else "independent per rank",
-        "config": ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg),
-    }
-    versions = m.get("versions") or {}
-    if versions:
-        out["versions"] = ", ".join(f"{k} {v}" for k, v in versions.items())
-    return out
-
-
-def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[str, str] | None = None,
-                  figure_files: Sequence[str | Path] = (), validation: str | None = None) -> str:
-    """REPORT.md text: setup, a summary table (claim, paper, ours, verdict), a section per claim, figures."""
-    lines = ["# Section 7 of the LoRA paper, measured", "",
-             "Each claim of *LoRA: Low-Rank Adaptation of Large Language Models* (Hu et al., 2021, arXiv 2106.09685), "
-             "Section 7 and Appendix H, beside our measured number and a verdict. Verdicts follow fixed rules "
-             "(given under each claim and in `lora_analysis/report.py`); they judge the paper's *qualitative* claim "
-             "on our model and task, not its GPT-3 175B numbers.", ""]
-    lines += ["## Setup", ""]
-    if setup:
-        lines += [f"- **{k}**: {v}" for k, v in setup.items()]
-    else:
-        lines.append("- (no training manifest: adapters analysed as found)")
-    if context.layer is not None:
-        lines.append(f"- **layer shown**: {context.layer} (the middle of adapted layers {list(context.layers)}; "
-                     "the paper shows layer 48 of 96)")
-    if context.r_small is not None:
-        lines.append(f"- **rank pair**: r={context.r_small} vs r={context.r_large} (paper: 8 vs 64)")
-    lines += ["", "## Summary", "", "| # | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
-    for n, c in enumerate(claims, start=1):
-        lines.append(f"| {n} | {_md_escape(c.title)} | {_md_escape(c.paper)} | {_md_escape(c.ours)} | **{c.verdict}** |")
-    counts = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, PARTLY, FAILS, NOT_MEASURED)}
-    lines += ["", "Verdict counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()), ""]
-    failing = [c for c in claims if c.verdict == FAILS]
-    if failing:
-        lines += ["**Does not hold here:** " + "; ".join(f"{_lower_first(c.title)} ({c.ours})" for c in failing) + ".", ""]
-    files = {Path(f).name for f in figure_files}
-    for n, c in enumerate(claims, start=1):
-        lines += [f"## {n}. {c.title}", "", f"- **Paper:** {c.paper}", f"- **Ours:** {c.ours}",
-                  f"- **Verdict:** **{c.verdict}**", f"- **Rule:** {c.rule}"]
-        lines += [f"  - {d}" for d in c.details]
-        shown = [f"[{name}]({name}.png)" for name in c.figures if f"{name}.png" in files]
-        if shown:
-            lines.append("- **Figures:** " + ", ".join(shown))
-        lines.append("")
-    lines += ["## Initialisation control", "",
-              "φ on A (the paper's measure) is shown beside φ on A − A_init (the learned change only) and φ between "
-              "the starting points A_init. With nested initialisation, the start of A_8 is the first 8 rows of the "
-              "start of A_64, so φ on A between ranks can be high before any training; where φ on A − A_init is much "
-              "lower than φ on A, the overlap comes from the start, not from learning.", ""]
-    if "init_control.png" in files:
-        lines += ["![initialisation control](init_control.png)", ""]
-    if validation:
-        lines += ["## Planted-rank validation (ground truth)", "", "```", validation.rstrip(), "```", ""]
-    pngs = sorted(f for f in files if f.endswith(".png"))
-    if pngs:
-        lines += ["## Figures", ""] + [f"- [{p}]({p}) ([pdf]({p[:-4]}.pdf))" for p in pngs] + [""]
-    tables = sorted(f for f in files if f.endswith(".md") and f != "REPORT.md")
-    if tables:
-        lines += ["## Tables", ""] + [f"- [{t}]({t}) ([csv]({t[:-3]}.csv))" for t in tables] + [""]
-        lines += ["Raw tidy tables (every φ grid, projection and spectrum): [tables/](tables/)", ""]
-    return "\n".join(lines)
-
-
-def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike, *,
-                 setup: Mapping[str, str] | None = None, validation: str | None = None,
-                 layer: int | None = None) -> Path:
-    """Evaluate every claim on ``tables`` and write ``<out_dir>/REPORT.md`` atomically; returns its path.
-
-    Figures already in ``out_dir`` (from :func:`lora_analysis.figures.render_all`) are linked from the report.
-    """
-    out = Path(out_dir)
-    claims, context = evaluate_claims(tables, layer=layer)
-    files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    text = render_report(claims, context, setup=setup, figure_files=files, validation=validation)
-    return write_text(out / "REPORT.md", text)
-
-
-# --------------------------------------------------------------------------------------------- run -> everything
-
-
-def check_run_dir(run_dir: Path, *, option: str = "--runs") -> None:
-    """Raise :class:`UserError` (one line) unless ``run_dir`` is a directory holding at least one adapter."""
-    if not run_dir.exists():
-        raise UserError(f"{option} {run_dir}: no such directory")
-    if not run_dir.is_dir():
-        raise UserError(f"{option} {run_dir}: is a file, expected a run directory")
-    if not any(run_dir.iterdir()):
-        raise UserError(f"{option} {run_dir}: run directory is empty (train it with python -m lora.train "
-                        f"--out {run_dir}, or python -m lora_analysis.reproduce)")
-
-
-CACHE_SUBDIR = "analysis"  # <run dir>/analysis: tables cached for notebooks, keyed by the run's fingerprint
-
-
-def _run_fingerprint(root: Path) -> dict:
-    """What the tables depend on: every adapter file (name, size, mtime), the run summaries and the table schema."""
-    from lora_analysis.tables import COLUMNS
-
-    files = []
-    for d in (root, root / TABLE5_SUBDIR):
-        if not d.is_dir():
-            continue
-        for p in sorted(d.glob("*/adapter_model.safetensors")) + sorted(d.glob("*.csv")) + sorted(d.glob("*.json")):
-            st = p.stat()
-            files.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
-    return {"files": files, "columns": COLUMNS}
-
-
-def _read_cache(root: Path) -> dict[str, pd.DataFrame] | None:
-    cache = root / CACHE_SUBDIR
-    try:
-        stored = json.loads((cache / "fingerprint.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if stored != json.loads(json.dumps(_run_fingerprint(root))):
-        return None
-    from lora_analysis.tables import COLUMNS
-
-    try:
-        return {name: pd.read_csv(cache / f"{name}.csv") for name in COLUMNS}
-    except (OSError, ValueError):
-        return None
-
-
-def _write_cache(root: Path, tables: Mapping[str, pd.DataFrame]) -> None:
-    from lora.fsio import write_json
-    from lora_analysis.tables import write_tables
-
-    write_tables(tables, root / CACHE_SUBDIR)
-    write_json(root / CACHE_SUBDIR / "fingerprint.json", _run_fingerprint(root))  # last: marks the cache complete
-
-
-def load_tables(run_dir: str | os.PathLike, *, progress: bool = False, cache: bool = False) -> dict[str, pd.DataFrame]:
-    """All tables of a run: :func:`lora_analysis.tables.analyse_run`, plus the Table 5 budget run's quality rows
-    (from ``<run_dir>/table5`` if present) appended to ``quality``.
-
-    With ``cache=True`` the tables are read from ``<run_dir>/analysis/`` when its fingerprint (every adapter
-    file's size and mtime, the summaries, the table schema) matches the run, else computed and stored there, so
-    several notebooks on one run analyse it once.
-    """
-    from lora_analysis.tables import analyse_run, quality_table
-
-    root = Path(run_dir)
-    check_run_dir(root, option="run directory")
-    if cache:
-        cached = _read_cache(root)
-        if cached is not None:
-            return cached
-    tables = analyse_run(root, progress=progress)
-    t5 = root / TABLE5_SUBDIR
-    if t5.is_dir() and any(t5.iterdir()):
-        extra = quality_table(t5)
-        extra = extra[extra["weight_set"] != "linear probe"]
-        quality = tables["quality"]
-        # the q,v point of the budget run may duplicate a rank-sweep point: keep one row per (set, rank, seed)
-        both = pd.concat([quality, extra], ignore_index=True)
-        tables["quality"] = both.drop_duplicates(subset=["weight_set", "rank", "seed"], keep="first")
-    if cache:
-        _write_cache(root, tables)
-    return tables
-
-
 def claims_table(tables: Mapping[str, pd.DataFrame], *, keys: Sequence[str] | None = None) -> pd.DataFrame:
     """The claims (optionally only ``keys``) as a DataFrame: claim, paper, ours, verdict, rule (for notebooks)."""
     claims, _ = evaluate_claims(tables)
     rows = [{"claim": c.title, "paper": c.paper, "ours": c.ours, "verdict": c.verdict, "rule": c.rule}
             for c in claims if keys is None or c.key in keys]
     return pd.DataFrame(rows)
-
-
-def analyse_and_render(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, quiet: bool = True,
-                       validation: str | None = None) -> list[Path]:
-    """Run dir -> tables (``<out>/tables/*.csv``) -> figures and tables (``<out>/``) -> ``<out>/REPORT.md``."""
-    from lora_analysis.figures import render_all
-    from lora_analysis.tables import write_tables
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, expected a directory")
-    tables = load_tables(run_dir, progress=not quiet)
-    if Path(run_dir).is_dir() and (Path(run_dir) / "manifest.json").is_file():
-        _write_cache(Path(run_dir), tables)  # notebooks on this run then load instantly
-    written = write_tables(tables, out / "tables")
-    written += render_all(tables, out, quiet=quiet)
-    written.append(write_report(tables, out, setup=setup_from_run(run_dir), validation=validation))
-    return written

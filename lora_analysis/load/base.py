@@ -1,0 +1,150 @@
+"""The frozen base weights ``W0`` behind each adapted module, and W's SVD computed once per weight matrix.
+
+The base comes from the adapter's ``base_model_name_or_path`` (the embedded default id maps to the installed
+package, a local directory stays, anything else is a hub id) or from an explicit ``base`` (``--base``).
+:class:`BaseWeights` loads each base model once and shares one
+:class:`~lora_analysis.metrics.linalg.WeightSVDCache`, so W's SVD is computed once per weight matrix for every rank
+and seed that adapts it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lora.adapter_io import quiet_transformers
+from lora.errors import UserError
+from lora_analysis.load.adapters import LoadedAdapter
+from lora_analysis.metrics.linalg import WeightSVDCache
+
+__all__ = ["BaseWeights"]
+
+
+def _resolve_base(name: str) -> str:
+    """The path to load for a recorded base name: the embedded default id maps to the installed package's
+    directory (no hub needed); a local directory stays; anything else is a hub id for ``from_pretrained``."""
+    try:
+        from lora.train import resolve_model_path
+    except ImportError:  # the trainer is optional for analysis
+        return name
+    return resolve_model_path(name)[0]
+
+
+class BaseWeights:
+    """Base weights ``W0`` per module key (float64, ``(d_out, d_in)``) and their SVDs, each computed once.
+
+    One instance serves a whole analysis: each base model is loaded once (keyed by its resolved path), each
+    ``W0`` is extracted once, and :attr:`svd` (a :class:`~lora_analysis.metrics.linalg.WeightSVDCache`) gives W's SVD
+    shared by every rank and seed that adapts it.
+
+    Args:
+        base: a base model directory or hub id that overrides every adapter's ``base_model_name_or_path``
+            (the ``--base`` option), or a loaded ``nn.Module``.
+    """
+
+    def __init__(self, base: str | os.PathLike | nn.Module | None = None) -> None:
+        self.base = base
+        self.svd = WeightSVDCache()
+        self._models: dict[str, nn.Module] = {}
+        self._weights: dict[tuple[str, str], Tensor] = {}
+        self._checked: set[tuple[str, str]] = set()  # (base, adapter fingerprint) pairs already compared
+        self._svd_memo: dict[str, tuple[Tensor, Any]] = {}
+
+    def _check_fingerprint(self, name: str, model: nn.Module, adapter: LoadedAdapter) -> None:
+        """Warn (once per base and fingerprint) if ``base_fingerprint`` recorded by the trainer does not match the
+        loaded base: shapes may agree while the weights differ (another checkpoint), and every W-vs-ΔW number
+        would then describe a base the adapter never saw."""
+        from lora.adapter_io import base_fingerprint
+
+        recorded = adapter.config.get("base_fingerprint")
+        if not recorded or (name, recorded) in self._checked:
+            return
+        self._checked.add((name, recorded))
+        paths = sorted({k.partition(":")[0] for k in adapter.factors})
+        try:
+            actual = base_fingerprint(model, module_paths=paths)
+        except (AttributeError, ValueError, KeyError):  # paths named differently in this model class: cannot compare
+            return
+        if actual != recorded:
+            print(f"warning: {adapter.path}: the base weights in {name} differ from those it was trained on "
+                  f"(base_fingerprint); W-vs-ΔW results describe {name}", file=sys.stderr)
+
+    def _model_for(self, adapter: LoadedAdapter) -> tuple[str, nn.Module]:
+        from lora.adapter_io import Adapter, base_model_for
+
+        if isinstance(self.base, nn.Module):
+            return "<model>", self.base
+        if self.base is not None:
+            p = Path(self.base)
+            if p.is_file():
+                raise UserError(f"--base {self.base}: is a file; expected a transformers model directory")
+            name = str(self.base)
+        elif adapter.base_model:
+            name = adapter.base_model
+        else:
+            raise UserError(f"{adapter.path}: records no base_model_name_or_path; pass --base PATH")
+        target = _resolve_base(name)
+        if target not in self._models:
+            # base_model_for picks the model class that owns the adapter's module paths (task head, LM head).
+            shim = Adapter(path=adapter.path, config={**adapter.config, "base_model_name_or_path": target}, factors={})
+            try:
+                with quiet_transformers():
+                    self._models[target] = base_model_for(shim, target if self.base is not None else None)
+            except UserError as exc:
+                hint = "" if self.base is not None else "; pass --base PATH to use a local copy"
+                raise UserError(f"{exc}{hint}") from None
+        return target, self._models[target]
+
+    def weights(self, adapter: LoadedAdapter, keys: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """``{module key: W0}`` for ``keys`` (default: every module of ``adapter``), checked against the factors.
+
+        Raises:
+            UserError: naming the adapter and module if a module is missing from the base model or ``W0``'s shape
+                does not match ``(B.shape[0], A.shape[1])``.
+        """
+        from lora.adapter_io import load_base_weights
+
+        keys = list(adapter.factors) if keys is None else list(keys)
+        name, model = self._model_for(adapter)
+        missing = [k for k in keys if (name, k) not in self._weights]
+        if missing:
+            from lora.adapter_io import Adapter
+
+            shim = Adapter(path=adapter.path, config=adapter.config, factors={})
+            got = load_base_weights(shim, missing, base=model)
+            for k, W in got.items():
+                W = W.to(torch.float64)
+                if not bool(torch.isfinite(W).all()):
+                    raise UserError(f"base model {name}: module {k}: weight contains NaN or Inf")
+                self._weights[(name, k)] = W
+        out = {}
+        for k in keys:
+            W = self._weights[(name, k)]
+            f = adapter.factors.get(k)
+            if f is not None and tuple(W.shape) != (f.B.shape[0], f.A.shape[1]):
+                raise UserError(
+                    f"{adapter.path}: module {k}: ΔW is ({f.B.shape[0]}, {f.A.shape[1]}) but the base weight is "
+                    f"{tuple(W.shape)} in {name}: adapter and base model do not match"
+                )
+            out[k] = W
+        self._check_fingerprint(name, model, adapter)  # after the shape checks: a misfit base is an error, not a warning
+        return out
+
+    def w_svd(self, key: str, W: Tensor):
+        """The full thin SVD of ``W`` (cached; slice it with ``.truncate(k)``).
+
+        ``W`` tensors handed out by :meth:`weights` are memoised by identity, so repeated calls skip even the
+        content hash that :class:`~lora_analysis.metrics.linalg.WeightSVDCache` uses to key its entries.
+        """
+        memo = self._svd_memo.get(key)
+        if memo is not None and memo[0] is W:
+            return memo[1]
+        svd = self.svd.get(key, W)
+        self._svd_memo[key] = (W, svd)
+        return svd

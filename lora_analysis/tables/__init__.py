@@ -1,0 +1,12 @@
+"""Layer 3 of the analysis: tidy tables. Loaded adapters × metrics -> long-format pandas frames, and the rules
+that slice and aggregate them.
+
+- :mod:`~lora_analysis.tables.build`: one table per paper artefact (φ, Figure 8, Table 7, spectra, quality);
+  :func:`~lora_analysis.tables.build.analyse_run` for a whole run.
+- :mod:`~lora_analysis.tables.select`: the one rule for "the nearest rank", the rank pair and "the middle layer".
+- :mod:`~lora_analysis.tables.aggregate`: means over seeds (Tables 5, 6, 7), bootstrap and exact intervals.
+- :mod:`~lora_analysis.tables.cache`: all tables of a run in one call, cached for notebooks.
+
+May import :mod:`lora_analysis.load`, :mod:`lora_analysis.metrics` and :mod:`lora`; never verdicts, render or the
+commands.
+"""
