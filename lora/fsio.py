@@ -201,6 +201,15 @@ def check_writable(directory: str | os.PathLike, *, option: str) -> None:
         raise UserError(f"{option} {directory}: cannot write there: {reason}")
 
 
+def check_readable(path: str | os.PathLike, *, label: str | None = None) -> None:
+    """Raise ``UserError("<label>: permission denied")`` if the existing ``path`` cannot be read (a directory:
+    listed and entered), so that an unreadable input is not reported as missing. ``label`` defaults to the
+    path."""
+    p = Path(path)
+    if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+        raise UserError(f"{label or p}: permission denied")
+
+
 def _file_ancestor(path: Path) -> Path | None:
     for parent in reversed(path.parents):
         if os.path.lexists(parent) and not parent.is_dir():
@@ -279,8 +288,7 @@ def check_output_path(
     if existing == "refuse":
         raise UserError(f"{label}: already exists ({hint})")
     if existing == "reuse":
-        if not os.access(p, os.R_OK | (os.X_OK if is_dir else 0)):
-            raise UserError(f"{label}: permission denied")
+        check_readable(p, label=label)
         return p
     reason = _unwritable_reason(p.absolute().parent)
     if reason:
