@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lora.errors import UserError, os_error_reason
+from lora.errors import UserError, os_error_reason, short_repr
 from lora.fsio import atomic_dir, check_readable
 from lora.inject import inject_lora, lora_modules
 from lora.layers import (
@@ -389,11 +389,6 @@ def _either(*alts: _Kind) -> _Kind:
     return _Kind(" or ".join(a.desc for a in alts), alts=alts)
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _schema_problem(kind: _Kind, value: Any, key: str) -> str | None:
     """Why ``value`` (at ``key``, e.g. ``rank_pattern['query']``) does not fit ``kind``; ``None`` if it does."""
     if kind.alts:
@@ -413,7 +408,7 @@ def _schema_problem(kind: _Kind, value: Any, key: str) -> str | None:
         return next((p for k, v, sub in inner if (p := _schema_problem(sub, v, k)) is not None), None)
     elif kind.test is not None and kind.test(value):
         return None
-    return f"{key} must be {kind.desc}, got {_short(value)}"
+    return f"{key} must be {kind.desc}, got {short_repr(value)}"
 
 
 _NULL = _Kind("null", lambda v: v is None)
@@ -485,7 +480,8 @@ def validate_adapter_config(config: Any, path: str | Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path}: missing field(s) {', '.join(missing)}")
     if config["peft_type"] != "LORA":
-        raise UserError(f"{path}: peft_type is {_short(config['peft_type'])}; only 'LORA' adapters are supported")
+        peft_type = short_repr(config["peft_type"])
+        raise UserError(f"{path}: peft_type is {peft_type}; only 'LORA' adapters are supported")
     for key, kind in ADAPTER_CONFIG_SCHEMA.items():
         if key in config and (problem := _schema_problem(kind, config[key], key)) is not None:
             raise UserError(f"{path}: {problem}")

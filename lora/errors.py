@@ -25,6 +25,12 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for quoting a bad value in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def os_error_reason(exc: OSError) -> str:
     """The reason of an ``OSError`` without errno noise: ``"permission denied"``, ``"no space left on device"``,
     ``"read-only file system"``..."""
