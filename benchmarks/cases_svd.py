@@ -193,8 +193,8 @@ def section7_case(
     The peer is the goal itself (``budget_s``): ``ratio = wall / budget``. With ``check_exact``, layer 0's W_q is
     also decomposed by a dense ``torch.linalg.svd`` (untimed) to measure the subspace iteration's error.
     """
-    from lora_analysis.metrics.projection import table7_row
     from lora_analysis.load.adapters import load_adapter_dir
+    from lora_analysis.metrics.projection import table7_row
     from lora_analysis.tables.build import phi_table
 
     k = max(ranks)

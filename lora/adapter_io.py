@@ -39,10 +39,11 @@ import contextlib
 import hashlib
 import json
 import math
+import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lora.errors import UserError
-from lora.fsio import atomic_dir
+from lora.errors import UserError, os_error_reason, short_repr
+from lora.fsio import atomic_dir, check_readable
 from lora.inject import inject_lora, lora_modules
 from lora.layers import (
     FUSED_SLICES,
@@ -362,43 +363,151 @@ def save_adapter(
 # Load
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """One type of the ``adapter_config.json`` schema: ``desc`` (for messages) and either a scalar ``test``, a
+    ``container`` (``list`` or ``dict``) whose ``items`` (list elements, dict values) or known ``fields`` (a dict
+    that may hold other keys too) are checked recursively, or ``alts``, any one of which will do."""
+
+    desc: str
+    test: Callable[[Any], bool] | None = None
+    container: type | None = None
+    items: _Kind | None = None
+    fields: Mapping[str, _Kind] | None = None
+    alts: tuple[_Kind, ...] = ()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _either(*alts: _Kind) -> _Kind:
+    return _Kind(" or ".join(a.desc for a in alts), alts=alts)
+
+
+def _schema_problem(kind: _Kind, value: Any, key: str) -> str | None:
+    """Why ``value`` (at ``key``, e.g. ``rank_pattern['query']``) does not fit ``kind``; ``None`` if it does."""
+    if kind.alts:
+        problems = [_schema_problem(a, value, key) for a in kind.alts]
+        if None in problems:
+            return None
+        for alt, problem in zip(kind.alts, problems, strict=True):  # a list/dict: say which element is wrong
+            if alt.container is not None and isinstance(value, alt.container):
+                return problem
+    elif kind.container is not None and isinstance(value, kind.container):
+        if kind.container is list:
+            inner = ((f"{key}[{i}]", v, kind.items) for i, v in enumerate(value))
+        elif kind.fields is not None:
+            inner = ((f"{key}.{name}", value[name], sub) for name, sub in kind.fields.items() if name in value)
+        else:
+            inner = ((f"{key}[{k!r}]", v, kind.items) for k, v in value.items())
+        return next((p for k, v, sub in inner if (p := _schema_problem(sub, v, k)) is not None), None)
+    elif kind.test is not None and kind.test(value):
+        return None
+    return f"{key} must be {kind.desc}, got {short_repr(value)}"
+
+
+_NULL = _Kind("null", lambda v: v is None)
+_STR = _Kind("a string", lambda v: isinstance(v, str))
+_BOOL = _Kind("true or false", lambda v: isinstance(v, bool))
+_INT = _Kind("an integer", _is_int)
+_POS_INT = _Kind("a positive integer", lambda v: _is_int(v) and v > 0)
+_NUMBER = _Kind("a finite number", _is_number)
+_STRS = _Kind("a list of strings", container=list, items=_STR)
+_NAMES = _either(_STR, _STRS, _NULL)  # PEFT's target_modules and friends
+_OBJECT = "an object"
+
+# adapter_config.json: the LoraConfig fields of peft 0.21 that a wrong type would make crash or mean something
+# else, then the toolkit's own keys. Other keys are allowed (PEFT adds fields in new versions).
+ADAPTER_CONFIG_SCHEMA: dict[str, _Kind] = {
+    "peft_type": _STR,
+    "r": _POS_INT,
+    "lora_alpha": _NUMBER,
+    "task_type": _either(_STR, _NULL),
+    "base_model_name_or_path": _either(_STR, _NULL),
+    "revision": _either(_STR, _NULL),
+    "inference_mode": _BOOL,
+    "target_modules": _NAMES,
+    "exclude_modules": _NAMES,
+    "layers_pattern": _NAMES,
+    "layers_to_transform": _either(_INT, _Kind("a list of integers", container=list, items=_INT), _NULL),
+    "lora_dropout": _either(_Kind("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1), _NULL),
+    "fan_in_fan_out": _BOOL,
+    "use_rslora": _BOOL,
+    "use_dora": _BOOL,
+    "lora_bias": _BOOL,
+    "bias": _Kind("'none', 'all' or 'lora_only'", lambda v: isinstance(v, str) and v in ("none", "all", "lora_only")),
+    "modules_to_save": _either(_STRS, _NULL),
+    "init_lora_weights": _either(_BOOL, _STR),
+    "rank_pattern": _either(_Kind("an object of positive integers", container=dict, items=_POS_INT), _NULL),
+    "alpha_pattern": _either(_Kind("an object of finite numbers", container=dict, items=_NUMBER), _NULL),
+    "auto_mapping": _either(
+        _Kind(_OBJECT, container=dict, fields={"base_model_class": _either(_STR, _NULL)}), _NULL),
+    # ours
+    "seed": _either(_INT, _NULL),
+    "base_fingerprint": _either(_STR, _NULL),
+    "init": _either(_STR, _NULL),
+    TOOLKIT_KEY: _either(_Kind(_OBJECT, container=dict, fields={
+        "format_version": _INT,
+        "base_model_class": _STR,
+        "num_labels": _POS_INT,
+        "fused": _either(_Kind(_OBJECT, container=dict, items=_Kind(_OBJECT, container=dict, fields={
+            "slices": _STRS, "r": _POS_INT, "alpha": _NUMBER, "scaling": _NUMBER, "d_out": _POS_INT,
+        })), _NULL),
+        "weight_set": _STR,
+        "grid_point": _STR,
+        "trainer": _STR,
+        "task": _STR,
+        "labels": _STRS,
+    }), _NULL),
+}
+
+
+def validate_adapter_config(config: Any, path: str | Path) -> dict[str, Any]:
+    """Check a parsed ``adapter_config.json`` against :data:`ADAPTER_CONFIG_SCHEMA`, once, at load.
+
+    Raises :class:`UserError` naming the file and the key, e.g.
+    ``DIR/adapter_config.json: rank_pattern['query'] must be a positive integer, got 'x'``. NaN and infinities
+    are refused wherever a number belongs (Python's json reads ``NaN``). Unknown keys are allowed.
+    """
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: must be a JSON object, got {type(config).__name__}")
+    missing = [k for k in ("peft_type", "r", "lora_alpha") if k not in config]
+    if missing:
+        raise UserError(f"{path}: missing field(s) {', '.join(missing)}")
+    if config["peft_type"] != "LORA":
+        peft_type = short_repr(config["peft_type"])
+        raise UserError(f"{path}: peft_type is {peft_type}; only 'LORA' adapters are supported")
+    for key, kind in ADAPTER_CONFIG_SCHEMA.items():
+        if key in config and (problem := _schema_problem(kind, config[key], key)) is not None:
+            raise UserError(f"{path}: {problem}")
+    if config.get("use_dora"):
+        raise UserError(f"{path}: DoRA adapters (use_dora: true) are not supported; ΔW is not s·B·A there")
+    if config.get("lora_bias"):
+        raise UserError(f"{path}: lora_bias: true is not supported")
+    return config
+
+
 def _read_config(cfg_path: Path) -> dict[str, Any]:
     try:
         text = cfg_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{cfg_path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"{cfg_path}: cannot read: {os_error_reason(exc)}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{cfg_path}: not UTF-8 text (invalid JSON)") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{cfg_path}: invalid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{cfg_path}: must be a JSON object, got {type(config).__name__}")
-    missing = [k for k in ("peft_type", "r", "lora_alpha") if k not in config]
-    if missing:
-        raise UserError(f"{cfg_path}: missing field(s) {', '.join(missing)}")
-    if config["peft_type"] != "LORA":
-        raise UserError(f"{cfg_path}: peft_type is {config['peft_type']!r}; only 'LORA' adapters are supported")
-    r, alpha = config["r"], config["lora_alpha"]
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise UserError(f"{cfg_path}: r must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise UserError(f"{cfg_path}: lora_alpha must be a finite number, got {alpha!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise UserError(f"{cfg_path}: {key} must be an object, got {type(config[key]).__name__}")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise UserError(f"{cfg_path}: use_rslora must be true or false")
-    if config.get("use_dora"):
-        raise UserError(f"{cfg_path}: DoRA adapters (use_dora: true) are not supported; ΔW is not s·B·A there")
-    if config.get("lora_bias"):
-        raise UserError(f"{cfg_path}: lora_bias: true is not supported")
-    toolkit = config.get(TOOLKIT_KEY)
-    if toolkit is not None and not isinstance(toolkit, dict):
-        raise UserError(f"{cfg_path}: {TOOLKIT_KEY} must be an object")
-    return config
+    return validate_adapter_config(config, cfg_path)
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
+    check_readable(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -409,6 +518,8 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
     else:
         try:
             tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise pickled_weights_error(path) from None
         except Exception as exc:
             raise UserError(f"{path}: cannot load ({' '.join(str(exc).split())})") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
@@ -511,6 +622,9 @@ def _factors_from_tensors(
         _check_finite(file, f"{path} lora_B", B)
         alpha = float(_pattern_value(config.get("alpha_pattern"), path, alpha_default))
         scaling = lora_scaling(r, alpha, use_rslora=use_rslora)
+        if not math.isfinite(scaling):
+            raise UserError(f"{file.with_name(CONFIG_NAME)}: module {path}: scale {scaling} is not finite "
+                            f"(lora_alpha {alpha:g}, r {r})")
         # A genuine PEFT LoRA on a GPT-2 Conv1D c_attn (fan_in_fan_out) covers all of [q | k | v]; a Linear
         # named c_attn (e.g. GPT-BigCode's, fan_in_fan_out false) is an ordinary module.
         genuine_fused = (
@@ -538,6 +652,7 @@ def load_adapter(path: str | Path) -> Adapter:
         raise UserError(f"{root}: adapter directory does not exist")
     if not root.is_dir():
         raise UserError(f"{root}: is a file; expected an adapter directory containing {CONFIG_NAME}")
+    check_readable(root)
     cfg_path = root / CONFIG_NAME
     if not cfg_path.is_file():
         what = "directory is empty" if not any(root.iterdir()) else f"no {CONFIG_NAME}"
@@ -813,6 +928,15 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def pickled_weights_error(path: str | Path) -> UserError:
+    """The refusal of pickled weights (a ``.bin`` that ``torch.load(weights_only=True)`` will not unpickle), naming
+    the file: ``path`` itself, or the one ``.bin`` file of a model directory."""
+    p = Path(path)
+    bins = sorted(p.glob("*.bin")) if p.is_dir() else []
+    file = bins[0] if len(bins) == 1 else p
+    return UserError(f"{file}: pickled weights are refused (weights_only); convert the base to safetensors")
+
+
 def load_base_model(
     name_or_path: str | Path,
     *,
@@ -839,6 +963,8 @@ def load_base_model(
         with warnings.catch_warnings(), quiet_transformers():
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(str(name_or_path), **kwargs)
+    except pickle.UnpicklingError:
+        raise pickled_weights_error(name_or_path) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise UserError(f"{option} {name_or_path}: cannot load base model ({reason})") from None

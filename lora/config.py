@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Mapping, Sequence
+import types
+import typing
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lora.errors import UserError
+from lora.errors import UserError, os_error_reason, short_repr
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TASK = "chatterbot"
@@ -34,6 +36,71 @@ def _opt(default: Any, help: str, **argparse_kw: Any) -> Any:
     if isinstance(default, list | dict):
         raise TypeError("use tuples for sequence defaults: the config is frozen and hashable")
     return field(default=default, metadata=meta)
+
+
+class ConfigError(UserError):
+    """A bad value of one :class:`TrainConfig` field: reads ``--<key>: <problem>``; :meth:`TrainConfig.from_dict`
+    re-labels it with the config file the value came from."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key, self.problem = key, problem
+        super().__init__(f"--{key.replace('_', '-')}: {problem}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURAL_NAMES = {int: "a list of integers", str: "a list of strings"}
+
+
+def _scalar(name: str, value: Any, kind: type) -> Any:
+    """``value`` as the scalar type ``kind`` (bool/int/float/str), or :class:`ConfigError`. Only exact types pass:
+    a bool is no number, a string no bool, a float with a fraction no int (2.0 becomes 2, 3 becomes 3.0)."""
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range, from TOML or JSON
+            raise ConfigError(name, f"must be a finite number, got {short_repr(value)}") from None
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    raise ConfigError(name, f"must be {_TYPE_NAMES[kind]}, got {short_repr(value)}")
+
+
+def _typed(name: str, value: Any, hint: Any, parse: Any) -> Any:
+    """Check (and normalise) one field's value against its annotation ``hint``: ``X``, ``X | None`` or
+    ``tuple[X, ...]`` of a scalar ``X``. A list becomes a tuple, a lone element a 1-tuple. ``parse``: the field's
+    own argparse ``type`` (e.g. ``--alpha``'s, which accepts ``"r"``), applied to a string from a file."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+    if value is None:
+        if len(args) == 1 and _is_union(hint):
+            return None
+        raise ConfigError(name, f"must not be null (expected {_describe(args[0])})")
+    (kind,) = args
+    if isinstance(value, str) and callable(parse) and parse not in (int, float, str) and kind is not str:
+        try:
+            value = parse(value)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(name, str(exc)) from None
+        if value is None:
+            return None
+    if typing.get_origin(kind) is tuple:
+        elem = typing.get_args(kind)[0]
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        try:
+            return tuple(_scalar(name, v, elem) for v in items)
+        except ConfigError:
+            raise ConfigError(name, f"must be {_PLURAL_NAMES[elem]}, got {short_repr(value)}") from None
+    return _scalar(name, value, kind)
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        return _PLURAL_NAMES[typing.get_args(kind)[0]]
+    return _TYPE_NAMES[kind]
 
 
 def _alpha_value(text: str) -> float | None:
@@ -184,16 +251,14 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
-        def bad(option: str, problem: str) -> UserError:
-            return UserError(f"--{option.replace('_', '-')}: {problem}")
+        bad = ConfigError
 
-        # Normalise sequences (a TOML/JSON file gives lists) so the config stays frozen and hashable.
-        for name in ("targets", "ranks", "seeds", "layers", "modules_to_save"):
-            value = getattr(self, name)
-            if value is not None:
-                if isinstance(value, str | int):
-                    value = (value,)
-                object.__setattr__(self, name, tuple(value))
+        # Every field against its annotation first (one mechanism, whatever the source: CLI, file, Python);
+        # sequences become tuples (a TOML/JSON file gives lists) so the config stays frozen and hashable.
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            parse = f.metadata["argparse"].get("type")
+            object.__setattr__(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name], parse))
         if self.budget is not None and self.ranks is not None:
             raise bad("budget", "--budget picks the rank of each weight set; do not also give --ranks")
         if self.targets is None:
@@ -209,7 +274,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            if not value or any(not isinstance(v, int) or isinstance(v, bool) for v in value):
+            if not value:
                 raise bad(name, f"expected a list of integers, got {value!r}")
             if len(set(value)) != len(value):
                 raise bad(name, f"duplicate values in {value!r}")
@@ -221,8 +286,6 @@ class TrainConfig:
             raise bad("layers", f"layer indices must be >= 0, got {self.layers!r}")
         if self.budget is not None and self.budget < 1:
             raise bad("budget", f"must be a positive parameter count, got {self.budget}")
-        if isinstance(self.alpha, str):  # a config file may say alpha = "r"
-            object.__setattr__(self, "alpha", _alpha_value(self.alpha))
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise bad("alpha", f"must be > 0, got {self.alpha}")
         if self.init not in ("gaussian", "kaiming"):
@@ -231,7 +294,7 @@ class TrainConfig:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.steps is not None and self.epochs is not None:
             raise bad("steps", "give --steps or --epochs, not both")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+        if self.steps is not None and self.steps < 1:
             raise bad("steps", f"must be a positive integer, got {self.steps!r}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
             raise bad("epochs", f"must be > 0, got {self.epochs}")
@@ -259,19 +322,29 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
-        """Build from a mapping with field names (``-`` or ``_``); unknown keys raise :class:`UserError`."""
+    def from_dict(
+        cls, data: Mapping[str, Any], *, source: str = "config", flags: Collection[str] = ()
+    ) -> TrainConfig:
+        """Build from a mapping with field names (``-`` or ``_``); unknown keys raise :class:`UserError`.
+
+        A bad value is reported as ``<source>: <key>: <problem>`` (the key as ``data`` spells it), except for
+        the keys in ``flags``, which came from the command line: ``--<key>: <problem>``.
+        """
         known = {f.name for f in fields(cls)}
         clean: dict[str, Any] = {}
+        spelled: dict[str, str] = {}
         for key, value in data.items():
             name = str(key).replace("-", "_")
             if name not in known:
                 raise UserError(f"{source}: unknown option {key!r}; known: {', '.join(sorted(known))}")
             clean[name] = value
+            spelled[name] = str(key)
         try:
             return cls(**clean)
-        except TypeError as exc:  # e.g. a string where a number belongs, from a config file
-            raise UserError(f"{source}: {exc}") from None
+        except ConfigError as exc:
+            if exc.key not in clean or exc.key in flags:
+                raise
+            raise UserError(f"{source}: {spelled[exc.key]}: {exc.problem}") from None
 
     def scale_alpha(self, r: int) -> float:
         """The alpha used at rank ``r``: ``alpha``, or ``r`` when ``alpha`` is ``None`` (so ``s = alpha/r = 1``)."""
@@ -292,10 +365,14 @@ def looks_like_file(task: str) -> bool:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (``.toml``) or JSON file of config fields; a ``[train]`` table is accepted in TOML."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--config: {p}: no such file")
-    text = p.read_text(encoding="utf-8")
     try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"--config {p}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"--config {p}: cannot read: {os_error_reason(exc)}") from None
+    try:
+        text = raw.decode("utf-8")
         if p.suffix.lower() == ".toml":
             import tomllib
 
@@ -303,10 +380,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             data = data.get("train", data)
         else:
             data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"--config: {p}: cannot parse: {exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {p}: cannot parse: not UTF-8 text") from None
+    except ValueError as exc:
+        raise UserError(f"--config {p}: cannot parse: {exc}") from None
     if not isinstance(data, dict):
-        raise UserError(f"--config: {p}: expected a table/object of options")
+        raise UserError(f"--config {p}: expected a table/object of options, got {type(data).__name__}")
     return data
 
 
@@ -332,11 +411,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, file_values: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Merge a config file's values with the flags given (flags win) into a :class:`TrainConfig`."""
-    merged: dict[str, Any] = {str(k).replace("-", "_"): v for k, v in (file_values or {}).items()}
+    """Merge a config file's values with the flags given (flags win) into a :class:`TrainConfig`; a bad value
+    from the file is reported with the file's name (``args.config``)."""
     names = {f.name for f in fields(TrainConfig)}
-    merged.update({k: v for k, v in vars(args).items() if k in names})
-    return TrainConfig.from_dict(merged, source="--config" if file_values else "options")
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    merged: dict[str, Any] = {k: v for k, v in (file_values or {}).items() if str(k).replace("-", "_") not in flags}
+    merged.update(flags)
+    config = getattr(args, "config", None)
+    source = f"--config {config}" if config else "--config" if file_values else "options"
+    return TrainConfig.from_dict(merged, source=source, flags=flags)
 
 
 def parse_target_set(spec: str) -> tuple[str, ...]:

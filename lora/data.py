@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lora.errors import UserError
+from lora.errors import UserError, os_error_reason
 
 TaskKind = Literal["classification", "causal_lm"]
 IGNORE_INDEX = -100  # label value ignored by torch's cross-entropy
@@ -163,7 +163,9 @@ def _read_rows(path: Path, option: str) -> list[dict[str, Any]]:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             data = json.loads(text)
-            rows = data if isinstance(data, list) else data.get("data", data.get("examples"))
+            rows = data.get("data", data.get("examples")) if isinstance(data, dict) else data
+    except OSError as exc:
+        raise UserError(f"{option}: {path}: cannot read: {os_error_reason(exc)}") from None
     except (ValueError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{option}: {path}: cannot parse: {exc}") from None
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):

@@ -2,7 +2,9 @@
 
 Bad input of any kind (a file, an option, a config value) raises :class:`UserError`. Each CLI's ``main``
 runs inside :func:`run_cli`, which turns a ``UserError`` into one line on stderr and exit status 2, with
-no traceback. Internal bugs still raise ordinary exceptions, so they keep their tracebacks.
+no traceback. An ``OSError`` that reaches :func:`run_cli` (an unreadable file, a full or read-only disk) is
+the environment's fault, not a bug: it too becomes one line naming the file, exit status 2. Other internal
+bugs still raise ordinary exceptions, so they keep their tracebacks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,25 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for quoting a bad value in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def os_error_reason(exc: OSError) -> str:
+    """The reason of an ``OSError`` without errno noise: ``"permission denied"``, ``"no space left on device"``,
+    ``"read-only file system"``..."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return reason[:1].lower() + reason[1:]
+
+
+def os_error_message(exc: OSError) -> str:
+    """``"<file>: <reason>"`` for an ``OSError`` (just the reason when it names no file)."""
+    where = exc.filename if exc.filename is not None else exc.filename2
+    return f"{where}: {os_error_reason(exc)}" if where is not None else os_error_reason(exc)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are one line and exit 2 (argparse prints usage + error)."""
 
@@ -32,11 +53,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a CLI ``main(argv)``; a :class:`UserError` becomes one line on stderr and exit status 2."""
+    """Run a CLI ``main(argv)``; a :class:`UserError` or an ``OSError`` becomes one line on stderr and exit
+    status 2."""
     try:
         code = main(argv)
     except UserError as exc:
         sys.stderr.write(f"error: {one_line(exc)}\n")
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # the environment (permissions, a full or read-only disk), not a bug
+        sys.stderr.write(f"error: {one_line(os_error_message(exc))}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

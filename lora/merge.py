@@ -7,18 +7,29 @@ The merged directory is a plain transformers model (``AutoModel.from_pretrained`
 needed), the zero-latency deployment of the paper's Section 4.2. ΔW comes from the one ΔW function
 (:func:`lora.layers.delta_weight`) through :meth:`LoRAModule.merge`, the same one analysis uses. The output is
 written to a temporary sibling and renamed into place, so on any failure nothing is left at ``--out``.
+
+Bad input exits 2 with one line and leaves ``--out`` as it was: ``--out`` is checked before the merge runs (not a
+file, not under a file, not a dangling or, with ``--overwrite``, any symbolic link, writable parent, and not the
+``--adapter``/``--base`` it would destroy), and merged weights that are not finite (an overflowing
+``lora_alpha``) are refused before anything is written. Temporaries a killed merge left beside ``--out`` are
+removed by the next merge to that ``--out``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora.adapter_io import apply_adapter, base_model_for, copy_tokenizer_files, load_adapter
+import torch
+from torch import nn
+
+from lora.adapter_io import CONFIG_NAME, apply_adapter, base_model_for, copy_tokenizer_files, load_adapter
 from lora.errors import ArgumentParser, UserError, run_cli
-from lora.fsio import atomic_dir
+from lora.fsio import atomic_dir, check_output_path, remove_stale_temps
 from lora.inject import strip_lora
+from lora.layers import LoRAModule
 
 
 def build_parser() -> ArgumentParser:
@@ -33,7 +44,8 @@ def build_parser() -> ArgumentParser:
         help="base model directory or hub id (default: the adapter's base_model_name_or_path, the model it was "
         "trained on)",
     )
-    p.add_argument("--out", required=True, help="output directory for the merged model (must not exist)")
+    p.add_argument("--out", required=True, help="output directory for the merged model (must not exist, unless "
+                   "--overwrite; a symbolic link is refused with --overwrite: give its target)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
     p.add_argument(
         "--no-fingerprint-check",
@@ -45,20 +57,42 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def _check_finite_merge(model: nn.Module, layers: dict[str, LoRAModule], where: str) -> None:
+    """Refuse a merge whose weights are not finite (a huge lora_alpha overflows float32), before anything is
+    written. ``layers`` are the LoRA layers as injected, ``model`` the model after merging them."""
+    for path, layer in layers.items():
+        weight = model.get_submodule(path).weight
+        if not bool(torch.isfinite(weight).all()):
+            raise UserError(f"{where}: merging module {path} gives NaN or Inf weights (scale {layer.scaling:g}); "
+                            f"check lora_alpha / alpha_pattern in {CONFIG_NAME}")
+
+
+def _check_paths(args: argparse.Namespace) -> Path:
+    """Every path problem before the merge runs: --out (see check_output_path), and an --out that --overwrite
+    would replace together with the --adapter or --base it reads."""
+    out = check_output_path(args.out, option="--out", kind="dir", existing="replace" if args.overwrite else "refuse")
+    inputs = [("--adapter", args.adapter)] + ([("--base", args.base)] if args.base else [])
+    for option, given in inputs:
+        src = Path(given).absolute()
+        if out.absolute() == src or out.absolute() in src.parents:
+            raise UserError(f"--out {out}: would replace {option} {given}, which the merge reads")
+    return out
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    out = _check_paths(args)
     adapter = load_adapter(args.adapter)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     model = base_model_for(adapter, args.base)
-    apply_adapter(model, adapter, check_fingerprint=not args.no_fingerprint_check)
+    layers = apply_adapter(model, adapter, check_fingerprint=not args.no_fingerprint_check)
     strip_lora(model, merge=True)  # W0 + ΔW in place, wrappers replaced by the plain modules
+    _check_finite_merge(model, layers, args.adapter)
     base_dir = args.base or adapter.base_model_name_or_path
+    remove_stale_temps(out.absolute().parent, out.name)  # left by a killed merge; a live one's are locked
     with atomic_dir(out, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp)
         copied = copy_tokenizer_files(base_dir, tmp)

@@ -178,4 +178,4 @@ def write_summary(out_dir: Path, names: Iterable[str], probe: Mapping[str, Any])
     for name in names:
         if (out_dir / name).is_dir():
             writer.writerow(_summary_row(out_dir / name, probe))
-    return write_text(out_dir / SUMMARY, buf.getvalue())
+    return write_text(out_dir / SUMMARY, buf.getvalue(), if_changed=True)  # a no-op resume writes nothing

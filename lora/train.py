@@ -21,6 +21,9 @@ trains exactly the missing points. A point's adapter depends only on its own set
 Under ``torchrun --nproc_per_node N -m lora.train ...`` process i trains points ``i::N`` (gloo), and rank 0
 writes the manifest before and the summary after a barrier.
 
+One sweep at a time per run directory: rank 0 holds :func:`lora.fsio.lock_directory` on it (``<out>/.lock``)
+from the end of the checks to the end of the sweep; a second trainer exits 2, "run directory in use by PID N".
+
 ``--pack`` trains a process's unfinished points of one weight set together (:func:`train_pack`, one routed
 forward/backward per step, :mod:`lora.packed`) and writes the same files; it is an execution option, not part
 of the config, so runs resume with or without it. Packed adapters equal sequential ones to float rounding.
@@ -29,14 +32,15 @@ of the config, so runs resume with or without it. Packed adapters equal sequenti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import os
+import pickle
 import platform
-import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora import rundir
 from lora.config import (
     DEFAULT_MODEL,
     TrainConfig,
@@ -64,8 +69,14 @@ from lora.data import (
     tokenize,
 )
 from lora.errors import ArgumentParser, UserError, run_cli
-from lora.fsio import atomic_dir, write_json
-from lora import rundir
+from lora.fsio import (
+    atomic_dir,
+    check_output_path,
+    check_writable,
+    lock_directory,
+    remove_stale_temps,
+    write_json,
+)
 from lora.inject import count_parameters, inject_lora, lora_modules, mark_only_lora_trainable, resolve_targets
 
 EMBEDDED_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")
@@ -198,7 +209,7 @@ def resolve_model_path(name: str) -> tuple[str, str]:
 def _load_model(cfg: TrainConfig, task: TaskData) -> tuple[nn.Module, Any, str, str]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from lora.adapter_io import quiet_transformers
+    from lora.adapter_io import pickled_weights_error, quiet_transformers
 
     path, base_name = resolve_model_path(cfg.model)
     try:
@@ -211,6 +222,8 @@ def _load_model(cfg: TrainConfig, task: TaskData) -> tuple[nn.Module, Any, str, 
                 )
             else:
                 model = AutoModelForCausalLM.from_pretrained(path)
+    except pickle.UnpicklingError:
+        raise pickled_weights_error(path) from None
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--model {cfg.model}: cannot load (offline, or not a model directory?): {first}") from None
@@ -682,12 +695,12 @@ def run_sweep(
     close the adapters are). Packing is how the points are executed, not part of the run's config, so a run
     directory may be resumed with or without it.
 
-    Everything that can fail on bad input (data, model, targets, ranks, a conflicting run directory) is checked
-    before the first step, so a bad config leaves ``out_dir`` untouched.
+    Everything that can fail on bad input (``out_dir`` itself, data, model, targets, ranks, a conflicting run
+    directory) is checked before anything is written, so a bad config leaves ``out_dir`` untouched. Rank 0 then
+    holds an exclusive lock on ``out_dir`` (:func:`lora.fsio.lock_directory`) until the sweep ends, so a second
+    trainer on the same directory fails at once with "run directory in use by PID N".
     """
-    from tqdm.auto import tqdm
-
-    out = Path(out_dir)
+    out = check_output_path(out_dir, option="--out", kind="dir", existing="reuse")
     rank, world = _dist()
     prep = prepare(cfg)
     points = grid_points(cfg, model=prep.template)
@@ -699,13 +712,51 @@ def run_sweep(
             raise UserError(f"--pack-size: must be >= 1, got {pack_size}")
     manifest = build_manifest(cfg, points, prep)
     old = rundir.check_manifest_matches(out, manifest)
+    if out.exists() and (old is None or any(not (out / p.name).is_dir() for p in points)):
+        check_writable(out, option="--out")  # something will be written (a finished run resumed: nothing)
+    with contextlib.ExitStack() as lock:
+        _on_rank0(rank, world, lambda: _open_run_dir(out, manifest, lock))
+        return _sweep(cfg, out, points, prep, rank=rank, world=world, progress=progress, pack=pack,
+                      pack_size=pack_size)
+
+
+def _open_run_dir(out: Path, manifest: dict[str, Any], lock: contextlib.ExitStack) -> None:
+    """Rank 0's start of a sweep: create ``out``, lock it for this run (``lock`` holds it), check it again now that
+    no other trainer can change it, clear the temporaries of a killed run, write the manifest of a new run."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock.enter_context(lock_directory(out, option="--out", what="run directory"))
+    if rundir.check_manifest_matches(out, manifest) is None:
+        write_json(out / rundir.MANIFEST, manifest)
+    remove_stale_temps(out)  # left by a killed run: never a finished adapter
+
+
+def _on_rank0(rank: int, world: int, fn: Callable[[], None]) -> None:
+    """Run ``fn`` on rank 0 alone, then synchronise; a :class:`UserError` there is raised on every rank (the others
+    would otherwise wait for rank 0 at the next barrier forever)."""
+    message = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".*.tmp-*"):  # left by a killed run: never a finished adapter
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        if old is None:
-            write_json(out / rundir.MANIFEST, manifest)
-    _barrier(world)
+        try:
+            fn()
+        except UserError as exc:
+            if world == 1:
+                raise
+            message = str(exc)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise UserError(message)
+
+
+def _sweep(
+    cfg: TrainConfig, out: Path, points: Sequence[GridPoint], prep: Prepared, *, rank: int, world: int,
+    progress: bool, pack: bool, pack_size: int | None,
+) -> SweepResult:
+    """The body of :func:`run_sweep` once the run directory is checked, locked and holds the manifest."""
+    from tqdm.auto import tqdm
 
     mine = points[rank::world]
     todo = [p for p in mine if not (out / p.name).is_dir()]
@@ -774,10 +825,9 @@ def ensure_adapters(
         ``run_dir`` as a Path.
 
     Raises:
-        UserError: a path that is a file, or an existing run whose grid lacks a needed rank or seed.
+        UserError: a path that is a file, or an existing run whose grid lacks a needed rank or seed; a run
+            directory another trainer holds ("in use by PID N").
     """
-    from tqdm.auto import tqdm
-
     from lora.adapter_io import quiet_transformers
 
     root = Path(run_dir)
@@ -817,10 +867,17 @@ def ensure_adapters(
     if not todo:
         return root
     manifest_new = build_manifest(cfg, points, prep)
-    old = rundir.check_manifest_matches(root, manifest_new)
-    root.mkdir(parents=True, exist_ok=True)
-    if old is None:
-        write_json(root / rundir.MANIFEST, manifest_new)
+    rundir.check_manifest_matches(root, manifest_new)
+    with contextlib.ExitStack() as lock:  # the same lock as run_sweep: one trainer per run directory
+        _open_run_dir(root, manifest_new, lock)
+        _train_missing(cfg, root, points, todo, progress=progress)
+    return root
+
+
+def _train_missing(cfg: TrainConfig, root: Path, points: Sequence[GridPoint], todo: Sequence[GridPoint], *,
+                   progress: bool) -> None:
+    from tqdm.auto import tqdm
+
     print(
         f"{root}: training {len(todo)} missing adapter(s) ({', '.join(p.name for p in todo)}) on "
         f"{cfg.model} / {cfg.task} first; `python -m lora.train --out {root}` resumes the rest of the grid",
@@ -830,7 +887,6 @@ def ensure_adapters(
         train_point(cfg, p, root, progress=progress)  # an inner bar shows the optimizer steps
     current = rundir.read_manifest(root) or {}
     rundir.write_summary(root, [p.name for p in points], current.get("linear_probe", {}))
-    return root
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -846,14 +902,22 @@ independently instead.
 
 Rerunning the same command resumes: finished adapters (complete directories; each is renamed into place only
 when complete) are skipped. A run directory with a different config is refused. Several processes share the
-grid under `torchrun --nproc_per_node N -m lora.train ...` (process i takes points i::N)."""
+grid under `torchrun --nproc_per_node N -m lora.train ...` (process i takes points i::N).
+
+One trainer per run directory: a trainer holds an exclusive lock on --out (flock on <out>/.lock, which records
+its PID) from the end of its checks until the sweep ends, so a second trainer on the same --out exits 2 with
+"error: --out DIR: run directory in use by PID N"; the kernel drops the lock however the holder ends (kill -9
+included), so a stale .lock never blocks a rerun. Under torchrun only rank 0 takes it (the ranks cooperate).
+Bad input (options, config file, data, model, --out) exits 2 with one line on stderr, before anything is
+written to --out; a full or read-only disk is one line too, and a finished run resumed writes nothing."""
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lora-train", description=DESCRIPTION,
                             formatter_class=lambda prog: _Formatter(prog, max_help_position=32))
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help=f"run directory (default: ${rundir.RUNS_ENV} or {rundir.DEFAULT_RUN_DIR}); rerun to resume")
+                        help=f"run directory (default: ${rundir.RUNS_ENV} or {rundir.DEFAULT_RUN_DIR}); rerun to "
+                             "resume; locked while a trainer uses it (see above)")
     parser.add_argument("--config", metavar="FILE",
                         help="TOML or JSON file of the options below (keys = option names); flags override it")
     parser.add_argument("--threads", type=int, metavar="N",

@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_models import tiny_train_setup
 
 from lora import rundir
 from lora.errors import UserError
 from lora.train import ensure_adapters
 from lora_analysis.load.adapters import index_run, load_run_adapter
-from tiny_models import tiny_train_setup
+
 
 def test_default_run_dir(monkeypatch, tmp_path):
     monkeypatch.delenv(rundir.RUNS_ENV, raising=False)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lora_analysis.tables.select import MissingRows, PAPER_TABLE7_RANKS, nearest_rank, require
+from lora_analysis.tables.select import PAPER_TABLE7_RANKS, MissingRows, nearest_rank, require
 
 __all__ = [
     "Interval",

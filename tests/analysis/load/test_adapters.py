@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import D, make_adapter, tiny_bert_model
 
-from lora.adapter_io import save_adapter
 from lora.errors import UserError
-from lora.inject import inject_lora
 from lora_analysis.load import adapters as runs
 from lora_analysis.load.adapters import index_run, load_adapter_dir, load_any, load_run_adapter
 from lora_analysis.load.base import BaseWeights
-from tiny_models import D, make_adapter, tiny_bert_model
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:

@@ -15,7 +15,6 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from synthetic_tables import module_key, synthetic_tables  # noqa: E402
 
-from lora.errors import UserError  # noqa: E402
 from lora_analysis.render import figures as F  # noqa: E402
 from lora_analysis.tables import aggregate as A  # noqa: E402
 from lora_analysis.tables.select import MissingRows  # noqa: E402

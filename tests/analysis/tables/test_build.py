@@ -13,10 +13,10 @@ import torch
 from tiny_models import D, make_adapter, tiny_bert_model
 
 from lora.errors import UserError
-from lora_analysis.metrics.linalg import factored_svd
-from lora_analysis.metrics.projection import table7_row
 from lora_analysis.load.adapters import load_run_adapter
 from lora_analysis.load.base import BaseWeights
+from lora_analysis.metrics.linalg import factored_svd
+from lora_analysis.metrics.projection import table7_row
 from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
 from lora_analysis.metrics.subspace import init_control, phi_weight_vs_delta, subspace_similarity
 from lora_analysis.tables.build import (

@@ -7,7 +7,6 @@ import json
 import pytest
 from synthetic_tables import synthetic_tables
 
-from lora.errors import UserError
 from lora_analysis.render import report_md
 from lora_analysis.verdicts import claims as R
 
