@@ -37,7 +37,7 @@ def analyse_and_render(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         write_cache(Path(run_dir), tables)  # notebooks on this run then load instantly
     written = write_tables(tables, out / "tables")
     written += render_all(tables, out, quiet=quiet)
-    written.append(write_report(tables, out, setup=setup_from_run(run_dir), validation=validation))
+    written += write_report(tables, out, setup=setup_from_run(run_dir), validation=validation)
     return written
 
 

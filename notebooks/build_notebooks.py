@@ -81,7 +81,7 @@ def subspace_similarity() -> nbformat.NotebookNode:
         new_markdown_cell("## Footnote 7: the same on $B$'s left singular vectors"),
         new_code_cell('figures.draw("figure3_B", tables);'),
         new_markdown_cell("## The claims, measured (rules in `lora_analysis/verdicts/claims.py`)"),
-        new_code_cell('claims_table(tables, keys=["top", "noise", "intrinsic"])'),
+        new_code_cell('claims_table(tables, keys=["top_direction_shared", "other_directions_noise", "q_higher_rank_than_v"])'),
     ])
 
 
@@ -106,7 +106,7 @@ def delta_w_vs_w() -> nbformat.NotebookNode:
         new_markdown_cell("## Beyond the paper: $\\Delta W$'s spectrum and effective rank"),
         new_code_cell('figures.draw("spectra", tables);'),
         new_markdown_cell("## The claims, measured"),
-        new_code_cell('claims_table(tables, keys=["amplification", "projection", "fig8"])'),
+        new_code_cell('claims_table(tables, keys=["amplification", "projection_above_random", "w_top_not_amplified"])'),
     ])
 
 
@@ -126,7 +126,7 @@ def rank_and_weight_types() -> nbformat.NotebookNode:
         new_code_cell('figures.tabulate("table5", tables)'),
         new_code_cell('figures.draw("table5", tables);'),
         new_markdown_cell("## The claims, measured"),
-        new_code_cell('claims_table(tables, keys=["flat", "table5"])'),
+        new_code_cell('claims_table(tables, keys=["quality_flat_in_rank", "budget_best_sets"])'),
     ])
 
 
@@ -153,7 +153,7 @@ def your_own_adapters() -> nbformat.NotebookNode:
         new_code_cell('figures.tabulate("table7", tables)'),
         new_markdown_cell("## Every figure, the tables and REPORT.md, written to `OUT_DIR`"),
         new_code_cell("written = figures.render_all(tables, OUT_DIR)\n"
-                      "report_path = report_md.write_report(tables, OUT_DIR, setup=report_md.setup_from_run(ADAPTER_DIR))\n"
+                      "report_files = report_md.write_report(tables, OUT_DIR, setup=report_md.setup_from_run(ADAPTER_DIR))\n"
                       "claims_table(tables)"),
     ])
 

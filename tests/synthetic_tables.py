@@ -38,8 +38,9 @@ def synthetic_tables(
     v_shared: float = 0.1,
     amp_small: float = 20.0,
     amp_large: float = 2.0,
-    projection_order=("random", "delta", "weight"),
+    margin: float = 8.0,
     fig8_peak: float = 0.22,
+    fig8_scale: float = 1.0,
     rank_effect: float = 0.0,
     best_set: str = "q,v",
     seed: int = 0,
@@ -48,8 +49,9 @@ def synthetic_tables(
 
     ``top``: φ(1, 1) of the rank comparison on A; ``noise_scale`` multiplies the random baseline elsewhere;
     ``q_shared`` / ``v_shared``: extra seed-vs-seed overlap on the leading directions of ΔW_q / ΔW_v;
-    ``amp_small`` / ``amp_large``: amplification at the smallest / largest rank; ``projection_order``: the
-    order (smallest first) of the random / ΔW / W projections; ``fig8_peak``: largest φ(W, ΔW);
+    ``amp_small`` / ``amp_large``: amplification at the smallest / largest rank; ``margin``: ΔW's projection over
+    the analytic random one (with 10 % spread across seeds); ``fig8_peak``: largest φ(W, ΔW); ``fig8_scale``: ΔW's
+    overlap with W's top directions as a multiple of a random A's;
     ``rank_effect``: accuracy gained per doubling of r; ``best_set``: the best Table 5 weight set.
     """
     rng = np.random.default_rng(seed)
@@ -65,6 +67,8 @@ def synthetic_tables(
             base = {**common, "comparison": "rank", "r1": r1, "r2": r_max, "seed1": s, "seed2": s}
             phi_rows += _grid_rows({**base, "quantity": "A"}, r1, r_max,
                                    lambda i, j: top if i == j == 1 else min(1.0, rand(i, j)))
+            phi_rows += _grid_rows({**base, "quantity": "dW"}, r1, r_max,
+                                   lambda i, j: top if i == j == 1 else min(1.0, rand(i, j)))
             phi_rows += _grid_rows({**base, "quantity": "A-A_init"}, r1, r_max,
                                    lambda i, j: learned_top if i == j == 1 else min(1.0, rand(i, j)))
             phi_rows += _grid_rows({**base, "quantity": "A_init"}, r1, r_max,
@@ -77,6 +81,8 @@ def synthetic_tables(
         for s1, s2 in itertools.combinations(seeds, 2):
             base = {**common, "comparison": "seed", "r1": r_max, "r2": r_max, "seed1": s1, "seed2": s2}
             phi_rows += _grid_rows({**base, "quantity": "A"}, r_max, r_max,
+                                   lambda i, j, sh=shared: min(1.0, rand(i, j) + sh * np.exp(-(i + j - 2) / 6)))
+            phi_rows += _grid_rows({**base, "quantity": "dW"}, r_max, r_max,
                                    lambda i, j, sh=shared: min(1.0, rand(i, j) + sh * np.exp(-(i + j - 2) / 6)))
             phi_rows += _grid_rows({**base, "quantity": "A-A_init"}, r_max, r_max,
                                    lambda i, j, sh=shared: min(1.0, rand(i, j) + sh * np.exp(-(i + j - 2) / 6)))
@@ -94,7 +100,7 @@ def synthetic_tables(
     for layer, wt, r, s in itertools.product(layers, ("q", "v"), ranks, seeds):
         common = {"module": module_key(layer, wt), "weight_type": wt, "layer": layer, "rank": r, "seed": s}
         fig8_rows += _grid_rows({**common, "source": "delta"}, n_w, r,
-                                lambda i, j: fig8_peak if (i, j) == (n_w, 1) else min(fig8_peak, rand(i, j)))
+                                lambda i, j: fig8_peak if (i, j) == (n_w, 1) else min(1.0, fig8_scale * rand(i, j)))
         fig8_rows += _grid_rows({**common, "source": "random"}, n_w, r, lambda i, j: min(1.0, rand(i, j)))
     fig8 = pd.DataFrame(fig8_rows)
 
@@ -103,10 +109,17 @@ def synthetic_tables(
     for layer, wt, r, s in itertools.product(layers, ("q", "v"), ranks, seeds):
         frac = (np.log2(r) - log_lo) / (log_hi - log_lo)
         amp = float(np.exp((1 - frac) * np.log(amp_small) + frac * np.log(amp_large)))
-        proj = dict(zip(projection_order, (0.05 * r**0.5, 0.5 * r**0.5, 5.0 * r**0.5), strict=True))
-        dw = amp * proj["delta"]
+        expected = r * 60.0 / D_IN  # k ‖W‖_F / sqrt(d_out d_in), ‖W‖_F = 60, d_out = d_in = 384
+        weight = 60.0 * np.sqrt(min(1.0, (r + 8) / 96))  # W's own top-r directions hold most of ‖W‖_F = 60
+        ratio = min(margin, 0.6 * weight / expected) * (1 + 0.1 * rng.standard_normal())  # ΔW's stays below W's
+        delta = ratio * expected
+        dw = amp * delta
         common = {"module": module_key(layer, wt), "weight_type": wt, "layer": layer, "rank": r, "seed": s}
-        t7_rows.append({**common, "top": r, **proj, "w_norm": 60.0, "dw_norm": dw, "amplification": amp})
+        t7_rows.append({**common, "d_out": D_IN, "d_in": D_IN, "top": r, "delta": delta, "weight": weight,
+                        "random": expected * (1 + 0.18 * rng.standard_normal()), "w_norm": 60.0, "dw_norm": dw,
+                        "amplification": amp, "random_expected": expected, "random_mean": 0.98 * expected,
+                        "random_sd": 0.18 * expected, "delta_over_random": ratio,
+                        "z": (delta - 0.98 * expected) / (0.18 * expected), "amplification_random": dw / expected})
         sigma = dw * np.exp(-np.arange(r) / 2.0)
         sigma = sigma / np.linalg.norm(sigma) * dw
         p = sigma**2 / np.sum(sigma**2)

@@ -13,8 +13,20 @@ from pathlib import Path
 import pandas as pd
 
 from lora import rundir
-from lora.fsio import write_text
-from lora_analysis.verdicts.claims import FAILS, HOLDS, NOT_MEASURED, PARTLY, Claim, Context, evaluate_claims
+from lora.fsio import write_json, write_text
+from lora_analysis.verdicts.claims import (
+    FAILS,
+    FIG8_RATIO,
+    FLAT_SLOPE,
+    INCONCLUSIVE,
+    MARGIN,
+    NOISE_RATIO,
+    VERDICTS,
+    Claim,
+    Context,
+    evaluate_claims,
+    report_json,
+)
 
 __all__ = ["render_report", "setup_from_run", "write_report"]
 
@@ -52,14 +64,45 @@ def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+HOW_TO_READ = [
+    "## How to read these verdicts", "",
+    "- **φ against random subspaces.** Two independent random subspaces of dimension d give E φ(i, j) = max(i, j)/d, "
+    "which every φ claim divides by or compares with. φ is taken on ΔW's own singular vectors (`dW`), ordered by what "
+    "B·A learned; φ on A (the paper's), on A − A_init and between the starts sit beside it, because A's order can "
+    "come from its random start and nested starts share rows.",
+    "- **Independent seeds as an empirical null.** Adapters trained from different seeds share only the task, so "
+    "their overlap is what 'shared' means without a shared start. A rank comparison (same seed, nested starts) is "
+    "read against it.",
+    f"- **Projections against a random pair.** A random k-dimensional pair gives E‖UᵀWV‖_F = k‖W‖_F/√(d_out d_in) "
+    f"(derived, and checked by sampling: table7.csv has the sampled mean, sd and z). ΔW's projection counts as above "
+    f"random only when the interval of their ratio lies above {MARGIN:g}.",
+    "- **Amplification.** ‖ΔW‖_F / ‖UᵀWV‖_F is larger for a same-norm ΔW in a random subspace than for an aligned one, "
+    "and it falls with r for any ΔW by geometry, so it reads as 'amplifying W's directions' only together with a "
+    "projection well above random.",
+    f"- **Figure 8's overlap against a random A.** The overlap of ΔW with W's top directions is divided by that of a "
+    f"random A of the same rank: a ratio within {FIG8_RATIO:g} is 'barely', as the paper says; ΔW placed on W's top "
+    "directions fails it.",
+    f"- **Noise against chance.** 'Looks like noise' holds when the φ of directions 2..r is within {NOISE_RATIO:g}× the "
+    "random baseline.",
+    f"- **Quality: an equivalence test.** 'Flat in r' holds only when the interval of the slope per doubling of r "
+    f"lies within ±{FLAT_SLOPE:g}: a wide interval is inconclusive, not flat. Table 5's 'best set' is judged by how "
+    "often it stays best when seeds are resampled.",
+    "- **Intervals.** 95 %: exact (Clopper–Pearson) for 'k of n', else a bootstrap that resamples whole seeds "
+    "(layers of one seed share a training run), or layers where there is one seed. With three seeds an interval is "
+    "coarse; where it cannot separate the outcomes the verdict is **inconclusive**.", "",
+]
+
+
 def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[str, str] | None = None,
                   figure_files: Sequence[str | Path] = (), validation: str | None = None) -> str:
     """REPORT.md text: setup, a summary table (claim, paper, ours, verdict), a section per claim, figures."""
     lines = ["# Section 7 of the LoRA paper, measured", "",
              "Each claim of *LoRA: Low-Rank Adaptation of Large Language Models* (Hu et al., 2021, arXiv 2106.09685), "
-             "Section 7 and Appendix H, beside our measured number and a verdict. Verdicts follow fixed rules "
-             "(given under each claim and in `lora_analysis/report.py`); they judge the paper's *qualitative* claim "
-             "on our model and task, not its GPT-3 175B numbers.", ""]
+             "Section 7 and Appendix H, beside our measured number and a verdict. Each verdict compares a statistic "
+             "pooled over every layer, seed and weight type with a random null that can fail, through a 95 % "
+             "interval and a fixed rule (given under each claim and in `lora_analysis/verdicts/claims.py`); it judges "
+             "the paper's *qualitative* claim on our model and task, not its GPT-3 175B numbers. `report.json` beside "
+             "this file holds the same verdicts and measures, machine-readable.", ""]
     lines += ["## Setup", ""]
     if setup:
         lines += [f"- **{k}**: {v}" for k, v in setup.items()]
@@ -69,19 +112,31 @@ def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[s
         lines.append(f"- **layer shown**: {context.layer} (the middle of adapted layers {list(context.layers)}; "
                      "the paper shows layer 48 of 96)")
     if context.r_small is not None:
-        lines.append(f"- **rank pair**: r={context.r_small} vs r={context.r_large} (paper: 8 vs 64)")
+        rd = f"; r/d = {context.r_small / context.d:.2%} and {context.r_large / context.d:.2%} of d = {context.d}" \
+            if context.d else ""
+        lines.append(f"- **rank pair**: r={context.r_small} vs r={context.r_large} (paper: 8 vs 64, r/d = 0.07 % and "
+                     f"0.52 % of d = 12,288{rd})")
+    if context.scaled_ranks is not None and context.d:
+        a, b = context.scaled_ranks
+        lines.append(f"- **ranks nearest the paper's r/d**: r={a} vs r={b} ({a / context.d:.2%} and {b / context.d:.2%} "
+                     "of d); claims 1, 2, 4, 5 are judged there too (under each claim)")
     lines += ["", "## Summary", "", "| # | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
     for n, c in enumerate(claims, start=1):
         lines.append(f"| {n} | {_md_escape(c.title)} | {_md_escape(c.paper)} | {_md_escape(c.ours)} | **{c.verdict}** |")
-    counts = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, PARTLY, FAILS, NOT_MEASURED)}
+    counts = {v: sum(c.verdict == v for c in claims) for v in VERDICTS}
     lines += ["", "Verdict counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()), ""]
     failing = [c for c in claims if c.verdict == FAILS]
     if failing:
         lines += ["**Does not hold here:** " + "; ".join(f"{_lower_first(c.title)} ({c.ours})" for c in failing) + ".", ""]
+    unclear = [c for c in claims if c.verdict == INCONCLUSIVE]
+    if unclear:
+        lines += ["**Inconclusive here** (the interval straddles the rule's threshold): "
+                  + "; ".join(_lower_first(c.title) for c in unclear) + ".", ""]
+    lines += HOW_TO_READ
     files = {Path(f).name for f in figure_files}
     for n, c in enumerate(claims, start=1):
         lines += [f"## {n}. {c.title}", "", f"- **Paper:** {c.paper}", f"- **Ours:** {c.ours}",
-                  f"- **Verdict:** **{c.verdict}**", f"- **Rule:** {c.rule}"]
+                  f"- **Verdict:** **{c.verdict}**", f"- **Null:** {c.null}", f"- **Rule:** {c.rule}"]
         lines += [f"  - {d}" for d in c.details]
         shown = [f"[{name}]({name}.png)" for name in c.figures if f"{name}.png" in files]
         if shown:
@@ -108,13 +163,15 @@ def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[s
 
 def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike, *,
                  setup: Mapping[str, str] | None = None, validation: str | None = None,
-                 layer: int | None = None) -> Path:
-    """Evaluate every claim on ``tables`` and write ``<out_dir>/REPORT.md`` atomically; returns its path.
+                 layer: int | None = None) -> list[Path]:
+    """Evaluate every claim on ``tables``; write ``<out_dir>/REPORT.md`` and ``<out_dir>/report.json`` atomically.
 
     Figures already in ``out_dir`` (from :func:`lora_analysis.render.figures.render_all`) are linked from the report.
+    Returns both paths.
     """
     out = Path(out_dir)
     claims, context = evaluate_claims(tables, layer=layer)
     files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     text = render_report(claims, context, setup=setup, figure_files=files, validation=validation)
-    return write_text(out / "REPORT.md", text)
+    doc = {**report_json(claims, context), "setup": dict(setup or {})}
+    return [write_text(out / "REPORT.md", text), write_json(out / "report.json", doc)]

@@ -4,8 +4,9 @@ Tables and their columns (``module`` is a module key, ``weight_type`` q/k/v/o, `
 
 * ``phi`` (Figures 3, 4, 6, 7): comparison, quantity, module, weight_type, layer, r1, r2, seed1, seed2, i, j, phi.
 * ``fig8`` (Appendix H.3, Figure 8): module, weight_type, layer, rank, seed, source, i, j, phi.
-* ``table7`` (Section 7.3, Table 7): module, weight_type, layer, rank, seed, top, delta, weight, random, w_norm,
-  dw_norm, amplification.
+* ``table7`` (Section 7.3, Table 7): module, weight_type, layer, rank, seed, d_out, d_in, top, delta, weight,
+  random, w_norm, dw_norm, amplification, and the random null: random_expected, random_mean, random_sd,
+  delta_over_random, z, amplification_random.
 * ``spectra``: module, weight_type, layer, rank, seed, stable_rank, entropy_rank, energy_rank_90, dw_norm,
   n_intruders.
 * ``singular_values``: module, weight_type, layer, rank, seed, index, sigma.
@@ -19,7 +20,10 @@ per weight matrix (:class:`lora_analysis.load.base.BaseWeights`) and shared by e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import os
+import sys
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,7 +48,7 @@ from lora_analysis.metrics.subspace import (
     random_phi_sampled,
     subspace_similarity,
 )
-from lora_analysis.tables.select import PAPER_FIG8_RANKS, nearest_rank, rank_pair
+from lora_analysis.tables.select import PAPER_D, PAPER_FIG8_RANKS, nearest_rank, rank_pair
 
 __all__ = [
     "COLUMNS",
@@ -66,14 +70,16 @@ __all__ = [
 COLUMNS: dict[str, list[str]] = {
     "phi": ["comparison", "quantity", "module", "weight_type", "layer", "r1", "r2", "seed1", "seed2", "i", "j", "phi"],
     "fig8": ["module", "weight_type", "layer", "rank", "seed", "source", "i", "j", "phi"],
-    "table7": ["module", "weight_type", "layer", "rank", "seed", "top", "delta", "weight", "random", "w_norm",
-               "dw_norm", "amplification"],
+    "table7": ["module", "weight_type", "layer", "rank", "seed", "d_out", "d_in", "top", "delta", "weight", "random",
+               "w_norm", "dw_norm", "amplification", "random_expected", "random_mean", "random_sd",
+               "delta_over_random", "z", "amplification_random"],
     "spectra": ["module", "weight_type", "layer", "rank", "seed", "stable_rank", "entropy_rank", "energy_rank_90",
                 "dw_norm", "n_intruders"],
     "singular_values": ["module", "weight_type", "layer", "rank", "seed", "index", "sigma"],
     "quality": ["weight_set", "rank", "seed", "alpha", "trainable_params", "val_metric", "metric_name", "wall_s"],
 }
 PAPER_RANK_PAIR = (8, 64)  # Figure 3
+NULL_DRAWS = 32  # random pairs per Table 7 row for the null's spread (the paper shows one draw)
 FIG8_FRACTION = 0.1  # Figure 8 shows W's top directions up to about 10 % of d
 
 
@@ -267,9 +273,14 @@ def table7_table(
     keys: Iterable[str] | None = None,
     top: int | None = None,
     random_seed: int = 0,
+    null_draws: int = NULL_DRAWS,
 ) -> pd.DataFrame:
     """Table 7 (Section 7.3) for every module of one adapter: ‖UᵀWV‖_F for ΔW's, W's own and a random top-k
     subspace, ‖W‖_F, ‖ΔW‖_F (with s) and the amplification ‖ΔW‖_F / ‖UᵀWV‖_F. ``k = top`` or the module's rank.
+
+    Beside them the random null (:func:`lora_analysis.metrics.projection.table7_row`): the analytic expectation,
+    the mean and sd of ``null_draws`` random pairs, the margin ``delta / random_expected``, the z-score and the
+    amplification a same-norm ΔW in a random subspace would have.
 
     Raises:
         UserError: if ``top`` exceeds a module's rank.
@@ -282,10 +293,9 @@ def table7_table(
         if not 0 < k <= min(f.rank, *W.shape):
             raise UserError(f"--top: {top} must be in 1..{min(f.rank, *W.shape)} for module {key} of {adapter.path}")
         row = table7_row(W, f.A, f.B, scaling=f.scaling, top=k, random_seed=_module_seed(key, random_seed),
-                         w_svd=svd_of(key, W))
-        rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "top": row.rank, "delta": row.delta,
-                     "weight": row.weight, "random": row.random, "w_norm": row.w_norm, "dw_norm": row.dw_norm,
-                     "amplification": row.amplification})
+                         w_svd=svd_of(key, W), null_draws=null_draws)
+        rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "d_out": int(W.shape[0]),
+                     "d_in": int(W.shape[1]), "top": row.rank, **{c: getattr(row, c) for c in COLUMNS["table7"][8:]}})
     return pd.DataFrame(rows, columns=COLUMNS["table7"]) if rows else _empty("table7")
 
 
@@ -357,9 +367,10 @@ def analyse_run(
 
     What is computed (weight set default ``q,v``; every adapted layer unless ``layers``):
 
-    * ``phi``: the rank comparison r_small vs r_large (the ranks present nearest 8 and 64, as Figure 3) for every
-      seed trained at both; the seed comparison of the two smallest seeds at the largest rank (Figure 4); and the
-      random Gaussian baseline at both shapes.
+    * ``phi``: the rank comparison r_small vs r_large (the ranks present nearest 8 and 64, as Figure 3, and those
+      nearest the paper's r/d) for every seed trained at both; the seed comparison of every pair of seeds at the
+      largest rank (Figure 4; the empirical null of independent replicates); and the random Gaussian baseline.
+      Adapters that record no seed (peft's) are replicates 0, 1, ... of their rank in name order (a note says so).
     * ``table7``, ``spectra``, ``singular_values``: every adapter.
     * ``fig8``: the ranks nearest 4, 8 and 64 at the first seed, with a random A of each rank.
     * ``quality``: :func:`quality_table`.
@@ -412,10 +423,19 @@ def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compa
 
     bar = tqdm(total=2 * len(entries) + 3, desc="analysis", disable=not progress, dynamic_ncols=True)
     adapters: dict[tuple[int, int], LoadedAdapter] = {}
-    for e in entries:
+    replicates: dict[int, list[str]] = {}
+    for e in entries:  # in (weight set, rank, seed, name) order
         a = load_adapter_dir(e.path)
+        if a.seed is None:  # e.g. peft adapters: no seed recorded; same-rank ones are replicates in name order
+            names = replicates.setdefault(e.rank, [])
+            a = dataclasses.replace(a, seed=len(names))
+            names.append(e.name)
         adapters[(e.rank, _seed(a))] = a
         bar.update(1)
+    for r, names in replicates.items():
+        if len(names) > 1:
+            print(f"note: {index.root}: {len(names)} adapters of rank {r} record no seed; treated as replicates "
+                  f"0..{len(names) - 1} in name order: {', '.join(names)}", file=sys.stderr)
     if not adapters:
         raise UserError(f"{index.root}: no adapters left for weight set {ws} after selecting ranks/seeds")
 
@@ -433,19 +453,27 @@ def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compa
     present_r = sorted({r for r, _ in adapters})
     present_s = sorted({s for _, s in adapters})
     if len(present_r) >= 2:
-        r_small, r_large = rank_pair(present_r, small=ranks_compared[0], large=ranks_compared[1])
-        for s in present_s:
-            if (r_small, s) in adapters and (r_large, s) in adapters:
-                a1, a2 = adapters[(r_small, s)], adapters[(r_large, s)]
-                out["phi"].append(phi_table(a1, a2, comparison="rank", keys=keys_of(a1)))
+        # the paper's literal pair (8 vs 64), and the pair nearest its r/d (8 and 64 of d = 12,288)
+        d = int(next(iter(next(iter(adapters.values())).factors.values())).A.shape[1])
+        pairs = [rank_pair(present_r, small=ranks_compared[0], large=ranks_compared[1])]
+        scaled = rank_pair(present_r, small=ranks_compared[0] * d / PAPER_D, large=ranks_compared[1] * d / PAPER_D)
+        pairs += [scaled] if scaled not in pairs else []
+        for r_small, r_large in pairs:
+            for s in present_s:
+                if (r_small, s) in adapters and (r_large, s) in adapters:
+                    a1, a2 = adapters[(r_small, s)], adapters[(r_large, s)]
+                    out["phi"].append(phi_table(a1, a2, comparison="rank", keys=keys_of(a1)))
+        r_small, r_large = pairs[0]
         ref = adapters[(r_large, present_s[0])] if (r_large, present_s[0]) in adapters else next(iter(adapters.values()))
         out["phi"].append(random_phi_table(ref, r1=r_small, r2=r_large, keys=keys_of(ref)))
     bar.update(1)
     r_max = present_r[-1]
     seeds_at_max = sorted(s for r, s in adapters if r == r_max)
-    if len(seeds_at_max) >= 2:
-        a1, a2 = adapters[(r_max, seeds_at_max[0])], adapters[(r_max, seeds_at_max[1])]
+    for s1, s2 in itertools.combinations(seeds_at_max, 2):  # every pair of independent replicates: the empirical null
+        a1, a2 = adapters[(r_max, s1)], adapters[(r_max, s2)]
         out["phi"].append(phi_table(a1, a2, comparison="seed", keys=keys_of(a1)))
+    if len(seeds_at_max) >= 2:
+        a1 = adapters[(r_max, seeds_at_max[0])]
         out["phi"].append(random_phi_table(a1, r1=r_max, r2=r_max, keys=keys_of(a1), seed=1))
     bar.update(1)
     s0 = present_s[0]

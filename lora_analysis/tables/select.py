@@ -64,7 +64,7 @@ def rows_where(table: pd.DataFrame, **equal) -> pd.DataFrame:
     return table[mask]
 
 
-def nearest_rank(ranks: Sequence[int], target: int) -> int:
+def nearest_rank(ranks: Sequence[int], target: float) -> int:
     """The present rank nearest ``target`` on a log₂ scale (ties go to the smaller rank).
 
     ``nearest_rank([1, 12], 4) == 12``: log₂ distances 2 and 1.58 (a linear rule would pick 1). The rule is
@@ -78,14 +78,16 @@ def nearest_rank(ranks: Sequence[int], target: int) -> int:
     return min(present, key=lambda r: (abs(math.log2(r) - math.log2(target)) if r > 0 else math.inf, r))
 
 
-def rank_pair(ranks: Sequence[int], *, small: int = PAPER_RANK_SMALL, large: int | None = None) -> tuple[int, int]:
-    """``(r_small, r_large)`` to compare: ``r_large`` the rank nearest ``large`` (default: the largest present),
-    ``r_small`` the rank nearest ``small`` among the others. Needs two distinct ranks."""
+def rank_pair(ranks: Sequence[int], *, small: float = PAPER_RANK_SMALL, large: float | None = None) -> tuple[int, int]:
+    """``(r_small, r_large)`` to compare, ``r_small < r_large``: ``r_small`` the rank nearest ``small`` among all but
+    the largest, ``r_large`` the rank nearest ``large`` (default: the largest) among those above ``r_small``.
+    Needs two distinct ranks. Targets may be fractional (the paper's r/d scaled to a small model)."""
     present = sorted({int(x) for x in ranks})
     if len(present) < 2:
         raise MissingRows(f"a rank comparison needs two ranks; present: {present}")
-    r_large = present[-1] if large is None else nearest_rank(present, large)
-    return nearest_rank([r for r in present if r != r_large], small), r_large
+    r_small = nearest_rank(present[:-1], small)
+    above = [r for r in present if r > r_small]
+    return r_small, above[-1] if large is None else nearest_rank(above, large)
 
 
 def phi_rank_pair(phi: pd.DataFrame, *, small: int = PAPER_RANK_SMALL, large: int | None = None) -> tuple[int, int]:

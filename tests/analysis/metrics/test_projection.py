@@ -53,7 +53,9 @@ def test_table7_matches_dense_reference():
     assert row.delta == pytest.approx(float((U[:, :4].T @ W @ Vh[:4].T).norm()), rel=1e-6)
     assert row.dw_norm == pytest.approx(float(dense.norm()), rel=1e-10)
     assert row.amplification == pytest.approx(row.dw_norm / row.delta, rel=1e-12)
-    assert set(row.as_dict()) == {"delta", "weight", "random", "w_norm", "dw_norm", "amplification", "rank"}
+    assert set(row.as_dict()) == {"delta", "weight", "random", "w_norm", "dw_norm", "amplification", "rank",
+                                  "random_expected", "random_mean", "random_sd", "delta_over_random", "z",
+                                  "amplification_random"}
     # top < r uses the top-k subspaces of both.
     row2 = table7_row(W, A, B, scaling=s, top=2)
     assert row2.rank == 2
@@ -110,3 +112,44 @@ def test_bad_input():
         projection_norm(W, torch.ones(39, 2), torch.ones(32, 2))
     with pytest.raises(ValueError, match="holding 2"):
         table7_row(W, A, B, scaling=1.0, w_svd=top_singular(W, k=2))
+
+
+# ------------------------------------------------------------------------------------------- the random null
+@pytest.mark.parametrize(("d_out", "d_in", "k"), [(48, 48, 4), (64, 32, 8), (40, 96, 16)])
+def test_expected_random_projection_matches_sampling(d_out, d_in, k):
+    """E‖UᵀWV‖_F² = k²‖W‖_F²/(d_out d_in) for Haar-random U, V: the analytic null against 4,000 draws."""
+    from lora_analysis.metrics.projection import expected_random_projection, sampled_random_projection
+
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(3, 0.1, d_in,
+                                                                                         dtype=torch.float64))
+    expected = expected_random_projection(float(W.norm()), k, d_out, d_in)
+    squares = torch.tensor([projection_norm(W, random_orthonormal(d_out, k, generator=g),
+                                            random_orthonormal(d_in, k, generator=g)) ** 2 for _ in range(4000)])
+    se = float(squares.std()) / 4000**0.5
+    assert float(squares.mean()) == pytest.approx(expected**2, abs=4 * se)  # the second moment, exactly
+    null = sampled_random_projection(W, k, n=400, seed=1)
+    assert null.mean <= expected * 1.01 and null.mean == pytest.approx(expected, rel=0.08)  # Jensen: just below
+    assert 0 < null.sd < null.mean
+
+
+def test_expected_random_projection_reproduces_the_papers_random_column():
+    from lora_analysis.metrics.projection import expected_random_projection
+
+    # Table 7: ‖W_q‖_F = 61.95, d = 12,288: random 0.02 at k=4 and 0.33 at k=64
+    assert expected_random_projection(61.95, 4, 12288, 12288) == pytest.approx(0.02, abs=0.001)
+    assert expected_random_projection(61.95, 64, 12288, 12288) == pytest.approx(0.33, abs=0.01)
+    with pytest.raises(ValueError):
+        expected_random_projection(1.0, 0, 4, 4)
+
+
+def test_table7_row_carries_the_null():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    A, B = torch.randn(4, 40, generator=g, dtype=torch.float64), torch.randn(40, 4, generator=g, dtype=torch.float64)
+    row = table7_row(W, A, B, scaling=0.5, null_draws=16)
+    assert row.random_expected == pytest.approx(4 * float(W.norm()) / 40)
+    assert row.delta_over_random == pytest.approx(row.delta / row.random_expected)
+    assert row.amplification_random == pytest.approx(row.dw_norm / row.random_expected)
+    assert row.z == pytest.approx((row.delta - row.random_mean) / row.random_sd)
+    assert math.isnan(table7_row(W, A, B, scaling=0.5).z)  # no draws: only the analytic null

@@ -40,7 +40,10 @@ def test_nearest_rank_is_logarithmic():
 def test_rank_pair_and_phi_rank_pair():
     assert rank_pair([1, 2, 4, 8, 64]) == (8, 64)
     assert rank_pair([2, 4]) == (2, 4)  # r_large is the largest, r_small the nearest 8 among the rest
-    assert rank_pair([1, 12, 32], small=4, large=12) == (1, 12)  # log2 distances to 4: 1 -> 2, 32 -> 3
+    # r_small among all but the largest ranks (log2 distance to 4: 1 -> 2, 12 -> 1.58), r_large above it
+    assert rank_pair([1, 12, 32], small=4, large=12) == (12, 32)
+    assert rank_pair([1, 2, 4, 8, 64], small=0.25, large=2) == (1, 2)  # the paper's r/d on d = 384
+    assert rank_pair([2, 4, 8], small=0.02, large=0.17) == (2, 4)  # r_small < r_large whatever the targets
     with pytest.raises(MissingRows):
         rank_pair([8])
     phi = pd.DataFrame({"comparison": ["rank", "rank", "seed"], "r1": [2, 8, 64], "r2": [64, 64, 64]})

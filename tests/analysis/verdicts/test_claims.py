@@ -1,4 +1,8 @@
-"""Verdict logic of lora_analysis.verdicts.claims (and the REPORT.md writer) on synthetic tables whose Section 7 structure is set by the test."""
+"""Every verdict rule of lora_analysis.verdicts.claims, driven to fail and to pass on synthetic tables whose
+Section 7 structure the test sets; and the REPORT.md / report.json writer.
+
+tests/analysis/verdicts/test_rules_on_adapters.py does the same end to end, from adapters built on real weights.
+"""
 
 from __future__ import annotations
 
@@ -8,71 +12,118 @@ import pytest
 from synthetic_tables import synthetic_tables
 
 from lora_analysis.render import report_md
-from lora_analysis.verdicts import claims as R
+from lora_analysis.verdicts import claims as C
 
-KEYS = ["top", "noise", "intrinsic", "amplification", "projection", "fig8", "flat", "table5"]
+SEEDS = (0, 1, 2)
+LAYERS = (0, 1, 2, 3)
 
 
-def _verdicts(tables) -> dict[str, str]:
-    claims, _ = R.evaluate_claims(tables)
-    return {c.key: c.verdict for c in claims}
+def _verdicts(**knobs) -> dict[str, str]:
+    tables = synthetic_tables(layers=LAYERS, ranks=(2, 8, 32), seeds=SEEDS, **knobs)
+    claims, _ = C.evaluate_claims(tables)
+    return {c.id: c.verdict for c in claims}
 
 
 @pytest.fixture(scope="module")
 def paper_like():
-    return synthetic_tables(layers=(0, 2, 5), ranks=(2, 8, 32), seeds=(0, 1))
+    return synthetic_tables(layers=LAYERS, ranks=(2, 8, 32), seeds=SEEDS, q_shared=0.4, v_shared=0.0)
 
 
-def test_paper_like_tables_hold(paper_like):
-    claims, ctx = R.evaluate_claims(paper_like)
-    assert [c.key for c in claims] == KEYS
-    assert {c.key: c.verdict for c in claims} == dict.fromkeys(KEYS, R.HOLDS)
-    assert (ctx.layer, ctx.r_small, ctx.r_large) == (2, 8, 32)
+def test_claim_ids_and_context(paper_like):
+    claims, ctx = C.evaluate_claims(paper_like)
+    assert [c.id for c in claims] == list(C.CLAIM_IDS)
+    assert (ctx.layer, ctx.r_small, ctx.r_large, ctx.d) == (1, 8, 32, 384)
+    assert ctx.seeds == SEEDS
+    for c in claims:
+        assert c.null and c.rule and c.verdict in C.VERDICTS, c.id
+
+
+def test_paper_like_structure_holds_everywhere(paper_like):
+    claims, _ = C.evaluate_claims(paper_like)
+    assert {c.id: c.verdict for c in claims} == dict.fromkeys(C.CLAIM_IDS, C.HOLDS)
     top = claims[0]
-    assert "0.800" in top.ours  # the synthetic φ(1, 1)
-    assert any("A − A_init 0.700" in d and "A_init 1.000" in d for d in top.details)  # init control beside it
+    assert top.quantity == "dW" and top.measures["shared"] == top.measures["pairs"] == 4 * 2 * 3
 
 
-def test_opposite_tables_do_not_hold():
-    t = synthetic_tables(layers=(0, 2, 5), ranks=(2, 8, 32), top=0.2, noise_scale=8.0, q_shared=0.0, v_shared=0.4,
-                         amp_small=2.0, amp_large=20.0, projection_order=("delta", "random", "weight"),
-                         fig8_peak=0.9, rank_effect=0.05, best_set="k")
-    assert _verdicts(t) == dict.fromkeys(KEYS, R.FAILS)
+@pytest.mark.parametrize(("claim", "fail", "pass_"), [
+    ("top_direction_shared", {"top": 0.1}, {"top": 0.8}),
+    ("other_directions_noise", {"noise_scale": 8.0}, {"noise_scale": 1.0}),
+    ("q_higher_rank_than_v", {"q_shared": 0.0, "v_shared": 0.4}, {"q_shared": 0.4, "v_shared": 0.0}),
+    ("amplification", {"margin": 1.0, "amp_small": 40.0}, {"margin": 8.0, "amp_small": 20.0}),
+    ("projection_above_random", {"margin": 1.0}, {"margin": 8.0}),
+    ("w_top_not_amplified", {"fig8_scale": 6.0}, {"fig8_scale": 1.0}),
+    ("quality_flat_in_rank", {"rank_effect": 0.02}, {"rank_effect": 0.0}),
+    ("budget_best_sets", {"best_set": "k"}, {"best_set": "q,v"}),
+])
+def test_each_rule_can_fail_and_can_pass(claim, fail, pass_):
+    assert _verdicts(**fail)[claim] == C.FAILS, fail
+    assert _verdicts(**pass_)[claim] == C.HOLDS, pass_
 
 
-def test_partly_verdicts(paper_like):
-    t = dict(paper_like)
-    phi = t["phi"].copy()
-    # ΔW_v's top direction no longer shared at the shown layer: one of two weight types -> partly
-    mask = ((phi.comparison == "rank") & (phi.quantity == "A") & (phi.weight_type == "v") & (phi.i == 1)
-            & (phi.j == 1))
-    phi.loc[mask, "phi"] = 0.3
-    t["phi"] = phi
-    fig8 = t["fig8"].copy()
-    fig8.loc[(fig8.source == "delta") & (fig8.weight_type == "q"), "phi"] = 0.4  # between 0.3 and 0.5
-    t["fig8"] = fig8
-    v = _verdicts(t)
-    assert v["top"] == R.PARTLY and v["fig8"] == R.PARTLY
-    assert v["noise"] == R.HOLDS  # only cells with i, j >= 2 count
+def test_a_large_amplification_without_alignment_does_not_hold():
+    """The referee's case: a ΔW in a random subspace has a *larger* factor than an aligned one, and a smaller
+    one at high rank by geometry; neither may pass the rule."""
+    claims, _ = C.evaluate_claims(synthetic_tables(layers=LAYERS, ranks=(2, 8, 32), seeds=SEEDS, margin=1.0,
+                                                   amp_small=40.0, amp_large=2.0))
+    amp = next(c for c in claims if c.id == "amplification")
+    assert amp.verdict == C.FAILS
+    assert amp.measures["amplification"]["estimate"] == pytest.approx(40.0, rel=0.01)
+    assert amp.measures["margin"]["hi"] < C.MARGIN
 
 
-def test_amplification_trend_only_at_shown_layer(paper_like):
-    t7 = paper_like["table7"].copy()
-    # reverse the trend in every layer but the shown one (2): at L but not in >= 2/3 of layers -> partly
-    flip = (t7.layer != 2) & (t7.weight_type == "q")
-    t7.loc[flip, "amplification"] = t7.loc[flip, "rank"].astype(float)
-    v = _verdicts({**paper_like, "table7": t7})
-    assert v["amplification"] == R.PARTLY
+def test_projection_partly_when_only_one_rank_is_above_random():
+    t = synthetic_tables(layers=LAYERS, ranks=(2, 8, 32), seeds=SEEDS, margin=8.0)
+    t7 = t["table7"]
+    big = t7["rank"] == 32
+    t7.loc[big, "delta_over_random"] = t7.loc[big, "delta_over_random"] / 8.0
+    claims, _ = C.evaluate_claims(t)
+    assert next(c for c in claims if c.id == "projection_above_random").verdict == C.PARTLY
 
 
-def test_missing_rows_are_not_measured(paper_like):
-    phi = paper_like["phi"]
-    t = {"phi": phi[phi.comparison != "seed"], "table7": paper_like["table7"]}
-    v = _verdicts(t)
-    assert v["intrinsic"] == R.NOT_MEASURED
-    assert v["fig8"] == v["flat"] == v["table5"] == R.NOT_MEASURED
-    assert v["top"] == R.HOLDS
-    assert _verdicts({}) == dict.fromkeys(KEYS, R.NOT_MEASURED)
+def test_straddling_interval_is_inconclusive():
+    assert _verdicts(margin=2.0)["projection_above_random"] == C.INCONCLUSIVE
+    assert _verdicts(q_shared=0.1, v_shared=0.1)["q_higher_rank_than_v"] == C.INCONCLUSIVE
+
+
+def test_three_way_and_within():
+    iv = C.Interval(1.0, 0.5, 1.5, 0.95, "x")
+    assert C.three_way(iv, 0.4) == C.HOLDS and C.three_way(iv, 1.6) == C.FAILS and C.three_way(iv, 1.0) == C.INCONCLUSIVE
+    assert C.three_way(iv, 1.6, holds_above=False) == C.HOLDS
+    assert C.within(C.Interval(0, -0.001, 0.002, 0.95, "x"), 0.005) == C.HOLDS
+    assert C.within(C.Interval(0.02, 0.01, 0.03, 0.95, "x"), 0.005) == C.FAILS
+    assert C.within(C.Interval(0.0, -0.01, 0.01, 0.95, "x"), 0.005) == C.INCONCLUSIVE
+
+
+def test_one_seed_and_missing_tables_are_not_measured_or_inconclusive():
+    t = synthetic_tables(layers=(0, 1), ranks=(2, 8), seeds=(0,))
+    claims, _ = C.evaluate_claims({"table7": t["table7"]})
+    v = {c.id: c.verdict for c in claims}
+    assert v["top_direction_shared"] == v["quality_flat_in_rank"] == C.NOT_MEASURED
+    assert v["amplification"] in (C.HOLDS, C.INCONCLUSIVE)  # one seed: intervals resample modules instead
+    claims, _ = C.evaluate_claims({})
+    assert {c.verdict for c in claims} == {C.NOT_MEASURED}
+
+
+def test_scaled_ranks_are_judged_too():
+    t = synthetic_tables(layers=LAYERS, ranks=(1, 2, 8, 32), seeds=SEEDS)
+    claims, ctx = C.evaluate_claims(t)
+    # d = 384: the paper's 8 and 64 of d = 12,288 are r = 0.25 and 2 here, 4 and 64 are 0.125 and 2. The synthetic
+    # run compares every rank with the largest only, so the φ pair nearest them is (1, 32); Table 7 has every rank
+    assert ctx.scaled_ranks == (1, 32)
+    top = next(c for c in claims if c.id == "top_direction_shared")
+    assert top.measures["at_scaled_ranks"]["ranks"] == [1, 32]
+    amp = next(c for c in claims if c.id == "amplification")
+    assert amp.measures["at_scaled_ranks"]["ranks"] == [1, 2]
+    assert any("paper's r/d" in d for d in amp.details)
+
+
+def test_report_json_is_strict_json(paper_like):
+    claims, ctx = C.evaluate_claims(paper_like)
+    doc = C.report_json(claims, ctx)
+    text = json.dumps(doc, allow_nan=False)
+    back = json.loads(text)
+    assert [c["id"] for c in back["claims"]] == list(C.CLAIM_IDS)
+    assert back["claims"][0]["verdict"] in C.VERDICTS and "measures" in back["claims"][0]
 
 
 def test_write_report(paper_like, tmp_path):
@@ -81,22 +132,26 @@ def test_write_report(paper_like, tmp_path):
     manifest = {"base_model": "sentence-transformers/all-MiniLM-L6-v2", "base_fingerprint": "abc123",
                 "task": {"name": "chatterbot", "kind": "classification", "labels": ["a", "b"], "n_train": 10,
                          "n_val": 5},
-                "config": {"ranks": [2, 8, 32], "seeds": [0, 1], "steps": 300, "lr": 0.001}, "nested_init": True}
+                "config": {"ranks": [2, 8, 32], "seeds": [0, 1, 2], "steps": 200, "lr": 0.003}, "nested_init": True}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     setup = report_md.setup_from_run(tmp_path)
     assert "all-MiniLM-L6-v2" in setup["base model"] and "nested" in setup["initialisation"]
-    path = report_md.write_report(paper_like, tmp_path, setup=setup, validation="layer level: PASSED")
-    text = path.read_text()
-    assert path.name == "REPORT.md"
-    assert text.count("**holds**") >= len(KEYS)
+    md, js = report_md.write_report(paper_like, tmp_path, setup=setup, validation="layer level: PASSED")
+    text = md.read_text()
+    assert md.name == "REPORT.md" and js.name == "report.json"
+    assert text.count("**holds**") >= len(C.CLAIM_IDS)
     assert "21.5" in text and "0.32" in text and "73.4" in text  # the paper's numbers (arXiv v2)
     assert "[figure3](figure3.png)" in text and "[table6.md](table6.md)" in text
-    assert "A − A_init" in text and "layer level: PASSED" in text
-    assert "chatterbot" in text
+    assert "## How to read these verdicts" in text and text.count("- **Null:**") == len(C.CLAIM_IDS)
+    assert "A − A_init" in text and "layer level: PASSED" in text and "r/d" in text
     assert "figure4.png" not in text  # not rendered, so not linked
+    doc = json.loads(js.read_text())
+    assert doc["setup"]["base model"] == setup["base model"] and doc["counts"]["holds"] == len(C.CLAIM_IDS)
 
 
-def test_report_says_plainly_what_fails(tmp_path):
-    t = synthetic_tables(layers=(0, 1), ranks=(2, 8), top=0.2)
-    text = report_md.write_report(t, tmp_path).read_text()
+def test_report_says_plainly_what_fails_and_what_is_inconclusive(tmp_path):
+    t = synthetic_tables(layers=LAYERS, ranks=(2, 8, 32), seeds=SEEDS, top=0.1, margin=2.0)
+    md, _ = report_md.write_report(t, tmp_path)
+    text = md.read_text()
     assert "**Does not hold here:**" in text and "top singular direction" in text
+    assert "**Inconclusive here**" in text
