@@ -374,7 +374,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
         if p.suffix.lower() == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
+                import tomli as tomllib
 
             data = tomllib.loads(text)
             data = data.get("train", data)

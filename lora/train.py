@@ -78,6 +78,7 @@ from lora.fsio import (
     write_json,
 )
 from lora.inject import count_parameters, inject_lora, lora_modules, mark_only_lora_trainable, resolve_targets
+from lora.threads import THREADS_PER_PROCESS, default_workers, torch_threads
 
 EMBEDDED_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")
 
@@ -649,6 +650,9 @@ def build_manifest(cfg: TrainConfig, points: Sequence[GridPoint], prep: Prepared
                  "n_val": len(t.val), "fingerprint": t.fingerprint(), "source": t.source},
         "versions": _versions(),
         "nested_init": not cfg.init_seed_per_rank,
+        # the execution layout the adapters are bitwise reproducible for: any number of worker processes, this
+        # many torch threads in each (float reductions are ordered by the thread count)
+        "layout": {"threads_per_process": torch.get_num_threads()},
     }
 
 
@@ -684,11 +688,49 @@ def pack_groups(points: Sequence[GridPoint], *, size: int | None = None) -> list
     return groups
 
 
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _train_point_in_worker(cfg: TrainConfig, point: GridPoint, out_dir: str) -> str:
+    return train_point(cfg, point, out_dir, progress=False).name
+
+
+def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *, workers: int, bar) -> list[str]:
+    """Train ``todo`` in ``workers`` spawned processes, each with the parent's torch thread count; returns the
+    names in the order they finished. A point's adapter depends only on its own settings and the thread count,
+    so the files are bitwise those of a sequential run with the same threads per process."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    done: list[str] = []
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads and a lock
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(torch.get_num_threads(),)) as pool:
+        pending = {pool.submit(_train_point_in_worker, cfg, p, str(out)) for p in todo}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in finished:
+                if f.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise f.exception()
+                done.append(f.result())
+                bar.update(1)
+    return done
+
+
 def run_sweep(
     cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, pack: bool = False,
-    pack_size: int | None = None,
+    pack_size: int | None = None, workers: int = 1,
 ) -> SweepResult:
     """Train every unfinished grid point of ``cfg`` into ``out_dir`` (resumable; see the module docstring).
+
+    With ``workers`` > 1 (and no torchrun, no ``pack``) the points are trained in that many spawned processes,
+    each with this process's torch thread count; the adapters are bitwise those of ``workers=1`` (``tests/
+    test_train.py``). The default layout of the CLI and of ``reproduce`` is one worker per available core and one
+    thread per worker, recorded in ``manifest.json`` (``layout``).
 
     With ``pack`` the unfinished points of this process are trained in packs (:func:`pack_groups`,
     :func:`train_pack`) instead of one by one; the files written are the same (see :func:`train_pack` for how
@@ -717,7 +759,7 @@ def run_sweep(
     with contextlib.ExitStack() as lock:
         _on_rank0(rank, world, lambda: _open_run_dir(out, manifest, lock))
         return _sweep(cfg, out, points, prep, rank=rank, world=world, progress=progress, pack=pack,
-                      pack_size=pack_size)
+                      pack_size=pack_size, workers=workers)
 
 
 def _open_run_dir(out: Path, manifest: dict[str, Any], lock: contextlib.ExitStack) -> None:
@@ -753,7 +795,7 @@ def _on_rank0(rank: int, world: int, fn: Callable[[], None]) -> None:
 
 def _sweep(
     cfg: TrainConfig, out: Path, points: Sequence[GridPoint], prep: Prepared, *, rank: int, world: int,
-    progress: bool, pack: bool, pack_size: int | None,
+    progress: bool, pack: bool, pack_size: int | None, workers: int = 1,
 ) -> SweepResult:
     """The body of :func:`run_sweep` once the run directory is checked, locked and holds the manifest."""
     from tqdm.auto import tqdm
@@ -766,7 +808,13 @@ def _sweep(
     if pack and rank == 0 and base_has_dropout(prep.template) and todo:
         print(f"--pack: {prep.base_name} applies dropout of its own in training, so each packed adapter draws "
               "other dropout masks than it would alone (same data, init and schedule)", file=sys.stderr)
-    for group in pack_groups(todo, size=pack_size) if pack else [[p] for p in todo]:
+    if workers > 1 and world == 1 and not pack and len(todo) > 1:
+        bar.set_postfix_str(f"{min(workers, len(todo))} workers")
+        trained += _train_in_workers(cfg, todo, out, workers=min(workers, len(todo)), bar=bar)
+        todo_here: list[GridPoint] = []
+    else:
+        todo_here = list(todo)
+    for group in pack_groups(todo_here, size=pack_size) if pack else [[p] for p in todo_here]:
         bar.set_postfix_str(group[0].name if len(group) == 1 else f"{group[0].name} +{len(group) - 1}")
         if pack:
             train_pack(cfg, group, out, progress=progress)
@@ -868,8 +916,8 @@ def ensure_adapters(
         return root
     manifest_new = build_manifest(cfg, points, prep)
     rundir.check_manifest_matches(root, manifest_new)
-    with contextlib.ExitStack() as lock:  # the same lock as run_sweep: one trainer per run directory
-        _open_run_dir(root, manifest_new, lock)
+    with contextlib.ExitStack() as lock, torch_threads(THREADS_PER_PROCESS):  # one trainer per run directory,
+        _open_run_dir(root, manifest_new, lock)  # and the default layout (bitwise the adapters of `lora.train`)
         _train_missing(cfg, root, points, todo, progress=progress)
     return root
 
@@ -883,8 +931,12 @@ def _train_missing(cfg: TrainConfig, root: Path, points: Sequence[GridPoint], to
         f"{cfg.model} / {cfg.task} first; `python -m lora.train --out {root}` resumes the rest of the grid",
         file=sys.stderr,
     )
-    for p in tqdm(todo, desc="training missing adapters", disable=not progress, dynamic_ncols=True):
-        train_point(cfg, p, root, progress=progress)  # an inner bar shows the optimizer steps
+    if len(todo) > 1 and default_workers() > 1:
+        with tqdm(total=len(todo), desc="training missing adapters", disable=not progress, dynamic_ncols=True) as bar:
+            _train_in_workers(cfg, todo, root, workers=min(default_workers(), len(todo)), bar=bar)
+    else:
+        for p in tqdm(todo, desc="training missing adapters", disable=not progress, dynamic_ncols=True):
+            train_point(cfg, p, root, progress=progress)  # an inner bar shows the optimizer steps
     current = rundir.read_manifest(root) or {}
     rundir.write_summary(root, [p.name for p in points], current.get("linear_probe", {}))
 
@@ -920,9 +972,13 @@ def build_parser() -> ArgumentParser:
                              "resume; locked while a trainer uses it (see above)")
     parser.add_argument("--config", metavar="FILE",
                         help="TOML or JSON file of the options below (keys = option names); flags override it")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads per process (default: all cores, divided among torchrun "
-                             "processes); results are bitwise reproducible for a fixed thread count")
+    parser.add_argument("--threads", type=int, default=THREADS_PER_PROCESS, metavar="N",
+                        help="torch CPU threads per process (default: %(default)s; adapters are bitwise reproducible "
+                             "for a fixed thread count, whatever the number of workers, and on a busy machine two "
+                             "threads per process waited for each other: about 5x slower per unit of work)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="worker processes training grid points in parallel (default: the cores this process "
+                             "may use; 1 under torchrun, where each rank trains its share)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     parser.add_argument(
         "--pack", action="store_true",
@@ -947,13 +1003,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
-def _set_threads(threads: int | None, world: int) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads: must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    elif world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def _set_threads(threads: int) -> None:
+    if threads < 1:
+        raise UserError(f"--threads: must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -965,9 +1018,13 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.pack and cfg.dropout > 0:
         raise UserError(f"--pack: needs --dropout 0 (got {cfg.dropout}); packed adapters equal sequential ones "
                         "only without LoRA dropout")
-    _set_threads(args.threads, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {args.workers}")
+    _set_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run_sweep(cfg, args.out or rundir.default_run_dir(), progress=not args.quiet, pack=args.pack, pack_size=args.pack_size)
+    workers = 1 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else (args.workers or default_workers())
+    result = run_sweep(cfg, args.out or rundir.default_run_dir(), progress=not args.quiet, pack=args.pack,
+                       pack_size=args.pack_size, workers=workers)
     if not args.quiet and result.summary_csv is not None:
         probe = result.linear_probe.get("val_metric")
         extra = f"; linear probe {probe:.4f}" if isinstance(probe, float) else ""

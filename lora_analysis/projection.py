@@ -12,10 +12,11 @@ import math
 from lora import rundir
 from lora.errors import UserError
 from lora.fsio import write_json
+from lora.threads import torch_threads
 from lora_analysis.cli import check_output_file, entry_point, new_parser, select_modules
 from lora_analysis.load import adapters
 from lora_analysis.load.base import BaseWeights
-from lora_analysis.tables.build import table7_table, torch_threads
+from lora_analysis.tables.build import table7_table
 
 __all__ = ["build_parser", "main"]
 

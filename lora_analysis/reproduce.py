@@ -27,6 +27,7 @@ from pathlib import Path
 
 from lora import rundir
 from lora.errors import UserError
+from lora.threads import THREADS_PER_PROCESS, default_workers, torch_threads
 from lora_analysis.cli import check_output_dir, entry_point, new_parser
 
 __all__ = ["GridPlan", "default_plan", "main", "quick_plan", "reproduce", "train_grid"]
@@ -80,18 +81,28 @@ def _budget(cfg, rank_one_type: int) -> int:
     return rank_one_type * train.lora_params_per_rank(template, "q", layers=cfg.layers)
 
 
-def train_grid(plan: GridPlan, runs: Path, *, progress: bool = True) -> list[Path]:
-    """Train (or resume) the sweep into ``runs`` and the Table 5 run into ``runs/table5``; returns the run dirs."""
+def train_grid(plan: GridPlan, runs: Path, *, progress: bool = True, workers: int | None = None,
+               threads: int = THREADS_PER_PROCESS) -> list[Path]:
+    """Train (or resume) the sweep into ``runs`` and the Table 5 run into ``runs/table5``; returns the run dirs.
+
+    ``workers`` processes (default: the cores available) train independent grid points in parallel, ``threads``
+    torch threads each (default 1: the layout the committed adapters are bitwise reproducible for).
+    """
+    with torch_threads(threads):
+        return _train_grid(plan, runs, progress=progress, workers=workers or default_workers())
+
+
+def _train_grid(plan: GridPlan, runs: Path, *, progress: bool, workers: int) -> list[Path]:
     from lora import train
     from lora.config import TrainConfig
 
     sweep = TrainConfig.from_dict(plan.sweep, source="reproduce sweep")
-    train.run_sweep(sweep, runs, progress=progress)  # first: its run dir must exist before table5/ is added to it
+    train.run_sweep(sweep, runs, progress=progress, workers=workers)  # first: its run dir must exist before table5/
     dirs = [runs]
     if plan.table5 is not None:
         budget = _budget(sweep, plan.table5_rank)
         t5 = TrainConfig.from_dict({**plan.table5, "budget": budget}, source="reproduce table5")
-        train.run_sweep(t5, runs / rundir.TABLE5_SUBDIR, progress=progress)
+        train.run_sweep(t5, runs / rundir.TABLE5_SUBDIR, progress=progress, workers=workers)
         dirs.append(runs / rundir.TABLE5_SUBDIR)
     return dirs
 
@@ -110,7 +121,7 @@ def _validation(out: Path, *, quiet: bool) -> str:
 
 
 def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *, quiet: bool = False,
-              train: bool = True) -> list[Path]:
+              train: bool = True, workers: int | None = None, threads: int = THREADS_PER_PROCESS) -> list[Path]:
     """Train or resume ``plan`` into ``runs``, analyse, render into ``out`` and write ``out/REPORT.md``.
 
     Returns:
@@ -128,7 +139,7 @@ def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *
     stages = tqdm(total=3, desc="reproduce", disable=quiet, unit="stage", position=0)
     if train:
         stages.set_postfix_str("train")
-        train_grid(plan, runs, progress=not quiet)
+        train_grid(plan, runs, progress=not quiet, workers=workers, threads=threads)
     check_run_dir(runs, option="--runs")
     stages.update(1)
     validation = None
@@ -167,15 +178,24 @@ def _run(argv: Sequence[str] | None = None) -> int:
                         help="do not train; analyse whatever the run directory already holds")
     parser.add_argument("--no-validation", action="store_true",
                         help="skip the planted-rank validation (about a minute on 2 cores)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes training grid points in parallel (default: the cores this process may use)")
+    parser.add_argument("--threads", type=int, default=THREADS_PER_PROCESS, metavar="N",
+                        help="torch threads per process (default: %(default)s; the committed adapters are bitwise "
+                             "reproducible for this, whatever --workers)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    for opt in ("workers", "threads"):
+        if getattr(args, opt) is not None and getattr(args, opt) < 1:
+            raise UserError(f"--{opt}: must be >= 1, got {getattr(args, opt)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default run is fully offline
     plan = quick_plan() if args.quick else default_plan()
     if args.no_validation:
         plan = dataclasses.replace(plan, validation=False)
     runs = Path(args.runs) if args.runs else (rundir.QUICK_RUN_DIR if args.quick else rundir.default_run_dir())
     out = Path(args.out or ("figures/quick" if args.quick else "figures"))
-    written = reproduce(plan, runs, out, quiet=args.quiet, train=not args.no_train)
+    written = reproduce(plan, runs, out, quiet=args.quiet, train=not args.no_train, workers=args.workers,
+                        threads=args.threads)
     if not args.quiet:
         print(f"wrote {len(written)} files; report: {out / 'REPORT.md'}")
     return 0

@@ -15,11 +15,12 @@ import torch
 from lora import rundir
 from lora.errors import UserError
 from lora.fsio import write_json
+from lora.threads import torch_threads
 from lora_analysis.cli import check_output_file, entry_point, new_parser, select_modules
 from lora_analysis.load import adapters
 from lora_analysis.load.adapters import module_layer, weight_type
 from lora_analysis.metrics.subspace import phi_diagonal
-from lora_analysis.tables.build import module_phi_grids, torch_threads
+from lora_analysis.tables.build import module_phi_grids
 
 __all__ = ["build_parser", "main"]
 

@@ -219,6 +219,19 @@ def test_two_torchrun_processes_give_the_single_process_adapters(tiny_bert_dir, 
     assert (tmp_path / "two" / "summary.csv").read_text().count("\n") == 5
 
 
+def test_two_workers_give_the_one_worker_adapters_bitwise(tiny_bert_dir, tmp_path, one_thread):
+    """--workers 2 (spawned processes, one torch thread each) writes the adapters of --workers 1, bit for bit,
+    and records the layout they are reproducible for in manifest.json."""
+    cfg = _tiny_cfg(tiny_bert_dir, ranks=(1, 2), seeds=(0, 1), linear_probe=False)
+    run_sweep(cfg, tmp_path / "one", progress=False, workers=1)
+    two = run_sweep(cfg, tmp_path / "two", progress=False, workers=2)
+    assert sorted(two.trained) == sorted(p.name for p in grid_points(cfg))
+    _assert_same_tensors(_tensors(tmp_path / "one"), _tensors(tmp_path / "two"))
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["layout"] == {"threads_per_process": 1}
+    assert main(["--model", tiny_bert_dir, "--workers", "0", "--out", str(tmp_path / "x"), *TINY]) == 2
+
+
 BAD_BASE = ["--ranks", "1", "--seeds", "0", "--no-linear-probe", *TINY]
 
 

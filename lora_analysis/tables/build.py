@@ -19,13 +19,12 @@ per weight matrix (:class:`lora_analysis.load.base.BaseWeights`) and shared by e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import os
 import sys
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from torch import Tensor
 from lora import rundir
 from lora.errors import UserError
 from lora.fsio import atomic_path
+from lora.threads import torch_threads
 from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir, module_layer, weight_type
 from lora_analysis.load.base import BaseWeights
 from lora_analysis.metrics.linalg import WeightSVDCache, factored_svd, right_singular_vectors
@@ -388,18 +388,6 @@ def analyse_run(
     with torch_threads(threads):
         return _analyse_run(run_dir, base=base, layers=layers, ranks=ranks, seeds=seeds, weight_set=weight_set,
                             ranks_compared=ranks_compared, fig8_ranks=fig8_ranks, intruders=intruders, progress=progress)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads (``None``: unchanged), restoring the setting after."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compared, fig8_ranks, intruders, progress):

@@ -180,9 +180,16 @@ def _empty(table: pd.DataFrame | None) -> bool:
     return table is None or len(table) == 0
 
 
+def _no_spread(interval: Interval) -> bool:
+    return interval.method.startswith("one unit")
+
+
 def three_way(interval: Interval, threshold: float, *, holds_above: bool = True) -> str:
     """``holds`` when the whole interval lies on the claim's side of ``threshold``, ``does not hold`` when it lies
-    wholly on the other side, ``inconclusive`` when it straddles the threshold."""
+    wholly on the other side, ``inconclusive`` when it straddles the threshold or has no spread to judge (a
+    bootstrap over one unit)."""
+    if _no_spread(interval):
+        return INCONCLUSIVE
     above, below = interval.lo > threshold, interval.hi < threshold
     if above:
         return HOLDS if holds_above else FAILS
@@ -192,7 +199,10 @@ def three_way(interval: Interval, threshold: float, *, holds_above: bool = True)
 
 
 def within(interval: Interval, bound: float) -> str:
-    """``holds`` when the interval lies within ``[−bound, bound]``, ``does not hold`` when wholly outside it."""
+    """``holds`` when the interval lies within ``[−bound, bound]``, ``does not hold`` when wholly outside it,
+    ``inconclusive`` otherwise or without a spread to judge."""
+    if _no_spread(interval):
+        return INCONCLUSIVE
     if -bound <= interval.lo and interval.hi <= bound:
         return HOLDS
     if interval.lo > bound or interval.hi < -bound:
@@ -508,9 +518,11 @@ def _flat(quality: pd.DataFrame | None) -> Claim:
     rows = rows_where(rows, weight_set=ws).reset_index(drop=True)
     x, y = np.log2(rows["rank"].to_numpy(dtype=float)), rows["val_metric"].to_numpy(dtype=float)
     idx = np.arange(len(rows))
-    iv = bootstrap_ci(idx, units=rows["seed"].to_numpy(), statistic=lambda i: _slope(x[i.astype(int)], y[i.astype(int)]),
+    several = rows["seed"].nunique() >= 2  # else resample the points themselves, and say so
+    iv = bootstrap_ci(idx, units=rows["seed"].to_numpy() if several else None, statistic=lambda i: _slope(x[i.astype(int)], y[i.astype(int)]),
                       level=LEVEL)
-    ci = Interval(iv.estimate, iv.lo, iv.hi, iv.level, f"{iv.method} (resampling seeds)")
+    ci = Interval(iv.estimate, iv.lo, iv.hi, iv.level,
+                  f"{iv.method} (resampling {'seeds' if several else 'points: one seed'})")
     verdict = within(ci, FLAT_SLOPE) if not math.isnan(ci.estimate) else INCONCLUSIVE
     means = rows.groupby("rank")["val_metric"].mean()
     metric = str(rows["metric_name"].iloc[0])
@@ -536,16 +548,20 @@ def _best_sets(quality: pd.DataFrame | None) -> Claim:
         return _not_measured(cid, rule, str(exc))
     canon = rows["weight_set"].map(lambda s: ",".join(sorted(str(s).split(","), key="qkvo".find)))
     wide = rows.assign(canon=canon).pivot_table(index="seed", columns="canon", values="val_metric", aggfunc="mean")
+    wide = wide.dropna(axis=0)  # the seeds that trained every set: a resample compares like with like
+    if len(wide) == 0:
+        return _not_measured(cid, rule, "no seed trained every weight set of the budget")
     sets = list(wide.columns)
     means = wide.mean()
     best = str(means.idxmax())
     seeds = wide.index.to_numpy()
-    values = wide.to_numpy(dtype=np.float64)  # (seeds, sets); a seed missing a set counts as NaN for that set
-    draws = np.random.default_rng(0).integers(0, len(seeds), size=(4000, len(seeds)))
-    best_of_draw = np.nanmean(values[draws], axis=1).argmax(axis=1)  # (draws,) index of the best set
-    p = float(np.isin(np.asarray(sets, dtype=object)[best_of_draw], TABLE5_BEST).mean())
-    verdict = HOLDS if p >= BEST_PROB else FAILS if p <= 1 - BEST_PROB else INCONCLUSIVE
-    if len(seeds) < 2:
+    if len(seeds) >= 2:
+        draws = np.random.default_rng(0).integers(0, len(seeds), size=(4000, len(seeds)))
+        best_of_draw = wide.to_numpy(dtype=np.float64)[draws].mean(axis=1).argmax(axis=1)  # (draws,) best set
+        p = float(np.isin(np.asarray(sets, dtype=object)[best_of_draw], TABLE5_BEST).mean())
+        verdict = HOLDS if p >= BEST_PROB else FAILS if p <= 1 - BEST_PROB else INCONCLUSIVE
+    else:  # one seed: nothing to resample, no spread to judge against
+        p = float(best in TABLE5_BEST)
         verdict = INCONCLUSIVE
     ranking = "; ".join(f"{{{s}}}: {_f(m, '.4f')}" for s, m in means.sort_values(ascending=False).items())
     good = [s for s in TABLE5_BEST if s in sets]

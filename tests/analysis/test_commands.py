@@ -34,8 +34,8 @@ SENTINEL = '{"keep": "me"}\n'
 def trained(tmp_path_factory) -> Path:
     """A real run of the trainer (Python API) on a tiny BERT and a 40-line CSV: q,v at ranks 2, 4 x seeds 0, 1."""
     from lora.config import TrainConfig
+    from lora.threads import torch_threads
     from lora.train import run_sweep
-    from lora_analysis.tables.build import torch_threads
 
     root = tmp_path_factory.mktemp("cli")
     config = tiny_train_setup(root)

@@ -102,6 +102,9 @@ def test_one_seed_and_missing_tables_are_not_measured_or_inconclusive():
     assert v["amplification"] in (C.HOLDS, C.INCONCLUSIVE)  # one seed: intervals resample modules instead
     claims, _ = C.evaluate_claims({})
     assert {c.verdict for c in claims} == {C.NOT_MEASURED}
+    v = {c.id: c.verdict for c in C.evaluate_claims(t)[0]}
+    assert v["budget_best_sets"] == C.INCONCLUSIVE  # one seed: nothing to resample
+    assert C.three_way(C.Interval(3.0, 3.0, 3.0, 0.95, "one unit: no resampling possible"), 1.0) == C.INCONCLUSIVE
 
 
 def test_scaled_ranks_are_judged_too():
