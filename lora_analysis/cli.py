@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora.errors import ArgumentParser, UserError, run_cli
+from lora.fsio import check_output_path
 
 __all__ = [
     "add_dataclass_options",
@@ -45,43 +46,20 @@ def entry_point(run: Callable[[Sequence[str] | None], int | None]) -> Callable[[
     return main
 
 
-def _check_parent(option: str, p: Path) -> None:
-    parent = p.parent
-    while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor decides
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise UserError(f"{option} {p}: {parent} is a file, not a directory")
-    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {p}: cannot write in {parent} (permission denied)")
-
-
 def check_output_file(option: str, path: str | os.PathLike, suffixes: Sequence[str] | None = None) -> Path:
-    """Refuse, before any work, an output file path that cannot be written: a directory, a path under a file, an
-    unwritable directory, or (with ``suffixes``) an unsupported format. Returns the path."""
+    """Refuse, before any work, an output file that cannot be written (:func:`lora.fsio.check_output_path`: a
+    directory, a path under a file, a dangling link, an unwritable directory), or (with ``suffixes``) an
+    unsupported format. An existing file is replaced atomically. Returns the path."""
     p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{option} {p}: is a directory; expected a file name")
-    if p.is_symlink() and not p.exists():
-        raise UserError(f"{option} {p}: is a dangling symbolic link")
     if suffixes is not None and p.suffix.lower() not in suffixes:
         raise UserError(f"{option} {p}: unsupported format {p.suffix or '(none)'}; use one of {', '.join(suffixes)}")
-    _check_parent(option, p)
-    return p
+    return check_output_path(p, option=option, kind="file", existing="replace")
 
 
 def check_output_dir(option: str, path: str | os.PathLike) -> Path:
-    """Refuse, before any work, an output directory that is a file, lies under a file, or cannot be written."""
-    p = Path(path)
-    if p.is_symlink() and not p.exists():
-        raise UserError(f"{option} {p}: is a dangling symbolic link")
-    if p.exists() and not p.is_dir():
-        raise UserError(f"{option} {p}: is a file, expected a directory")
-    if p.is_dir():
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise UserError(f"{option} {p}: cannot write in it (permission denied)")
-    else:
-        _check_parent(option, p)
-    return p
+    """Refuse, before any work, an output directory that is a file, lies under a file, or cannot be created; an
+    existing one is written into (:func:`lora.fsio.check_output_path`)."""
+    return check_output_path(path, option=option, kind="dir", existing="reuse")
 
 
 def select_modules(keys: Sequence[str], pattern: str | None, *, where: str) -> list[str]:

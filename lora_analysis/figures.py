@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora import rundir
+from lora.fsio import remove_stale_temps
 from lora_analysis.cli import check_output_dir, entry_point, new_parser
 from lora_analysis.tables.build import write_tables
 from lora_analysis.tables.cache import check_run_dir, load_tables, write_cache
@@ -32,6 +33,9 @@ def analyse_and_render(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     from lora_analysis.render.report_md import setup_from_run, write_report
 
     out = check_output_dir("--out", out_dir)
+    for folder in (out, out / "tables"):  # what a killed render left (a live writer's temporaries are locked, kept)
+        if folder.is_dir():
+            remove_stale_temps(folder)
     tables = load_tables(run_dir, progress=not quiet)
     if rundir.read_manifest(run_dir) is not None:
         write_cache(Path(run_dir), tables)  # notebooks on this run then load instantly

@@ -308,14 +308,11 @@ def _canon_set(spec: str) -> str:
 
 
 def _entry(adapter_dir: Path) -> AdapterEntry:
+    from lora.adapter_io import validate_adapter_config
+
     cfg_path = adapter_dir / CONFIG_NAME
-    cfg = read_json_object(cfg_path)
-    r = cfg.get("r")
-    if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-        raise UserError(f"{cfg_path}: r must be a positive integer, got {r!r}")
-    seed = cfg.get("seed")
-    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool)):
-        raise UserError(f"{cfg_path}: seed must be an integer, got {seed!r}")
+    cfg = validate_adapter_config(read_json_object(cfg_path), cfg_path)  # the one schema: peft's fields and ours
+    r, seed = cfg["r"], cfg.get("seed")
     toolkit = cfg.get("lora_toolkit") if isinstance(cfg.get("lora_toolkit"), dict) else {}
     ws = toolkit.get("weight_set")
     if not ws:

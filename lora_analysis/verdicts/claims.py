@@ -356,7 +356,7 @@ def _intrinsic(phi: pd.DataFrame | None) -> Claim:
     at_k = seed[(seed["i"] == k) & (seed["j"] == k)]
     obs, base = rows_where(at_k, quantity=quantity), rows_where(at_k, quantity="expected_random")
     keys = ["layer", "weight_type", "seed1", "seed2"]
-    shared = obs.set_index(keys)["phi"] * k - (base.set_index(keys)["phi"] * k) * k  # k φ(k,k) − k²/d
+    shared = k * (obs.set_index(keys)["phi"] - base.set_index(keys)["phi"])  # k φ(k,k) − k²/d, as φ_random(k,k) = k/d
     wide = shared.rename("shared").reset_index().pivot_table(index=["layer", "seed1", "seed2"],
                                                              columns="weight_type", values="shared")
     if not {"q", "v"} <= set(wide.columns):

@@ -146,6 +146,7 @@ def test_subspace_default_run_trains_missing_adapter_first(run, tmp_path, capsys
 @pytest.mark.parametrize("case", [
     "missing_dir", "file_as_dir", "empty_dir", "rank_absent", "seed_absent", "truncated", "json", "nan",
     "shape_mismatch", "bad_regex", "no_match", "a1_without_a2", "mixed", "bad_side", "plot_format", "json_is_dir",
+    "json_under_file", "plot_under_file",
 ])
 def test_subspace_bad_input(case, run, trained, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
@@ -172,9 +173,18 @@ def test_subspace_bad_input(case, run, trained, tmp_path, capsys):
         "bad_side": lambda: ([*r, "--r1", 2, "--r2", 4, "--side", "C"], ["--side", "invalid choice"]),
         "plot_format": lambda: ([*r, "--r1", 2, "--r2", 4, "--plot", tmp_path / "x.gif"], ["--plot", "unsupported format"]),
         "json_is_dir": lambda: ([*r, "--r1", 2, "--r2", 4, "--json", tmp_path / "empty"], ["--json", "is a directory"]),
+        "json_under_file": lambda: ([*r, "--r1", 2, "--r2", 4, "--json", tmp_path / "file" / "phi.json"],
+                                    ["--json", "is a file, not a directory"]),
+        "plot_under_file": lambda: ([*r, "--r1", 2, "--r2", 4, "--plot", tmp_path / "file" / "phi.png"],
+                                    ["--plot", "is a file, not a directory"]),
     }
     argv, patterns = cases[case]()  # built lazily: only this case's files are made
     _assert_bad(subspace, argv, capsys, tmp_path, *patterns)
+
+
+def _a_file(tmp_path: Path) -> Path:
+    (tmp_path / "a_file").write_text("x")
+    return tmp_path / "a_file"
 
 
 def _other_adapter(trained: Path, tmp_path: Path) -> Path:
@@ -220,7 +230,7 @@ def test_projection_adapter_dir_top_and_base(run, trained, capsys, tmp_path):
 
 @pytest.mark.parametrize("case", [
     "missing_dir", "file_as_dir", "empty_dir", "rank_absent", "seed_absent", "nan", "base_other_shape",
-    "base_missing", "top_too_large", "adapter_and_rank", "nothing", "truncated",
+    "base_missing", "top_too_large", "adapter_and_rank", "nothing", "truncated", "json_under_file",
 ])
 def test_projection_bad_input(case, run, trained, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
@@ -240,6 +250,8 @@ def test_projection_bad_input(case, run, trained, tmp_path, capsys):
         "adapter_and_rank": lambda: (["--adapter", run / "qv_r2_s0", "--rank", 2], ["--rank", "not used with --adapter"]),
         "nothing": lambda: ([], ["--rank", "missing"]),
         "truncated": lambda: (["--adapter", _broken_copy(run, tmp_path, "truncated")], ["adapter_model.safetensors"]),
+        "json_under_file": lambda: (["--adapter", run / "qv_r2_s0", "--json", _a_file(tmp_path) / "t7.json"],
+                                    ["--json", "is a file, not a directory"]),
     }
     argv, patterns = cases[case]()  # built lazily: only this case's files are made
     _assert_bad(projection, argv, capsys, tmp_path, *patterns)
@@ -292,6 +304,16 @@ def test_help_explains_the_metrics(capsys):
 
 
 # ------------------------------------------------------------------------------------------- figures
+def test_a_rerun_cleans_what_a_killed_render_left(run, tmp_path):
+    out = tmp_path / "figs"
+    (out / "tables").mkdir(parents=True)
+    stale = [out / ".figure3.png.tmp-abc123", out / "tables" / ".phi.csv.tmp-def456"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+    assert figures.main(["--runs", str(run), "--out", str(out), "--quiet"]) == 0
+    assert not any(p.exists() for p in stale) and (out / "REPORT.md").is_file() and (out / "report.json").is_file()
+
+
 def test_cli_bad_inputs_exit_2(tmp_path, capsys):
     assert figures.main(["--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -308,6 +330,16 @@ def test_cli_bad_inputs_exit_2(tmp_path, capsys):
     (nothing / "sub").mkdir(parents=True)
     assert figures.main(["--runs", str(nothing), "--out", str(tmp_path / "o")]) == 2
     assert "adapter" in capsys.readouterr().err
+    bad = tmp_path / "bad_types"
+    (bad / "a").mkdir(parents=True)
+    (bad / "a" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, '
+                                                   '"target_modules": 5}', encoding="utf-8")
+    assert figures.main(["--runs", str(bad), "--out", str(tmp_path / "o")]) == 2  # valid JSON, wrong type
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a/adapter_config.json" in err and "target_modules" in err
+    assert figures.main(["--runs", str(tmp_path), "--out", str(afile / "out")]) == 2  # checked before any work
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and "is a file" in err and not (tmp_path / "analysis").exists()
     with pytest.raises(SystemExit) as exc:
         figures.main(["--bogus"])
     assert exc.value.code == 2

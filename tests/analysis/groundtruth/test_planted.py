@@ -115,8 +115,11 @@ def test_cli_json_and_bad_input(tmp_path, minilm_path, capsys):
     assert command.main(["--planted-rank", "0"]) == 2
     assert command.main(["--ranks", "16", "8", "--level", "layer"]) == 2
     assert command.main(["--model-path", str(tmp_path / "missing"), "--level", "model"]) == 2
+    (tmp_path / "a_file").write_text("x")
+    assert command.main(["--json", str(tmp_path / "a_file" / "v.json"), "--level", "model"]) == 2  # before any work
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("error: --") for line in err)
+    assert len(err) == 4 and all(line.startswith("error: --") for line in err)
+    assert "is a file, not a directory" in err[-1]
     with pytest.raises(SystemExit) as exc:
         command.main(["--level", "nope"])
     assert exc.value.code == 2

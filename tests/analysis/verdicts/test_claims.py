@@ -158,3 +158,16 @@ def test_report_says_plainly_what_fails_and_what_is_inconclusive(tmp_path):
     text = md.read_text()
     assert "**Does not hold here:**" in text and "top singular direction" in text
     assert "**Inconclusive here**" in text
+
+
+def test_shared_directions_are_counted_above_chance():
+    """k·φ(k, k) − k²/d: identical top-k subspaces share k − k²/d directions above chance, random ones 0."""
+    t = synthetic_tables(layers=LAYERS, ranks=(2, 8, 32), seeds=SEEDS)
+    phi = t["phi"]
+    at_k = (phi.comparison == "seed") & (phi.quantity == "dW") & (phi.i == 8) & (phi.j == 8)
+    phi.loc[at_k & (phi.weight_type == "q"), "phi"] = 1.0
+    phi.loc[at_k & (phi.weight_type == "v"), "phi"] = 8 / 384
+    claims, _ = C.evaluate_claims(t)
+    m = next(c for c in claims if c.id == "q_higher_rank_than_v").measures
+    assert m["k"] == 8
+    assert m["shared_q"] == pytest.approx(8 - 64 / 384) and m["shared_v"] == pytest.approx(0.0, abs=1e-12)
