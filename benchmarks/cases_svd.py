@@ -186,9 +186,9 @@ def section7_case(
     temporary directory; the timed part loads them through the analysis loader
     (:func:`lora_analysis.load.adapters.load_adapter_dir`), then layer by layer: W_q, W_v (seeded, generated in memory:
     a 7B base does not fit beside the rest on this machine), W's top-64 SVD once per matrix, shared by every rank
-    and seed (:func:`top_svd_subspace`), Table 7 rows (:func:`lora_analysis.projection.table7_row` with that SVD)
+    and seed (:func:`top_svd_subspace`), Table 7 rows (:func:`lora_analysis.metrics.projection.table7_row` with that SVD)
     for all four adapters, and the φ grids r8 vs r64 (each seed) and seed 0 vs seed 1 at r64
-    (:func:`lora_analysis.tables.phi_table`, A and B sides and the random expectation).
+    (:func:`lora_analysis.tables.build.phi_table`, A and B sides and the random expectation).
 
     The peer is the goal itself (``budget_s``): ``ratio = wall / budget``. With ``check_exact``, layer 0's W_q is
     also decomposed by a dense ``torch.linalg.svd`` (untimed) to measure the subspace iteration's error.
