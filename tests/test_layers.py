@@ -193,3 +193,33 @@ def test_linear_rank_bounds():
         LoRALinear(nn.Linear(4, 3), r=4, alpha=1)
     with pytest.raises(TypeError):
         LoRALinear(nn.Embedding(3, 3), r=1, alpha=1)
+
+
+def test_merge_into_bf16_rounds_once():
+    """A bf16 base: W0 + ΔW is summed in float32 and rounded to bf16 once (rounding ΔW to bf16 first, then adding in
+    bf16, rounds twice); a float32 base is the plain sum, as before."""
+    from lora.layers import LoRALinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    w0 = lin.weight.detach().clone()
+    layer = LoRALinear(lin, r=4, alpha=8)
+    # float32 factors on a bf16 base, as a loaded adapter has them
+    layer.lora_A = torch.nn.Parameter(torch.randn(4, 64))
+    layer.lora_B = torch.nn.Parameter(0.01 * torch.randn(48, 4))
+    delta = layer._delta().detach()
+    assert delta.dtype == torch.float32
+    layer.merge()
+    assert torch.equal(layer.base.weight, (w0.float() + delta.float()).to(torch.bfloat16))
+    twice = w0 + delta.to(torch.bfloat16)  # the old way: ΔW rounded to bf16, then the sum rounded again
+    assert not torch.equal(twice, layer.base.weight)  # the two roundings differ somewhere on this draw
+    layer.unmerge()
+    assert float((layer.base.weight.float() - w0.float()).abs().max()) < 1e-2
+
+    lin32 = torch.nn.Linear(64, 48, bias=False)
+    w32 = lin32.weight.detach().clone()
+    l32 = LoRALinear(lin32, r=4, alpha=8)
+    with torch.no_grad():
+        l32.lora_B.normal_(0, 0.01)
+    l32.merge()
+    assert torch.equal(l32.base.weight, w32 + l32._delta().detach())

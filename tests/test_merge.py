@@ -74,6 +74,35 @@ def test_merge_bert_classifier_matches_peft(tmp_path, minilm_path):
                                    ref.bert(input_ids=IDS).last_hidden_state, atol=1e-4, rtol=0)
 
 
+def test_merge_resolves_the_embedded_default_id_and_hints_base_for_a_hub_id(tmp_path, minilm_path, capsys):
+    """An adapter that records the embedded default's hub id merges offline, from the installed package, as the
+    analysis resolves it; an unreachable hub id is refused with the way out (--base PATH)."""
+    import json
+
+    from transformers import AutoModel
+
+    from lora.config import DEFAULT_MODEL
+
+    model = _quiet_load(AutoModel, minilm_path).eval()
+    inject_lora(model, ["q", "v"], r=2, alpha=4, seed=0, layers=[0])
+    _perturb(model)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).last_hidden_state
+    ad = save_adapter(model, tmp_path / "ad", base_model_name_or_path=DEFAULT_MODEL)
+    assert merge_main(["--adapter", str(ad), "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+    with torch.no_grad():
+        got = _quiet_load(AutoModel, tmp_path / "merged")(input_ids=IDS).last_hidden_state
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some-org/not-on-this-machine"
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert merge_main(["--adapter", str(ad), "--out", str(tmp_path / "m2"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "some-org/not-on-this-machine" in err[0] and "pass --base PATH" in err[0]
+    assert not (tmp_path / "m2").exists()
+
+
 def test_merge_gpt2_fused_qv_matches_peft(tmp_path):
     from transformers import AutoModel, GPT2Config, GPT2LMHeadModel
 

@@ -18,22 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lora.adapter_io import quiet_transformers
+from lora.adapter_io import quiet_transformers, resolve_base_name
 from lora.errors import UserError
 from lora_analysis.load.adapters import LoadedAdapter
 from lora_analysis.metrics.linalg import WeightSVDCache
 
 __all__ = ["BaseWeights"]
-
-
-def _resolve_base(name: str) -> str:
-    """The path to load for a recorded base name: the embedded default id maps to the installed package's
-    directory (no hub needed); a local directory stays; anything else is a hub id for ``from_pretrained``."""
-    try:
-        from lora.train import resolve_model_path
-    except ImportError:  # the trainer is optional for analysis
-        return name
-    return resolve_model_path(name)[0]
 
 
 class BaseWeights:
@@ -89,7 +79,7 @@ class BaseWeights:
             name = adapter.base_model
         else:
             raise UserError(f"{adapter.path}: records no base_model_name_or_path; pass --base PATH")
-        target = _resolve_base(name)
+        target = resolve_base_name(name)[0]
         if target not in self._models:
             # base_model_for picks the model class that owns the adapter's module paths (task head, LM head).
             shim = Adapter(path=adapter.path, config={**adapter.config, "base_model_name_or_path": target}, factors={})
