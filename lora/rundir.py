@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lora.errors import UserError
+from lora.errors import UserError, os_error_reason
 from lora.fsio import write_text
 
 __all__ = [
@@ -67,10 +67,8 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{p}: not UTF-8 text (invalid JSON)") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{p}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except PermissionError:
-        raise UserError(f"{p}: cannot read (permission denied)") from None
-    except OSError as exc:
-        raise UserError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    except OSError as exc:  # "permission denied", "is a directory", ...
+        raise UserError(f"{p}: cannot read ({os_error_reason(exc)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{p}: expected a JSON object")
     return obj
