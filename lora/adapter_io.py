@@ -27,6 +27,11 @@ If the off-block entries of B are no longer zero (the file was trained further i
 adapter on ``c_attn`` carries no such record, the module loads as slices ``:q``, ``:k``, ``:v`` that share A:
 ``ΔW_t = s · B[rows_t] · A``, which is exact for every slice.
 
+**Inits and variants.** ``init_lora_weights`` ``"pissa"``/``"olora"`` make peft rebuild a residual base on load;
+:func:`apply_adapter` and :func:`load_base_weights` do the same (:mod:`lora.init_residual`) and refuse the inits
+that cannot be rebuilt. A DoRA adapter (``use_dora``) loads its ``lora_magnitude_vector`` tensors into
+:attr:`Adapter.magnitudes` (:mod:`lora.dora`, which also merges it).
+
 Every bad input raises :class:`~lora.errors.UserError` with one line naming the file. Tensors keep their stored
 dtype; upcasting to float64 is the analysis layer's job. A weights file whose keys lack ``base_model.model.`` is
 refused: PEFT would load it with only a warning and leave B at zero. Older PEFT's ``adapter_model.bin`` is read
@@ -51,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora import dora, init_residual
 from lora.config import DEFAULT_MODEL
 from lora.errors import UserError, os_error_reason, short_repr
 from lora.fsio import atomic_dir, check_readable
@@ -110,6 +116,7 @@ class Adapter:
         factors: ``{module key: LoRAFactors(A (r, d_in), B (d_out, r), scaling)}`` in the stored dtype.
         init_A: ``{module key: A at step 0}`` from ``init.safetensors``, or ``None``.
         extra_tensors: modules_to_save tensors (a task head), keyed by parameter path without ``base_model.model.``.
+        magnitudes: DoRA's ``{module key: m (d_out,)}`` (``use_dora: true``; see :mod:`lora.dora`), else empty.
     """
 
     path: Path | None
@@ -117,6 +124,7 @@ class Adapter:
     factors: dict[str, LoRAFactors]
     init_A: dict[str, Tensor] | None = None
     extra_tensors: dict[str, Tensor] = field(default_factory=dict)
+    magnitudes: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -486,8 +494,6 @@ def validate_adapter_config(config: Any, path: str | Path) -> dict[str, Any]:
     for key, kind in ADAPTER_CONFIG_SCHEMA.items():
         if key in config and (problem := _schema_problem(kind, config[key], key)) is not None:
             raise UserError(f"{path}: {problem}")
-    if config.get("use_dora"):
-        raise UserError(f"{path}: DoRA adapters (use_dora: true) are not supported; ΔW is not s·B·A there")
     if config.get("lora_bias"):
         raise UserError(f"{path}: lora_bias: true is not supported")
     return config
@@ -665,7 +671,12 @@ def load_adapter(path: str | Path) -> Adapter:
         if not legacy.is_file():
             raise UserError(f"{weights}: missing (adapter directory has a config but no weights)")
         weights = legacy
-    factors, extra = _factors_from_tensors(weights, config, _read_tensors(weights))
+    tensors = _read_tensors(weights)
+    raw_m = {}  # DoRA's magnitudes, by module path; checked once the factors are known
+    for key in [k for k in tensors if k.startswith(PREFIX) and k.endswith(dora.MAGNITUDE_SUFFIXES)]:
+        raw_m[key[len(PREFIX) :].rpartition(".lora_magnitude_vector")[0]] = tensors.pop(key)
+    factors, extra = _factors_from_tensors(weights, config, tensors)
+    magnitudes = dora.split_magnitudes(weights, config, raw_m, factors)
 
     init_A = None
     init_path = root / INIT_NAME
@@ -679,7 +690,7 @@ def load_adapter(path: str | Path) -> Adapter:
                     f"{init_path}: {key}: shape {tuple(t.shape)} differs from lora_A {tuple(factors[key].A.shape)}"
                 )
             _check_finite(init_path, key, t)
-    return Adapter(path=root, config=config, factors=factors, init_A=init_A, extra_tensors=extra)
+    return Adapter(path=root, config=config, factors=factors, init_A=init_A, extra_tensors=extra, magnitudes=magnitudes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -720,20 +731,35 @@ def _expected_shapes(module: nn.Module, slice_name: str, r: int) -> tuple[tuple[
 
 
 def apply_adapter(
-    model: nn.Module, adapter: Adapter, *, check_fingerprint: bool = True, load_extra: bool = True
+    model: nn.Module,
+    adapter: Adapter,
+    *,
+    check_fingerprint: bool = True,
+    load_extra: bool = True,
+    allow_dora: bool = False,
 ) -> dict[str, LoRAModule]:
     """Inject LoRA layers for every module of ``adapter`` into ``model`` and load the factors (and task head).
 
+    As peft does on load, an adapter whose ``init_lora_weights`` changes the base (PiSSA, OLoRA) has the
+    adapted base weights replaced by the residual ``W_res`` (:mod:`lora.init_residual`), so the model computes
+    ``W_res + s·B·A`` as peft's does; inits that cannot be rebuilt are refused with the conversion route.
+
     Args:
-        model: the base model (unchanged weights; LoRA layers are added in place).
+        model: the base model (LoRA layers are added in place; base weights change only for PiSSA/OLoRA).
         adapter: from :func:`load_adapter` or :func:`load_loralib_checkpoint`.
         check_fingerprint: compare the adapted modules' base weights with ``base_fingerprint`` (if recorded).
         load_extra: also copy ``extra_tensors`` (modules_to_save, e.g. a classifier head) into the model.
+        allow_dora: accept a DoRA adapter. The layers injected are plain LoRA (their forward is not DoRA's), so
+            the caller must merge them with :func:`lora.dora.merge_layers` and ``adapter.magnitudes``.
 
     Returns:
         ``{module path in model: LoRAModule}``.
     """
     where = _where(adapter)
+    if adapter.magnitudes and not allow_dora:
+        raise UserError(f"{where}: a DoRA adapter (use_dora: true) cannot run as plain LoRA layers; merge it "
+                        "(python -m lora.merge, or lora.dora.merge_layers)")
+    init = init_residual.base_changing_init(adapter.config, where)  # refuses before the model is touched
     by_path: dict[str, dict[str, LoRAFactors]] = {}
     for key, f in adapter.factors.items():
         p, _, s = key.partition(":")
@@ -804,6 +830,12 @@ def apply_adapter(
                 layer.lora_B.copy_(f0.B)
         layer.scaling = f0.scaling
         layer.alpha = _alpha_for(f0.scaling, f0.rank, adapter.use_rslora)
+        if init is not None:  # PiSSA / OLoRA: peft re-runs the init on W, leaving W_res as the base
+            r, s = _peft_rank_scaling(adapter.config, p)
+            res = init_residual.residual_weight(layer.base, init=init, r=r, scaling=s, where=where, path=p)
+            if res is not None:
+                with torch.no_grad():
+                    layer.base.weight.copy_(res)
         out[resolved[p]] = layer
     with torch.no_grad():
         for name, q in extra_targets.items():
@@ -813,6 +845,13 @@ def apply_adapter(
 
 def _alpha_for(scaling: float, r: int, use_rslora: bool) -> float:
     return scaling * (math.sqrt(r) if use_rslora else r)
+
+
+def _peft_rank_scaling(config: Mapping[str, Any], path: str) -> tuple[int, float]:
+    """peft's rank and scale for module ``path``: ``rank_pattern``/``alpha_pattern`` over ``r``/``lora_alpha``."""
+    r = int(_pattern_value(config.get("rank_pattern"), path, config["r"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"]))
+    return r, lora_scaling(r, alpha, use_rslora=bool(config.get("use_rslora", False)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1019,10 +1058,11 @@ def base_model_for(adapter: Adapter, base: str | Path | None = None) -> nn.Modul
         raise UserError(f"{exc}; pass --base PATH to use a local copy of the base model") from None
 
 
-def _w0(module: nn.Module, slice_name: str, where: str, key: str) -> Tensor:
+def _w0(module: nn.Module, slice_name: str, where: str, key: str, weight: Tensor | None = None) -> Tensor:
+    """``module``'s weight (or ``weight``, laid out as the module stores it) in nn.Linear orientation."""
     if isinstance(module, LoRAModule):
         return module.base_weights()[slice_name]
-    w = getattr(module, "weight", None)
+    w = getattr(module, "weight", None) if weight is None else weight
     if isinstance(module, nn.Linear) and not slice_name:
         return w.detach()
     if isinstance(module, nn.Embedding) and not slice_name:
@@ -1052,6 +1092,8 @@ def load_base_weights(
         base: the base model (directory or loaded) to read instead of the adapter's own.
 
     GPT-2's ``Conv1D`` stores ``(d_in, d_out)``; it is transposed, and a slice ``:q`` takes its columns first.
+    For an adapter whose ``init_lora_weights`` changes the base (PiSSA, OLoRA) this is the residual ``W_res``
+    that peft adapts (:mod:`lora.init_residual`), rounded to the stored dtype as peft holds it.
     """
     adapter = None
     if isinstance(source, Adapter):
@@ -1070,10 +1112,15 @@ def load_base_weights(
         where = type(model).__name__ if isinstance(source, nn.Module) else str(source)
     out = {}
     names = dict(model.named_modules())
+    init = init_residual.base_changing_init(adapter.config, where) if adapter is not None else None
+    residuals: dict[str, Tensor | None] = {}  # per module path: a fused c_attn is decomposed whole, as peft does
     for key in keys:
         p, _, s = key.partition(":")
         module = model.get_submodule(_resolve_module_path(model, p, where=where, names=names))
-        out[key] = _w0(module, s, where, key).to(torch.float64).clone()
+        if init is not None and not isinstance(module, LoRAModule) and p not in residuals:
+            r, scale = _peft_rank_scaling(adapter.config, p)
+            residuals[p] = init_residual.residual_weight(module, init=init, r=r, scaling=scale, where=where, path=p)
+        out[key] = _w0(module, s, where, key, weight=residuals.get(p)).to(torch.float64).clone()
     return out
 
 

@@ -7,6 +7,9 @@ The merged directory is a plain transformers model (``AutoModel.from_pretrained`
 needed), the zero-latency deployment of the paper's Section 4.2. ΔW comes from the one ΔW function
 (:func:`lora.layers.delta_weight`) through :meth:`LoRAModule.merge`, the same one analysis uses. The output is
 written to a temporary sibling and renamed into place, so on any failure nothing is left at ``--out``.
+The result equals peft's ``merge_and_unload``: a PiSSA/OLoRA adapter merges into the residual base peft
+rebuilds on load (:mod:`lora.init_residual`), a DoRA adapter as ``diag(m / ‖W0 + ΔW‖_c)(W0 + ΔW)``
+(:mod:`lora.dora`); inits that cannot be rebuilt are refused with peft's conversion route.
 
 Bad input exits 2 with one line and leaves ``--out`` as it was: ``--out`` is checked before the merge runs (not a
 file, not under a file, not a dangling or, with ``--overwrite``, any symbolic link, writable parent, and not the
@@ -26,9 +29,9 @@ import torch
 from torch import nn
 
 from lora.adapter_io import CONFIG_NAME, apply_adapter, base_model_for, copy_tokenizer_files, load_adapter
+from lora.dora import merge_layers
 from lora.errors import ArgumentParser, UserError, run_cli
 from lora.fsio import atomic_dir, check_output_path, remove_stale_temps
-from lora.inject import strip_lora
 from lora.layers import LoRAModule
 
 
@@ -88,8 +91,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
         hf_logging.disable_progress_bar()
     model = base_model_for(adapter, args.base)
-    layers = apply_adapter(model, adapter, check_fingerprint=not args.no_fingerprint_check)
-    strip_lora(model, merge=True)  # W0 + ΔW in place, wrappers replaced by the plain modules
+    layers = apply_adapter(model, adapter, check_fingerprint=not args.no_fingerprint_check, allow_dora=True)
+    merge_layers(model, layers, adapter.magnitudes)  # W0 + ΔW (DoRA: rescaled rows) in place, wrappers removed
     _check_finite_merge(model, layers, args.adapter)
     base_dir = args.base or adapter.base_model_name_or_path
     remove_stale_temps(out.absolute().parent, out.name)  # left by a killed merge; a live one's are locked

@@ -16,7 +16,7 @@ from lora.threads import torch_threads
 from lora_analysis.cli import check_output_file, entry_point, new_parser, select_modules
 from lora_analysis.load import adapters
 from lora_analysis.load.base import BaseWeights
-from lora_analysis.tables.build import table7_table
+from lora_analysis.tables.build import dora_table, table7_table
 
 __all__ = ["build_parser", "main"]
 
@@ -28,6 +28,11 @@ How the LoRA update dW relates to the frozen weight W (Hu et al., 2021, Section 
     random = the same with a random orthonormal k-dimensional pair                             (paper: 0.02)
     w_norm = ||W||_F, dw_norm = ||dW||_F including the scale s = alpha/r                       (paper: 61.95, 6.91)
     amplification = dw_norm / delta                                                           (paper: 21.5)
+
+A DoRA adapter (W' = m * (W + dW) / ||W + dW||_c, per output row) gets this table on its directional update dW
+and, beside it, its magnitude change m / ||W||_c - 1 (mean, mean |.|, min, max, relative norm) and the effective
+update W' - W (dw_eff_norm; for matrices up to 1024^2 entries its delta_eff and amplification_eff). For a PiSSA
+or OLoRA adapter saved without conversion, W is the residual peft adapts, W - s * B0 A0.
 
 k is the adapter's rank unless --top is given. delta >> random but << weight: dW amplifies directions W
 already has but does not emphasise. dW's singular vectors come from the factors (exact, never the dense dW).
@@ -94,12 +99,20 @@ def _run(argv=None) -> int:
     adapter = _adapter(args)
     keys = select_modules(adapter.module_keys, args.modules, where=str(adapter.path))
     with torch_threads(1):  # small matrices: one thread is fastest
-        table = table7_table(adapter, BaseWeights(args.base), keys=keys, top=args.top)
+        bw = BaseWeights(args.base)
+        table = table7_table(adapter, bw, keys=keys, top=args.top)
+        dora = dora_table(adapter, bw, keys=keys, top=args.top)  # empty unless DoRA
     if not args.quiet:
         shown = table.drop(columns=["seed"]).rename(columns={"weight_type": "type"})
         print(f"Table 7 for {adapter.path} (r={adapter.rank}, seed {adapter.seed}): ||U^T W V||_F for the top-k "
               f"subspaces of dW (delta), of W (weight) and random; amplification = dw_norm / delta")
         print(shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        if len(dora):
+            print("DoRA: Table 7 above is on the directional update dW = s*B*A; magnitude change m/||W||_c - 1 and "
+                  "the effective update W' - W:")
+            cols = ["module", "mag_rel_mean", "mag_rel_abs_mean", "mag_rel_min", "mag_rel_max", "mag_rel_norm",
+                    "dw_norm", "dw_eff_norm", "delta_eff", "amplification_eff"]
+            print(dora[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     if args.json is not None:
         doc = {
             "metric": "||U^T W V||_F for the top-k singular subspaces of dW (delta), W (weight) and a random pair",
@@ -113,6 +126,10 @@ def _run(argv=None) -> int:
                 for row in table.itertuples(index=False)
             },
         }
+        for row in dora.to_dict("records"):  # DoRA: the magnitude change and effective update beside Table 7
+            doc["modules"][row["module"]]["dora"] = {
+                c: _finite_or_none(float(row[c])) for c in dora.columns if c.startswith(("mag_", "dw_", "delta_", "ampl"))
+            }
         write_json(args.json, doc)
     return 0
 

@@ -327,6 +327,10 @@ def _out_parent_not_writable(env: Env) -> tuple[list[str], list[str]]:
                       ["--out", f"cannot create it in {env.tmp / 'sub'}: permission denied"])
 
 
+def _init_row(env: Env, init: str, *words: str) -> tuple[list[str], list[str]]:
+    return _edit(env, init_lora_weights=init)[0], [str(env.adapter), f"init_lora_weights {init!r}", *words]
+
+
 def _adapter_unreadable(env: Env) -> tuple[list[str], list[str]]:
     env.deny(env.adapter, os.R_OK)
     return _merge(env), [f"{env.adapter}: permission denied"]
@@ -388,6 +392,15 @@ MERGE_ROWS: dict[str, Callable[[Env], tuple[list[str], list[str]]]] = {
                                [f"{e.inputs / 'pickled'}/pytorch_model.bin: pickled weights are refused "
                                 "(weights_only); convert the base to safetensors"]),
     "argparse_missing_out": lambda e: (["--adapter", str(e.adapter)], ["lora-merge: error:", "--out"]),
+    # 9. an init peft re-runs on load whose base change cannot be rebuilt; DoRA without its magnitudes
+    "init_pissa_niter": lambda e: _init_row(e, "pissa_niter_4", "path_initial_model_for_weight_conversion"),
+    "init_corda": lambda e: _init_row(e, "corda", "path_initial_model_for_weight_conversion"),
+    "init_lora_ga": lambda e: _init_row(e, "lora_ga", "path_initial_model_for_weight_conversion"),
+    "init_loftq": lambda e: _init_row(e, "loftq", "--base"),
+    "init_unknown": lambda e: _init_row(e, "bogus", "not an init peft knows"),
+    "use_dora_without_magnitudes": lambda e: (_edit(e, use_dora=True)[0],
+                                              [str(e.adapter / "adapter_model.safetensors"), "use_dora is true",
+                                               "has no lora_magnitude_vector"]),
 }
 
 # These also run as real processes: "no traceback" end to end, not just in-process.

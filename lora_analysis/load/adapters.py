@@ -97,6 +97,7 @@ class LoadedAdapter:
         factors: ``{module key: LoRAFactors(A (r, d_in), B (d_out, r), scaling)}``, float64, natural order.
         init_A: ``{module key: A at step 0}`` float64, from ``init.safetensors``; ``None`` if absent.
         config: the adapter's parsed config (PEFT fields and the toolkit's).
+        magnitude: DoRA's ``{module key: m (d_out,)}`` float64 (``use_dora: true``, :mod:`lora.dora`), else ``None``.
     """
 
     path: Path
@@ -108,6 +109,7 @@ class LoadedAdapter:
     factors: dict[str, LoRAFactors]
     init_A: dict[str, Tensor] | None
     config: dict[str, Any] = field(default_factory=dict)
+    magnitude: dict[str, Tensor] | None = None
 
     @property
     def module_keys(self) -> list[str]:
@@ -164,6 +166,9 @@ def _from_adapter(adapter: Any, where: str) -> LoadedAdapter:
             if a0.shape != factors[key].A.shape:
                 raise UserError(f"{where}: module {key}: init A {tuple(a0.shape)} differs from lora_A {tuple(factors[key].A.shape)}")
             init_A[key] = a0
+    magnitude = None
+    if getattr(adapter, "magnitudes", None):  # DoRA; shapes were checked against the factors at load
+        magnitude = {key: adapter.magnitudes[key].detach().to("cpu", torch.float64) for key in factors}
     config = dict(adapter.config)
     toolkit = config.get("lora_toolkit") or {}
     weight_set = toolkit.get("weight_set") if isinstance(toolkit, dict) else None
@@ -180,6 +185,7 @@ def _from_adapter(adapter: Any, where: str) -> LoadedAdapter:
         factors=factors,
         init_A=init_A,
         config=config,
+        magnitude=magnitude,
     )
 
 

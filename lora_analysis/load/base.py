@@ -4,7 +4,8 @@ The base comes from the adapter's ``base_model_name_or_path`` (the embedded defa
 package, a local directory stays, anything else is a hub id) or from an explicit ``base`` (``--base``).
 :class:`BaseWeights` loads each base model once and shares one
 :class:`~lora_analysis.metrics.linalg.WeightSVDCache`, so W's SVD is computed once per weight matrix for every rank
-and seed that adapts it.
+and seed that adapts it. For an adapter whose ``init_lora_weights`` rewrites the base on load (PiSSA, OLoRA),
+``W0`` is the residual peft adapts, not the stored weight (:mod:`lora.init_residual`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class BaseWeights:
         self.base = base
         self.svd = WeightSVDCache()
         self._models: dict[str, nn.Module] = {}
-        self._weights: dict[tuple[str, str], Tensor] = {}
+        self._weights: dict[tuple[str, str, Any], Tensor] = {}  # (base, module key, residual tag)
         self._checked: set[tuple[str, str]] = set()  # (base, adapter fingerprint) pairs already compared
         self._svd_memo: dict[str, tuple[Tensor, Any]] = {}
 
@@ -91,31 +92,44 @@ class BaseWeights:
                 raise UserError(f"{exc}{hint}") from None
         return target, self._models[target]
 
-    def weights(self, adapter: LoadedAdapter, keys: Iterable[str] | None = None) -> dict[str, Tensor]:
+    def weights(
+        self, adapter: LoadedAdapter, keys: Iterable[str] | None = None, *, original: bool = False
+    ) -> dict[str, Tensor]:
         """``{module key: W0}`` for ``keys`` (default: every module of ``adapter``), checked against the factors.
+
+        ``W0`` is the weight peft adapts when it loads the adapter: for ``init_lora_weights`` ``"pissa"`` or
+        ``"olora"`` the residual ``W − s·B₀A₀`` peft rebuilds (:mod:`lora.init_residual`), else the stored weight.
+        ``original=True`` gives the stored weight in every case (DoRA's magnitude is initialised from its norms).
 
         Raises:
             UserError: naming the adapter and module if a module is missing from the base model or ``W0``'s shape
-                does not match ``(B.shape[0], A.shape[1])``.
+                does not match ``(B.shape[0], A.shape[1])``; naming the conversion route for an init whose base
+                change cannot be rebuilt (``pissa_niter_*``, ``corda``, ``lora_ga``, ``loftq``).
         """
         from lora.adapter_io import load_base_weights
+        from lora.init_residual import base_changing_init
 
         keys = list(adapter.factors) if keys is None else list(keys)
+        config = {**adapter.config, "init_lora_weights": True} if original else adapter.config
+        init = base_changing_init(config, str(adapter.path))
+        # The residual depends on the init and on peft's rank and scale per module: part of the cache key.
+        tag = None if init is None else (init, *(repr(config.get(c)) for c in
+                                                 ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")))
         name, model = self._model_for(adapter)
-        missing = [k for k in keys if (name, k) not in self._weights]
+        missing = [k for k in keys if (name, k, tag) not in self._weights]
         if missing:
             from lora.adapter_io import Adapter
 
-            shim = Adapter(path=adapter.path, config=adapter.config, factors={})
+            shim = Adapter(path=adapter.path, config=config, factors={})
             got = load_base_weights(shim, missing, base=model)
             for k, W in got.items():
                 W = W.to(torch.float64)
                 if not bool(torch.isfinite(W).all()):
                     raise UserError(f"base model {name}: module {k}: weight contains NaN or Inf")
-                self._weights[(name, k)] = W
+                self._weights[(name, k, tag)] = W
         out = {}
         for k in keys:
-            W = self._weights[(name, k)]
+            W = self._weights[(name, k, tag)]
             f = adapter.factors.get(k)
             if f is not None and tuple(W.shape) != (f.B.shape[0], f.A.shape[1]):
                 raise UserError(

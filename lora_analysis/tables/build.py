@@ -9,6 +9,10 @@ Tables and their columns (``module`` is a module key, ``weight_type`` q/k/v/o, `
   delta_over_random, z, amplification_random.
 * ``spectra``: module, weight_type, layer, rank, seed, stable_rank, entropy_rank, energy_rank_90, dw_norm,
   n_intruders.
+* ``dora`` (DoRA adapters, beside Table 7): module, weight_type, layer, rank, seed, d_out, d_in, top, the
+  magnitude change mag_rel_mean, mag_rel_abs_mean, mag_rel_min, mag_rel_max, mag_rel_norm, and the directional
+  dw_norm beside the effective dw_eff_norm, delta_eff, amplification_eff
+  (:mod:`lora_analysis.metrics.dora`).
 * ``singular_values``: module, weight_type, layer, rank, seed, index, sigma.
 * ``quality`` (Tables 5 and 6): weight_set, rank, seed, alpha, trainable_params, val_metric, metric_name, wall_s.
 
@@ -38,6 +42,7 @@ from lora.fsio import atomic_path
 from lora.threads import torch_threads
 from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir, module_layer, weight_type
 from lora_analysis.load.base import BaseWeights
+from lora_analysis.metrics.dora import dora_summary
 from lora_analysis.metrics.linalg import WeightSVDCache, factored_svd, right_singular_vectors
 from lora_analysis.metrics.projection import table7_row
 from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
@@ -55,6 +60,7 @@ __all__ = [
     "PAPER_FIG8_RANKS",
     "PAPER_RANK_PAIR",
     "analyse_run",
+    "dora_table",
     "fig8_table",
     "module_phi_grids",
     "phi_table",
@@ -76,6 +82,9 @@ COLUMNS: dict[str, list[str]] = {
     "spectra": ["module", "weight_type", "layer", "rank", "seed", "stable_rank", "entropy_rank", "energy_rank_90",
                 "dw_norm", "n_intruders"],
     "singular_values": ["module", "weight_type", "layer", "rank", "seed", "index", "sigma"],
+    "dora": ["module", "weight_type", "layer", "rank", "seed", "d_out", "d_in", "top", "mag_rel_mean",
+             "mag_rel_abs_mean", "mag_rel_min", "mag_rel_max", "mag_rel_norm", "dw_norm", "dw_eff_norm", "delta_eff",
+             "amplification_eff"],
     "quality": ["weight_set", "rank", "seed", "alpha", "trainable_params", "val_metric", "metric_name", "wall_s"],
 }
 PAPER_RANK_PAIR = (8, 64)  # Figure 3
@@ -266,6 +275,15 @@ def fig8_table(
     return _frame("fig8", frames)
 
 
+def _top(adapter: LoadedAdapter, key: str, W: Tensor, top: int | None) -> int:
+    """The subspace dimension k for a module: ``top``, or its rank; ``UserError`` if it exceeds either."""
+    r = adapter.factors[key].rank
+    k = r if top is None else top
+    if not 0 < k <= min(r, *W.shape):
+        raise UserError(f"--top: {top} must be in 1..{min(r, *W.shape)} for module {key} of {adapter.path}")
+    return k
+
+
 def table7_table(
     adapter: LoadedAdapter,
     base: BaseWeights | Mapping[str, Tensor],
@@ -289,14 +307,41 @@ def table7_table(
     rows = []
     for key, W in Ws.items():
         f = adapter.factors[key]
-        k = f.rank if top is None else top
-        if not 0 < k <= min(f.rank, *W.shape):
-            raise UserError(f"--top: {top} must be in 1..{min(f.rank, *W.shape)} for module {key} of {adapter.path}")
+        k = _top(adapter, key, W, top)
         row = table7_row(W, f.A, f.B, scaling=f.scaling, top=k, random_seed=_module_seed(key, random_seed),
                          w_svd=svd_of(key, W), null_draws=null_draws)
         rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "d_out": int(W.shape[0]),
                      "d_in": int(W.shape[1]), "top": row.rank, **{c: getattr(row, c) for c in COLUMNS["table7"][8:]}})
     return pd.DataFrame(rows, columns=COLUMNS["table7"]) if rows else _empty("table7")
+
+
+def dora_table(
+    adapter: LoadedAdapter,
+    base: BaseWeights | Mapping[str, Tensor],
+    *,
+    keys: Iterable[str] | None = None,
+    top: int | None = None,
+) -> pd.DataFrame:
+    """DoRA's magnitude change and effective update per module (:func:`lora_analysis.metrics.dora.dora_summary`),
+    reported beside Table 7, which DoRA gets on its directional update ``s·B·A``. Empty for a plain LoRA adapter.
+
+    The magnitude is compared with the norms it started from: ``‖W0‖_c``, or for PiSSA/OLoRA (whose ``W0`` is
+    the residual) the original weight's, which :class:`~lora_analysis.load.base.BaseWeights` gives with
+    ``original=True``.
+    """
+    if not adapter.magnitude:
+        return _empty("dora")
+    Ws, _ = _weights(adapter, base, keys)
+    originals = base.weights(adapter, list(Ws), original=True) if isinstance(base, BaseWeights) else Ws
+    rows = []
+    for key, W in Ws.items():
+        f = adapter.factors[key]
+        k = _top(adapter, key, W, top)
+        d = dora_summary(W, f.A, f.B, adapter.magnitude[key], scaling=f.scaling, top=k,
+                         reference_norms=torch.linalg.vector_norm(originals[key], dim=1))
+        rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "d_out": int(W.shape[0]),
+                     "d_in": int(W.shape[1]), "top": k, **d.as_dict()})
+    return pd.DataFrame(rows, columns=COLUMNS["dora"]) if rows else _empty("dora")
 
 
 def spectra_table(
@@ -371,7 +416,7 @@ def analyse_run(
       nearest the paper's r/d) for every seed trained at both; the seed comparison of every pair of seeds at the
       largest rank (Figure 4; the empirical null of independent replicates); and the random Gaussian baseline.
       Adapters that record no seed (peft's) are replicates 0, 1, ... of their rank in name order (a note says so).
-    * ``table7``, ``spectra``, ``singular_values``: every adapter.
+    * ``table7``, ``spectra``, ``singular_values``: every adapter; ``dora``: every DoRA adapter.
     * ``fig8``: the ranks nearest 4, 8 and 64 at the first seed, with a random A of each rank.
     * ``quality``: :func:`quality_table`.
 
@@ -383,7 +428,7 @@ def analyse_run(
             and on a busy 2-core machine 2 threads ran ~20x slower than 1); ``None`` keeps torch's setting.
 
     Returns:
-        ``{"phi", "fig8", "table7", "spectra", "singular_values", "quality"}`` -> DataFrame.
+        ``{"phi", "fig8", "table7", "spectra", "singular_values", "dora", "quality"}`` -> DataFrame.
     """
     with torch_threads(threads):
         return _analyse_run(run_dir, base=base, layers=layers, ranks=ranks, seeds=seeds, weight_set=weight_set,
@@ -434,6 +479,7 @@ def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compa
     for a in adapters.values():
         keys = keys_of(a)
         out["table7"].append(table7_table(a, bw, keys=keys))
+        out["dora"].append(dora_table(a, bw, keys=keys))  # empty unless a is a DoRA adapter
         out["spectra"].append(spectra_table(a, bw if intruders else None, keys=keys))
         out["singular_values"].append(singular_values_table(a, keys=keys))
         bar.update(1)

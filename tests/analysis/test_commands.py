@@ -343,3 +343,45 @@ def test_cli_bad_inputs_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         figures.main(["--bogus"])
     assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------------------------------- DoRA and inits
+def test_projection_dora_reports_the_magnitude_beside_table7(tmp_path, capsys):
+    """A peft DoRA adapter: Table 7 on s·B·A against W0, and per module the magnitude change and effective update."""
+    pytest.importorskip("peft")
+    from peft_adapters import peft_adapter, save_bases
+
+    from lora_analysis.load.adapters import load_adapter_dir
+    from lora_analysis.metrics.dora import dora_summary
+
+    bases = save_bases(tmp_path)
+    ad = peft_adapter(bases["bert"], tmp_path / "dora", r=4, lora_alpha=8, target_modules=["query"], use_dora=True)
+    js = tmp_path / "t7.json"
+    rc, out, err = _call(projection, ["--adapter", ad, "--json", js], capsys)
+    assert rc == 0, err
+    assert "DoRA" in out and "mag_rel_mean" in out
+    doc = json.loads(js.read_text())
+    a = load_adapter_dir(ad)
+    key = "encoder.layer.0.attention.self.query"
+    f, W = a.factors[key], BaseWeights().weights(a, [key])[key]
+    row, ref = doc["modules"][key], table7_row(W, f.A, f.B, scaling=f.scaling)
+    assert row["delta"] == pytest.approx(ref.delta, rel=1e-12)  # Table 7 on the directional update
+    d = dora_summary(W, f.A, f.B, a.magnitude[key], scaling=f.scaling)
+    assert row["dora"]["mag_rel_abs_mean"] == pytest.approx(d.mag_rel_abs_mean, rel=1e-12) and d.mag_rel_abs_mean > 0
+    assert row["dora"]["dw_eff_norm"] == pytest.approx(d.dw_eff_norm, rel=1e-12)
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_16", "corda"])
+def test_projection_refuses_a_base_it_cannot_rebuild_but_phi_still_works(tmp_path, capsys, init):
+    """φ needs only A; Table 7 needs the W peft adapts, which cannot be rebuilt here: one line with the way out."""
+    pytest.importorskip("peft")
+    from peft_adapters import peft_adapter, save_bases
+
+    bases = save_bases(tmp_path)
+    ad = peft_adapter(bases["bert"], tmp_path / "ad", r=4, lora_alpha=8, target_modules=["query"])
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": init}))
+    _assert_bad(projection, ["--adapter", ad], capsys, tmp_path, str(ad), init,
+                "path_initial_model_for_weight_conversion")
+    rc, _, err = _call(subspace, ["--a1", ad, "--a2", ad, "--quiet", "--json", tmp_path / "phi.json"], capsys)
+    assert rc == 0, err
