@@ -21,7 +21,7 @@ from lora.errors import ArgumentParser, UserError, run_cli
 from lora.fsio import write_json, write_text
 
 CASE_GROUPS = ("train_step", "merged_inference", "peak_memory", "svd_factored_vs_dense", "section7_7b_shaped",
-               "packed_sweep")
+               "packed_sweep", "train_step_under_load")
 
 
 def _quiet() -> None:
@@ -37,7 +37,7 @@ def _quiet() -> None:
 
 def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseResult]]]]:
     """The cases to run, as (group, thunk) pairs; ``quick`` shrinks repetitions and sizes to a few minutes."""
-    from benchmarks import cases_packed, cases_svd, cases_train, memory
+    from benchmarks import cases_load, cases_packed, cases_svd, cases_train, memory
 
     if quick:
         return [
@@ -47,6 +47,7 @@ def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseRes
             ("svd_factored_vs_dense", lambda: [cases_svd.svd_case(1024, 1024, 8, reps=5)]),
             ("section7_7b_shaped", lambda: [cases_svd.section7_case(n_layers=2, check_exact=False)]),
             ("packed_sweep", lambda: cases_packed.packed_cases(ranks=(8, 64), seeds=(0, 1), reps=2)),
+            ("train_step_under_load", lambda: cases_load.load_cases(reps=3)),
         ]
     return [
         ("train_step", lambda: cases_train.train_step_cases(ranks=(8, 64), reps=9, warmup=2)),
@@ -60,6 +61,7 @@ def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseRes
         ("section7_7b_shaped", lambda: [cases_svd.section7_case()]),
         ("packed_sweep", lambda: cases_packed.packed_cases(reps=3)
          + cases_packed.packed_cases(batch=8, reps=3)),
+        ("train_step_under_load", lambda: cases_load.load_cases(reps=9)),
     ]
 
 
@@ -285,7 +287,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", metavar="FILE", default="BENCHMARKS.md",
                    help="the Markdown report to rewrite (default: BENCHMARKS.md in the current directory)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite the Markdown report")
-    p.add_argument("--cases", nargs="+", metavar="GROUP", default=None,
+    p.add_argument("--cases", "--only", dest="cases", nargs="+", metavar="GROUP", default=None,
                    help=f"run only these case groups (default: all): {', '.join(CASE_GROUPS)}")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: on a shared, oversubscribed machine two threads made "

@@ -545,9 +545,10 @@ def train_pack(
                 if isinstance(m, PackedLoRALinear)} for k in range(len(todo))]
 
     steps = cfg.total_steps(len(prep.train))
-    # One AdamW group per adapter: AdamW is elementwise, so its moments and updates are each adapter's own.
-    opt = torch.optim.AdamW([{"params": adapter_parameters(model, k)} for k in range(len(todo))], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, foreach=False)
+    # One AdamW over every adapter's tensors, one foreach step for the whole pack: AdamW is elementwise with
+    # per-tensor moments, so each adapter's update is its own (bitwise that of foreach=False on CPU).
+    opt = torch.optim.AdamW([p for k in range(len(todo)) for p in adapter_parameters(model, k)], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, int(cfg.warmup_fraction * steps)))
     torch.manual_seed(_seed_of("dropout", tuple(p.name for p in todo)))  # only the base's own dropout draws
     streams = [make_batches(prep.train, batch_size=cfg.batch_size, steps=steps, generator=_generator(p.seed, "data"),
@@ -586,9 +587,33 @@ def train_pack(
     return [out / p.name for p in points]
 
 
+# Fields of a TrainConfig that only concern the adapters: the linear probe (no adapter) does not depend on them.
+_ADAPTER_ONLY_FIELDS = ("targets", "ranks", "budget", "alpha", "use_rslora", "init", "init_seed_per_rank", "dropout",
+                        "layers", "linear_probe")
+_PROBES: dict[tuple, dict[str, Any]] = {}
+
+
+def _probe_key(cfg: TrainConfig) -> tuple:
+    d = cfg.to_dict()
+    return (repr(sorted((k, v) for k, v in d.items() if k not in _ADAPTER_ONLY_FIELDS and k != "seeds")),
+            cfg.seeds[0], torch.get_num_threads())
+
+
 def linear_probe(cfg: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     """The frozen-model baseline: train only the head (``modules_to_save``), same steps, lr and data order as the
-    adapters of seed ``cfg.seeds[0]``; returns its validation metrics."""
+    adapters of seed ``cfg.seeds[0]``; returns its validation metrics.
+
+    Computed once per process for each probe setting (every field but the adapter-only ones, the first seed and
+    the thread count): the main job's rank sweep and Table 5 runs share one probe (200 forward steps, ~45 s on
+    one core) instead of training the same head twice."""
+    key = _probe_key(cfg)
+    if key in _PROBES:
+        return copy.deepcopy(_PROBES[key])
+    _PROBES[key] = _linear_probe(cfg, progress=progress)
+    return copy.deepcopy(_PROBES[key])
+
+
+def _linear_probe(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
     prep = prepare(cfg)
     seed = cfg.seeds[0]
     model, heads = _fresh_model(cfg, prep, seed)
@@ -974,15 +999,17 @@ def build_parser() -> ArgumentParser:
                              "may use; 1 under torchrun, where each rank trains its share)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     parser.add_argument(
-        "--pack", action="store_true",
+        "--pack", nargs="?", const="on", choices=("on", "auto"), default=None,
         help="train the unfinished grid points in packs, one routed forward/backward per step for the whole pack "
              "(lora.packed): each adapter still sees exactly its own batches, A init, head init and lr schedule, "
              "and the files written are the same, so a run started with or without --pack resumes either way "
              "(an execution option, like --threads: not part of the run's config). Packed adapters equal "
              "sequential ones within float tolerance, not bitwise, and only at --dropout 0 (refused otherwise) "
              "on a base without dropout of its own (MiniLM has 0.1: a warning says so, and the adapters are then "
-             "equally valid but differently drawn). Not faster on a CPU (0.97-1.01x sequential, see "
-             "BENCHMARKS.md); it pays off where per-step overhead dominates (GPU). metrics.json's wall_time_s is "
+             "equally valid but differently drawn). On a CPU a packed step does the arithmetic of the steps it "
+             "packs (see BENCHMARKS.md); '--pack auto' packs only where that pays (lora.packed.packing_pays: on "
+             "CUDA, or on a CPU with one worker and small steps) and trains one by one otherwise, saying why on "
+             "stderr. metrics.json's wall_time_s is "
              "then the pack's training time / its size + the point's own validation. nn.Linear targets only "
              "(not GPT-2's fused c_attn)")
     parser.add_argument("--pack-size", type=int, metavar="K",
@@ -1008,7 +1035,7 @@ def _main(argv: Sequence[str] | None) -> int:
     cfg = config_from_args(args, file_values)
     if args.pack_size is not None and not args.pack:
         raise UserError("--pack-size: needs --pack")
-    if args.pack and cfg.dropout > 0:
+    if args.pack == "on" and cfg.dropout > 0:
         raise UserError(f"--pack: needs --dropout 0 (got {cfg.dropout}); packed adapters equal sequential ones "
                         "only without LoRA dropout")
     if args.workers is not None and args.workers < 1:
@@ -1016,7 +1043,15 @@ def _main(argv: Sequence[str] | None) -> int:
     _set_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workers = 1 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else (args.workers or default_workers())
-    result = run_sweep(cfg, args.out or rundir.default_run_dir(), progress=not args.quiet, pack=args.pack,
+    pack = args.pack == "on"
+    if args.pack == "auto":
+        from lora.packed import packing_pays
+
+        pack, why = packing_pays(batch_size=cfg.batch_size, max_length=cfg.max_length, workers=workers,
+                                 dropout=cfg.dropout)
+        if not args.quiet:
+            print(f"--pack auto: {'packing' if pack else 'one by one'} ({why})", file=sys.stderr)
+    result = run_sweep(cfg, args.out or rundir.default_run_dir(), progress=not args.quiet, pack=pack,
                        pack_size=args.pack_size, workers=workers)
     if not args.quiet and result.summary_csv is not None:
         probe = result.linear_probe.get("val_metric")

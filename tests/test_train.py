@@ -376,3 +376,39 @@ def test_pack_with_dropout_exits_2_with_one_line(tiny_bert_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, packed", [
+    ([], True),  # 8 x 12 = 96 tokens per step, one worker: packing pays
+    (["--max-length", "40"], False),  # 8 x 40 = 320 tokens > 256: one by one
+    (["--workers", "2", "--max-length", "8"], False),  # two workers would train on two cores; a pack on one
+    (["--dropout", "0.1"], False),  # a packed adapter would not equal its sequential self: one by one, no error
+])
+def test_pack_auto_packs_only_where_it_pays(tiny_bert_no_dropout_dir, tmp_path, extra, packed, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", tiny_bert_no_dropout_dir, "--ranks", "2", "4", "--seeds", "0", "--no-linear-probe", *TINY,
+            "--workers", "1", "--out", str(out), "--pack", "auto", *extra]
+    assert main(argv) == 0
+    for name in ("qv_r2_s0", "qv_r4_s0"):
+        assert ("pack" in json.loads((out / name / "metrics.json").read_text())) is packed
+
+
+def test_linear_probe_is_trained_once_per_probe_setting(tiny_bert_dir, one_thread, monkeypatch):
+    # The main job's rank sweep and its Table 5 run differ only in adapter settings: one probe serves both.
+    from lora import train
+
+    calls = []
+    real = train._linear_probe
+    monkeypatch.setattr(train, "_linear_probe", lambda cfg, **kw: calls.append(cfg) or real(cfg, **kw))
+    monkeypatch.setattr(train, "_PROBES", {})
+    sweep = _tiny_cfg(tiny_bert_dir, seeds=(0, 1))
+    first = train.linear_probe(sweep)
+    again = train.linear_probe(_tiny_cfg(tiny_bert_dir, targets=("q", "v", "q,v"), ranks=None, budget=500,
+                                         seeds=(0, 1), alpha=4.0))
+    assert again == first and len(calls) == 1
+    fresh = real(sweep, progress=False)  # the cached probe is the one a fresh training gives, bitwise
+    assert fresh["val"] == first["val"]
+    # any setting the probe depends on trains a new one: the first seed, the learning rate, the steps
+    for changed in ({"seeds": (1, 0)}, {"lr": 1e-3}, {"steps": 5}):
+        train.linear_probe(_tiny_cfg(tiny_bert_dir, **{"seeds": (0, 1), **changed}))
+    assert len(calls) == 4
