@@ -741,9 +741,12 @@ def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *,
 
 def run_sweep(
     cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, pack: bool = False,
-    pack_size: int | None = None, workers: int = 1,
+    pack_size: int | None = None, workers: int = 1, reuse: Sequence[str | os.PathLike] = (),
 ) -> SweepResult:
     """Train every unfinished grid point of ``cfg`` into ``out_dir`` (resumable; see the module docstring).
+
+    ``reuse``: other run directories whose finished points are copied instead of trained where the training
+    is identical (:func:`lora.reuse.copy_identical_points`; the main job's Table 5 reuses the sweep's qv_r4).
 
     With ``workers`` > 1 (and no torchrun, no ``pack``) the points are trained in that many spawned processes,
     each with this process's torch thread count; the adapters are bitwise those of ``workers=1`` (``tests/
@@ -775,19 +778,25 @@ def run_sweep(
     if out.exists() and (old is None or any(not (out / p.name).is_dir() for p in points)):
         check_writable(out, option="--out")  # something will be written (a finished run resumed: nothing)
     with contextlib.ExitStack() as lock:
-        _on_rank0(rank, world, lambda: _open_run_dir(out, manifest, lock))
+        _on_rank0(rank, world, lambda: _open_run_dir(out, manifest, lock, points=points, reuse=reuse))
         return _sweep(cfg, out, points, prep, rank=rank, world=world, progress=progress, pack=pack,
                       pack_size=pack_size, workers=workers)
 
 
-def _open_run_dir(out: Path, manifest: dict[str, Any], lock: contextlib.ExitStack) -> None:
+def _open_run_dir(out: Path, manifest: dict[str, Any], lock: contextlib.ExitStack, *,
+                  points: Sequence[GridPoint] = (), reuse: Sequence[str | os.PathLike] = ()) -> None:
     """Rank 0's start of a sweep: create ``out``, lock it for this run (``lock`` holds it), check it again now that
-    no other trainer can change it, clear the temporaries of a killed run, write the manifest of a new run."""
+    no other trainer can change it, clear the temporaries of a killed run, write the manifest of a new run, copy
+    the identical finished points of the ``reuse`` runs."""
     out.mkdir(parents=True, exist_ok=True)
     lock.enter_context(lock_directory(out, option="--out", what="run directory"))
     if rundir.check_manifest_matches(out, manifest) is None:
         write_json(out / rundir.MANIFEST, manifest)
     remove_stale_temps(out)  # left by a killed run: never a finished adapter
+    if reuse:
+        from lora.reuse import copy_identical_points
+
+        copy_identical_points(manifest, points, out, [Path(r) for r in reuse])
 
 
 def _on_rank0(rank: int, world: int, fn: Callable[[], None]) -> None:

@@ -412,3 +412,36 @@ def test_linear_probe_is_trained_once_per_probe_setting(tiny_bert_dir, one_threa
     for changed in ({"seeds": (1, 0)}, {"lr": 1e-3}, {"steps": 5}):
         train.linear_probe(_tiny_cfg(tiny_bert_dir, **{"seeds": (0, 1), **changed}))
     assert len(calls) == 4
+
+
+def test_reuse_copies_only_identically_trained_points(tiny_bert_dir, tmp_path, one_thread):
+    # The main job's Table 5 {q, v} point is the sweep's qv_r4 training: copied from the sweep, it is bitwise the
+    # adapter a fresh training gives; a run whose training differs (here the lr) must train its own.
+    sweep = _tiny_cfg(tiny_bert_dir, ranks=(2, 4), linear_probe=False)
+    run_sweep(sweep, tmp_path / "sweep", progress=False)
+    table5 = _tiny_cfg(tiny_bert_dir, targets=("q", "q,v"), ranks=(4,), linear_probe=False)
+    got = run_sweep(table5, tmp_path / "t5", progress=False, reuse=[tmp_path / "sweep"])
+    assert got.trained == ("q_r4_s0",)  # qv_r4_s0 was finished (copied) before training began
+    assert _snapshot(tmp_path / "t5" / "qv_r4_s0") == _snapshot(tmp_path / "sweep" / "qv_r4_s0")
+    fresh = run_sweep(table5, tmp_path / "fresh", progress=False)
+    assert fresh.trained == ("q_r4_s0", "qv_r4_s0")
+    _assert_same_tensors(_tensors(tmp_path / "fresh"), _tensors(tmp_path / "t5"))
+    other = _tiny_cfg(tiny_bert_dir, targets=("q", "q,v"), ranks=(4,), linear_probe=False, lr=1e-3)
+    assert run_sweep(other, tmp_path / "other", progress=False, reuse=[tmp_path / "sweep"]).trained == (
+        "q_r4_s0", "qv_r4_s0")
+
+
+def test_same_training_ignores_only_the_grid_fields():
+    from lora.reuse import same_training
+
+    base = {"config": {"targets": ["q,v"], "ranks": [2, 4], "seeds": [0], "budget": None, "linear_probe": True,
+                       "lr": 3e-3, "steps": 200}, "base_fingerprint": "abc", "task": {"fingerprint": "t"},
+            "versions": {"torch": "2"}, "nested_init": True, "layout": {"threads_per_process": 1}}
+    grid = {**base, "config": {**base["config"], "targets": ["q"], "ranks": None, "budget": 500, "seeds": [0, 1],
+                               "linear_probe": False}}
+    assert same_training(base, grid)
+    for key, value in (("config", {**base["config"], "lr": 1e-3}), ("base_fingerprint", "xyz"),
+                       ("layout", {"threads_per_process": 2}), ("versions", {"torch": "3"}),
+                       ("task", {"fingerprint": "u"})):
+        assert not same_training(base, {**base, key: value})
+    assert not same_training(base, {"grid": []})  # not a run manifest
