@@ -715,10 +715,18 @@ def _train_point_in_worker(cfg: TrainConfig, point: GridPoint, out_dir: str) -> 
     return train_point(cfg, point, out_dir, progress=False).name
 
 
-def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *, workers: int, bar) -> list[str]:
+def _probe_in_worker(cfg: TrainConfig) -> dict[str, Any]:
+    return linear_probe(cfg)
+
+
+def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *, workers: int, bar,
+                      probe: bool = False) -> list[str]:
     """Train ``todo`` in ``workers`` spawned processes, each with the parent's torch thread count; returns the
     names in the order they finished. A point's adapter depends only on its own settings and the thread count,
-    so the files are bitwise those of a sequential run with the same threads per process."""
+    so the files are bitwise those of a sequential run with the same threads per process.
+
+    ``probe``: also train the linear probe in the pool, submitted last (the shortest job fills the idle worker
+    at the end instead of running alone after the pool), and cache it for :func:`linear_probe` here."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
@@ -727,6 +735,9 @@ def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *,
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(torch.get_num_threads(),)) as pool:
         pending = {pool.submit(_train_point_in_worker, cfg, p, str(out)) for p in todo}
+        probe_job = pool.submit(_probe_in_worker, cfg) if probe else None
+        if probe_job is not None:
+            pending.add(probe_job)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for f in finished:
@@ -734,6 +745,9 @@ def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *,
                     for other in pending:
                         other.cancel()
                     raise f.exception()
+                if f is probe_job:
+                    _PROBES[_probe_key(cfg)] = f.result()
+                    continue
                 done.append(f.result())
                 bar.update(1)
     return done
@@ -837,7 +851,9 @@ def _sweep(
               "other dropout masks than it would alone (same data, init and schedule)", file=sys.stderr)
     if workers > 1 and world == 1 and not pack and len(todo) > 1:
         bar.set_postfix_str(f"{min(workers, len(todo))} workers")
-        trained += _train_in_workers(cfg, todo, out, workers=min(workers, len(todo)), bar=bar)
+        probe = rank == 0 and cfg.linear_probe and _probe_key(cfg) not in _PROBES and \
+            not (rundir.read_manifest(out) or {}).get("linear_probe")
+        trained += _train_in_workers(cfg, todo, out, workers=min(workers, len(todo)), bar=bar, probe=probe)
         todo_here: list[GridPoint] = []
     else:
         todo_here = list(todo)

@@ -445,3 +445,19 @@ def test_same_training_ignores_only_the_grid_fields():
                        ("task", {"fingerprint": "u"})):
         assert not same_training(base, {**base, key: value})
     assert not same_training(base, {"grid": []})  # not a run manifest
+
+
+def test_the_probe_trained_in_the_worker_pool_is_the_one_process_probe(tiny_bert_dir, tmp_path, one_thread,
+                                                                        monkeypatch):
+    # With workers the probe is one more pool job (submitted last) instead of a serial tail: the same numbers.
+    from lora import train
+
+    cfg = _tiny_cfg(tiny_bert_dir, ranks=(1, 2), seeds=(0,))
+    monkeypatch.setattr(train, "_PROBES", {})
+    one = run_sweep(cfg, tmp_path / "one", progress=False, workers=1).linear_probe
+    monkeypatch.setattr(train, "_PROBES", {})
+    calls = []
+    monkeypatch.setattr(train, "_linear_probe", lambda cfg, **kw: calls.append(cfg))  # must not run here
+    two = run_sweep(cfg, tmp_path / "two", progress=False, workers=2).linear_probe
+    assert calls == [] and two["val"] == one["val"] and two["steps"] == one["steps"]
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["linear_probe"]["val"] == one["val"]
