@@ -15,7 +15,9 @@ dropout the random masks differ, not the maths). A task head trained with the ad
 is packed the same way: K full copies, each applied to its own group (:class:`PackedCopies`).
 
 The speed comes from running the frozen base as one large batch: fewer, larger matrix products and one pass
-of Python/autograd overhead instead of K (see ``benchmarks/`` for the measured speed-up).
+of Python/autograd overhead instead of K. Exact packing shares no frozen product past the embeddings when every
+layer is adapted, so on a CPU the packed step does the arithmetic of the K steps it replaces and gains only
+their overhead: ``--pack auto`` (:func:`packing_pays`) packs only where that pays (see ``benchmarks/``).
 
 Typical use::
 
