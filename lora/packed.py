@@ -15,7 +15,9 @@ dropout the random masks differ, not the maths). A task head trained with the ad
 is packed the same way: K full copies, each applied to its own group (:class:`PackedCopies`).
 
 The speed comes from running the frozen base as one large batch: fewer, larger matrix products and one pass
-of Python/autograd overhead instead of K (see ``benchmarks/`` for the measured speed-up).
+of Python/autograd overhead instead of K. Exact packing shares no frozen product past the embeddings when every
+layer is adapted, so on a CPU the packed step does the arithmetic of the K steps it replaces and gains only
+their overhead: ``--pack auto`` (:func:`packing_pays`) packs only where that pays (see ``benchmarks/``).
 
 Typical use::
 
@@ -49,12 +51,47 @@ __all__ = [
     "group_losses",
     "pack_lora",
     "packed_modules",
+    "packing_pays",
     "route",
     "train_packed",
     "unpack_adapter",
 ]
 
 IGNORE_INDEX = -100
+
+# ``--pack auto`` on a CPU packs only when one adapter's step holds at most this many tokens (batch × max length).
+# Exact packing shares no frozen product past the embeddings (q and v are adapted in every layer), so a packed
+# step does the arithmetic of K steps; what it saves is per-step overhead (Python, autograd, kernel launches),
+# which is a visible share of a step only when the step is small. Measured with benchmarks/cases_packed.py on
+# all-MiniLM-L6-v2 at 1 thread on a shared 2-core machine, K = 6 adapters (tokens per adapter step: packed speed
+# over sequential): 128: 1.17x; 256: 1.00-1.14x; 512: 1.00x; 1024: 0.84-0.94x (and 0.85x for a pack of only 2).
+CPU_PACK_MAX_TOKENS = 256
+
+
+def packing_pays(*, batch_size: int, max_length: int, workers: int = 1, dropout: float = 0.0,
+                 device: str | torch.device = "cpu") -> tuple[bool, str]:
+    """The ``--pack auto`` rule: whether packing a process's grid points beats training them one by one.
+
+    * LoRA dropout > 0: never (packed adapters would draw other masks than alone: not the same adapters).
+    * CUDA: always (a small step leaves the device mostly idle; one K-times larger step fills it).
+    * CPU: only with one worker process (packing runs in one process, so against ``workers`` > 1 processes it
+      gives up the other cores) and at most :data:`CPU_PACK_MAX_TOKENS` tokens per adapter step
+      (``batch_size · max_length``; above it the packed step is the same arithmetic, done no faster).
+
+    Returns:
+        ``(pack, reason)``: the decision and a one-line reason for the log.
+    """
+    if dropout > 0:
+        return False, f"LoRA dropout {dropout} > 0: packed adapters would not equal sequential ones"
+    if torch.device(device).type == "cuda":
+        return True, "CUDA: one packed step fills the device better than K small ones"
+    tokens = batch_size * max_length
+    if workers > 1:
+        return False, f"{workers} worker processes use {workers} cores; a pack trains in one"
+    if tokens > CPU_PACK_MAX_TOKENS:
+        return False, (f"{tokens} tokens per adapter step > {CPU_PACK_MAX_TOKENS}: on a CPU a packed step is no "
+                       "faster than the steps it packs")
+    return True, f"{tokens} tokens per adapter step <= {CPU_PACK_MAX_TOKENS}: packing saves per-step overhead"
 
 
 @dataclass(frozen=True)
@@ -158,11 +195,41 @@ class PackedLoRALinear(_Routed):
     def forward(self, x: Tensor) -> Tensor:
         sizes = self._groups(x)
         y = self.base(x)  # one frozen product over every row of every group
-        parts = [
-            F.linear(F.linear(self.lora_dropout(xk), A), B) * s
-            for xk, A, B, s in zip(x.split(sizes, dim=0), self.lora_A, self.lora_B, self.scalings, strict=True)
-        ]
-        return y + torch.cat(parts, dim=0)
+        # Each adapter's term is added in place into its own rows of y (F.linear's backward never reads its
+        # output, so autograd allows it): no (N, ..., d_out) concatenation and no second full-size sum. A run of
+        # consecutive adapters with one rank, one scale and one group size (the seeds of a rank in a sweep) is
+        # one pair of batched products: (K, n·T, d_in) @ (K, d_in, r) -> (K, n·T, r) @ (K, r, d_out).
+        start = 0
+        for k0, k1 in self._runs(sizes):
+            rows = sum(sizes[k0:k1])
+            if rows == 0:
+                continue
+            xk = self.lora_dropout(x.narrow(0, start, rows))
+            yk = y.narrow(0, start, rows)
+            s = self.scalings[k0]
+            if k1 - k0 == 1:
+                h = F.linear(xk, self.lora_A[k0])  # (n, ..., r)
+                yk.view(-1, yk.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B[k0].t(), alpha=s)
+            else:
+                K = k1 - k0
+                A = torch.stack(list(self.lora_A[k0:k1]))  # (K, r, d_in)
+                B = torch.stack(list(self.lora_B[k0:k1]))  # (K, d_out, r)
+                h = torch.bmm(xk.reshape(K, -1, xk.shape[-1]), A.transpose(1, 2))  # (K, n·T, r)
+                yk.view(K, -1, yk.shape[-1]).baddbmm_(h, B.transpose(1, 2), alpha=s)
+            start += rows
+        return y
+
+    def _runs(self, sizes: Sequence[int]) -> list[tuple[int, int]]:
+        """Split adapters ``0..K-1`` into maximal runs ``[k0, k1)`` of consecutive adapters sharing rank, scale
+        and group size (each run is one batched product in :meth:`forward`)."""
+        runs: list[tuple[int, int]] = []
+        key = [(s.r, sc, n) for s, sc, n in zip(self.specs, self.scalings, sizes, strict=True)]
+        for k in range(len(key)):
+            if runs and key[k] == key[runs[-1][0]]:
+                runs[-1] = (runs[-1][0], k + 1)
+            else:
+                runs.append((k, k + 1))
+        return runs
 
     def adapter_parameters(self, k: int) -> list[nn.Parameter]:
         return [self.lora_A[k], self.lora_B[k]]
@@ -348,7 +415,7 @@ def train_packed(
         targets, dropout, init, use_rslora, layers, init_seed_per_rank, modules_to_save, init_copy: as
             :func:`pack_lora`.
         kind: ``"classification"`` (model returns ``logits (N, C)``) or ``"causal_lm"``.
-        lr, weight_decay: AdamW settings; one parameter group per adapter (``AdapterSpec.lr`` overrides ``lr``).
+        lr, weight_decay: AdamW settings (``AdapterSpec.lr`` overrides ``lr``; one parameter group per distinct lr).
         lr_lambda: optional multiplier schedule per step (``torch.optim.lr_scheduler.LambdaLR``).
         pad_id: padding id when batches of different lengths are concatenated.
         loss: optional ``loss(model, packed_batch, sizes) -> (K,)`` per-adapter losses (default: the model's
@@ -359,9 +426,12 @@ def train_packed(
     specs = tuple(specs)
     pack_lora(model, targets, specs, dropout=dropout, init=init, use_rslora=use_rslora, layers=layers,
               init_seed_per_rank=init_seed_per_rank, modules_to_save=modules_to_save, init_copy=init_copy)
-    groups = [{"params": adapter_parameters(model, k), "lr": s.lr if s.lr is not None else lr}
-              for k, s in enumerate(specs)]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=False)
+    lrs = [s.lr if s.lr is not None else lr for s in specs]
+    groups = ([{"params": [p for k in range(len(specs)) for p in adapter_parameters(model, k)], "lr": lr}]
+              if len(set(lrs)) == 1 else
+              [{"params": adapter_parameters(model, k), "lr": lr_k} for k, lr_k in enumerate(lrs)])
+    # foreach: one multi-tensor update per group (bitwise the per-tensor loop's result on CPU)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda is not None else None
 
     def default_loss(m: nn.Module, batch, sizes: tuple[int, ...]) -> Tensor:

@@ -545,9 +545,10 @@ def train_pack(
                 if isinstance(m, PackedLoRALinear)} for k in range(len(todo))]
 
     steps = cfg.total_steps(len(prep.train))
-    # One AdamW group per adapter: AdamW is elementwise, so its moments and updates are each adapter's own.
-    opt = torch.optim.AdamW([{"params": adapter_parameters(model, k)} for k in range(len(todo))], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, foreach=False)
+    # One AdamW over every adapter's tensors, one foreach step for the whole pack: AdamW is elementwise with
+    # per-tensor moments, so each adapter's update is its own (bitwise that of foreach=False on CPU).
+    opt = torch.optim.AdamW([p for k in range(len(todo)) for p in adapter_parameters(model, k)], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, int(cfg.warmup_fraction * steps)))
     torch.manual_seed(_seed_of("dropout", tuple(p.name for p in todo)))  # only the base's own dropout draws
     streams = [make_batches(prep.train, batch_size=cfg.batch_size, steps=steps, generator=_generator(p.seed, "data"),
@@ -586,9 +587,33 @@ def train_pack(
     return [out / p.name for p in points]
 
 
+# Fields of a TrainConfig that only concern the adapters: the linear probe (no adapter) does not depend on them.
+_ADAPTER_ONLY_FIELDS = ("targets", "ranks", "budget", "alpha", "use_rslora", "init", "init_seed_per_rank", "dropout",
+                        "layers", "linear_probe")
+_PROBES: dict[tuple, dict[str, Any]] = {}
+
+
+def _probe_key(cfg: TrainConfig) -> tuple:
+    d = cfg.to_dict()
+    return (repr(sorted((k, v) for k, v in d.items() if k not in _ADAPTER_ONLY_FIELDS and k != "seeds")),
+            cfg.seeds[0], torch.get_num_threads())
+
+
 def linear_probe(cfg: TrainConfig, *, progress: bool = False) -> dict[str, Any]:
     """The frozen-model baseline: train only the head (``modules_to_save``), same steps, lr and data order as the
-    adapters of seed ``cfg.seeds[0]``; returns its validation metrics."""
+    adapters of seed ``cfg.seeds[0]``; returns its validation metrics.
+
+    Computed once per process for each probe setting (every field but the adapter-only ones, the first seed and
+    the thread count): the main job's rank sweep and Table 5 runs share one probe (200 forward steps, ~45 s on
+    one core) instead of training the same head twice."""
+    key = _probe_key(cfg)
+    if key in _PROBES:
+        return copy.deepcopy(_PROBES[key])
+    _PROBES[key] = _linear_probe(cfg, progress=progress)
+    return copy.deepcopy(_PROBES[key])
+
+
+def _linear_probe(cfg: TrainConfig, *, progress: bool) -> dict[str, Any]:
     prep = prepare(cfg)
     seed = cfg.seeds[0]
     model, heads = _fresh_model(cfg, prep, seed)
@@ -690,10 +715,18 @@ def _train_point_in_worker(cfg: TrainConfig, point: GridPoint, out_dir: str) -> 
     return train_point(cfg, point, out_dir, progress=False).name
 
 
-def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *, workers: int, bar) -> list[str]:
+def _probe_in_worker(cfg: TrainConfig) -> dict[str, Any]:
+    return linear_probe(cfg)
+
+
+def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *, workers: int, bar,
+                      probe: bool = False) -> list[str]:
     """Train ``todo`` in ``workers`` spawned processes, each with the parent's torch thread count; returns the
     names in the order they finished. A point's adapter depends only on its own settings and the thread count,
-    so the files are bitwise those of a sequential run with the same threads per process."""
+    so the files are bitwise those of a sequential run with the same threads per process.
+
+    ``probe``: also train the linear probe in the pool, submitted last (the shortest job fills the idle worker
+    at the end instead of running alone after the pool), and cache it for :func:`linear_probe` here."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
@@ -702,6 +735,9 @@ def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *,
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                              initargs=(torch.get_num_threads(),)) as pool:
         pending = {pool.submit(_train_point_in_worker, cfg, p, str(out)) for p in todo}
+        probe_job = pool.submit(_probe_in_worker, cfg) if probe else None
+        if probe_job is not None:
+            pending.add(probe_job)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for f in finished:
@@ -709,6 +745,9 @@ def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *,
                     for other in pending:
                         other.cancel()
                     raise f.exception()
+                if f is probe_job:
+                    _PROBES[_probe_key(cfg)] = f.result()
+                    continue
                 done.append(f.result())
                 bar.update(1)
     return done
@@ -716,9 +755,12 @@ def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *,
 
 def run_sweep(
     cfg: TrainConfig, out_dir: str | os.PathLike, *, progress: bool = True, pack: bool = False,
-    pack_size: int | None = None, workers: int = 1,
+    pack_size: int | None = None, workers: int = 1, reuse: Sequence[str | os.PathLike] = (),
 ) -> SweepResult:
     """Train every unfinished grid point of ``cfg`` into ``out_dir`` (resumable; see the module docstring).
+
+    ``reuse``: other run directories whose finished points are copied instead of trained where the training
+    is identical (:func:`lora.reuse.copy_identical_points`; the main job's Table 5 reuses the sweep's qv_r4).
 
     With ``workers`` > 1 (and no torchrun, no ``pack``) the points are trained in that many spawned processes,
     each with this process's torch thread count; the adapters are bitwise those of ``workers=1`` (``tests/
@@ -750,19 +792,25 @@ def run_sweep(
     if out.exists() and (old is None or any(not (out / p.name).is_dir() for p in points)):
         check_writable(out, option="--out")  # something will be written (a finished run resumed: nothing)
     with contextlib.ExitStack() as lock:
-        _on_rank0(rank, world, lambda: _open_run_dir(out, manifest, lock))
+        _on_rank0(rank, world, lambda: _open_run_dir(out, manifest, lock, points=points, reuse=reuse))
         return _sweep(cfg, out, points, prep, rank=rank, world=world, progress=progress, pack=pack,
                       pack_size=pack_size, workers=workers)
 
 
-def _open_run_dir(out: Path, manifest: dict[str, Any], lock: contextlib.ExitStack) -> None:
+def _open_run_dir(out: Path, manifest: dict[str, Any], lock: contextlib.ExitStack, *,
+                  points: Sequence[GridPoint] = (), reuse: Sequence[str | os.PathLike] = ()) -> None:
     """Rank 0's start of a sweep: create ``out``, lock it for this run (``lock`` holds it), check it again now that
-    no other trainer can change it, clear the temporaries of a killed run, write the manifest of a new run."""
+    no other trainer can change it, clear the temporaries of a killed run, write the manifest of a new run, copy
+    the identical finished points of the ``reuse`` runs."""
     out.mkdir(parents=True, exist_ok=True)
     lock.enter_context(lock_directory(out, option="--out", what="run directory"))
     if rundir.check_manifest_matches(out, manifest) is None:
         write_json(out / rundir.MANIFEST, manifest)
     remove_stale_temps(out)  # left by a killed run: never a finished adapter
+    if reuse:
+        from lora.reuse import copy_identical_points
+
+        copy_identical_points(manifest, points, out, [Path(r) for r in reuse])
 
 
 def _on_rank0(rank: int, world: int, fn: Callable[[], None]) -> None:
@@ -803,7 +851,9 @@ def _sweep(
               "other dropout masks than it would alone (same data, init and schedule)", file=sys.stderr)
     if workers > 1 and world == 1 and not pack and len(todo) > 1:
         bar.set_postfix_str(f"{min(workers, len(todo))} workers")
-        trained += _train_in_workers(cfg, todo, out, workers=min(workers, len(todo)), bar=bar)
+        probe = rank == 0 and cfg.linear_probe and _probe_key(cfg) not in _PROBES and \
+            not (rundir.read_manifest(out) or {}).get("linear_probe")
+        trained += _train_in_workers(cfg, todo, out, workers=min(workers, len(todo)), bar=bar, probe=probe)
         todo_here: list[GridPoint] = []
     else:
         todo_here = list(todo)
@@ -974,15 +1024,17 @@ def build_parser() -> ArgumentParser:
                              "may use; 1 under torchrun, where each rank trains its share)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
     parser.add_argument(
-        "--pack", action="store_true",
+        "--pack", nargs="?", const="on", choices=("on", "auto"), default=None,
         help="train the unfinished grid points in packs, one routed forward/backward per step for the whole pack "
              "(lora.packed): each adapter still sees exactly its own batches, A init, head init and lr schedule, "
              "and the files written are the same, so a run started with or without --pack resumes either way "
              "(an execution option, like --threads: not part of the run's config). Packed adapters equal "
              "sequential ones within float tolerance, not bitwise, and only at --dropout 0 (refused otherwise) "
              "on a base without dropout of its own (MiniLM has 0.1: a warning says so, and the adapters are then "
-             "equally valid but differently drawn). Not faster on a CPU (0.97-1.01x sequential, see "
-             "BENCHMARKS.md); it pays off where per-step overhead dominates (GPU). metrics.json's wall_time_s is "
+             "equally valid but differently drawn). On a CPU a packed step does the arithmetic of the steps it "
+             "packs (see BENCHMARKS.md); '--pack auto' packs only where that pays (lora.packed.packing_pays: on "
+             "CUDA, or on a CPU with one worker and small steps) and trains one by one otherwise, saying why on "
+             "stderr. metrics.json's wall_time_s is "
              "then the pack's training time / its size + the point's own validation. nn.Linear targets only "
              "(not GPT-2's fused c_attn)")
     parser.add_argument("--pack-size", type=int, metavar="K",
@@ -1008,7 +1060,7 @@ def _main(argv: Sequence[str] | None) -> int:
     cfg = config_from_args(args, file_values)
     if args.pack_size is not None and not args.pack:
         raise UserError("--pack-size: needs --pack")
-    if args.pack and cfg.dropout > 0:
+    if args.pack == "on" and cfg.dropout > 0:
         raise UserError(f"--pack: needs --dropout 0 (got {cfg.dropout}); packed adapters equal sequential ones "
                         "only without LoRA dropout")
     if args.workers is not None and args.workers < 1:
@@ -1016,7 +1068,15 @@ def _main(argv: Sequence[str] | None) -> int:
     _set_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workers = 1 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else (args.workers or default_workers())
-    result = run_sweep(cfg, args.out or rundir.default_run_dir(), progress=not args.quiet, pack=args.pack,
+    pack = args.pack == "on"
+    if args.pack == "auto":
+        from lora.packed import packing_pays
+
+        pack, why = packing_pays(batch_size=cfg.batch_size, max_length=cfg.max_length, workers=workers,
+                                 dropout=cfg.dropout)
+        if not args.quiet:
+            print(f"--pack auto: {'packing' if pack else 'one by one'} ({why})", file=sys.stderr)
+    result = run_sweep(cfg, args.out or rundir.default_run_dir(), progress=not args.quiet, pack=pack,
                        pack_size=args.pack_size, workers=workers)
     if not args.quiet and result.summary_csv is not None:
         probe = result.linear_probe.get("val_metric")

@@ -102,7 +102,8 @@ def _train_grid(plan: GridPlan, runs: Path, *, progress: bool, workers: int) -> 
     if plan.table5 is not None:
         budget = _budget(sweep, plan.table5_rank)
         t5 = TrainConfig.from_dict({**plan.table5, "budget": budget}, source="reproduce table5")
-        train.run_sweep(t5, runs / rundir.TABLE5_SUBDIR, progress=progress, workers=workers)
+        # reuse: Table 5's {q, v} point is the sweep's qv_r4 training (same rank, alpha, seeds): copied, not retrained
+        train.run_sweep(t5, runs / rundir.TABLE5_SUBDIR, progress=progress, workers=workers, reuse=[runs])
         dirs.append(runs / rundir.TABLE5_SUBDIR)
     return dirs
 

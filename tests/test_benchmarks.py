@@ -74,3 +74,45 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_competitor_is_paused_until_resumed_and_killed_on_exit():
+    import os
+    import time
+
+    from benchmarks.cases_load import competitor
+
+    def cpu_seconds(pid: int) -> float:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    with competitor() as proc:
+        time.sleep(0.3)
+        paused = cpu_seconds(proc.pid)
+        time.sleep(0.3)
+        assert cpu_seconds(proc.pid) - paused < 0.05  # SIGSTOPped: it burns nothing while the idle step runs
+        proc.send_signal(__import__("signal").SIGCONT)
+        deadline = time.monotonic() + 20  # a busy machine may give it a core late, but it must burn CPU
+        while cpu_seconds(proc.pid) - paused < 0.1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cpu_seconds(proc.pid) - paused >= 0.1  # resumed: a CPU-bound competitor
+    assert proc.poll() is not None  # gone after the case
+
+
+def test_headline_and_interpretation_name_the_load_and_auto_pack_cases():
+    from benchmarks.__main__ import headline, interpretation
+
+    one = result_from_runs("train_step_under_load[threads=1]", [0.5, 0.6, 0.7], [0.2, 0.2, 0.2],
+                           peer_name="idle", goal_max=2.0, extra={"load_avg_start": 4.0, "load_avg_end": 4.0})
+    two = result_from_runs("train_step_under_load[threads=2]", [3.0, 3.0, 3.0], [0.15, 0.15, 0.15],
+                           peer_name="idle", extra={"vs_1thread_loaded": 5.0, "load_avg_start": 4.0})
+    auto = result_from_runs("packed_sweep_auto_vs_sequential[b=32]", [1.0, 1.1, 1.0], [1.0, 1.0, 1.0],
+                            peer_name="sequential", goal_max=1.05, extra={"packed": 0.0})
+    lines = " ".join(headline([one, two, auto]))
+    assert "3.00× its idle time" in lines and "20.00× its own idle time" in lines and "5.00× the loaded" in lines
+    assert "1.00× the speed of sequential at b=32 (one by one)" in lines
+    assert "Packed training of a sweep grid" not in lines  # the auto case is not a packed-vs-sequential case
+    why = " ".join(interpretation({c.name: c.to_json() for c in (one, two, auto)}))
+    assert "train_step_under_load" in why and "load average was 4.0" in why  # 3.00x > 2: a miss, explained
+    assert "packed_sweep_auto" not in why  # 1.0 <= 1.05: met

@@ -168,3 +168,54 @@ def test_bad_targets(tiny_gpt2, tiny_cls):
         pack_lora(tiny_cls, ["q", "v"], ())
     with pytest.raises(ValueError, match="rank"):
         AdapterSpec(r=0, alpha=1)
+
+
+def test_a_run_of_equal_ranks_is_one_batched_product_with_each_adapters_output_and_gradient():
+    # adapters 1..3 share rank, scale and group size: PackedLoRALinear computes them as one bmm run; adapter 0 and 4
+    # differ (rank, then scale) and take the single-adapter path. Each group's output and each adapter's
+    # gradient must equal those of a LoRALinear with that adapter alone on the same rows (float64).
+    from lora.layers import LoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5).double()
+    specs = [AdapterSpec(r=2, alpha=2, seed=0), AdapterSpec(r=3, alpha=3, seed=0), AdapterSpec(r=3, alpha=3, seed=1),
+             AdapterSpec(r=3, alpha=3, seed=2), AdapterSpec(r=3, alpha=6, seed=3)]
+    packed = PackedLoRALinear(base, specs)
+    assert packed._runs((4, 4, 4, 4, 4)) == [(0, 1), (1, 4), (4, 5)]
+    assert packed._runs((4, 4, 3, 4, 4)) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]  # unequal sizes: no run
+    with torch.no_grad():
+        for B in packed.lora_B:
+            B.copy_(torch.randn(B.shape, dtype=torch.float64))
+    sizes = (4, 4, 4, 4, 4)
+    x = torch.randn(sum(sizes), 7, 6, dtype=torch.float64)
+    packed.sizes = sizes
+    y = packed(x)
+    (y ** 2).sum().backward()
+    for k, (s, xk, yk) in enumerate(zip(specs, x.split(sizes), y.split(sizes), strict=True)):
+        single = LoRALinear(base, r=s.r, alpha=s.alpha)
+        with torch.no_grad():
+            single.lora_A.copy_(packed.lora_A[k])
+            single.lora_B.copy_(packed.lora_B[k])
+        ref = single(xk)
+        (ref ** 2).sum().backward()
+        torch.testing.assert_close(yk, ref, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(packed.lora_A[k].grad, single.lora_A.grad, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(packed.lora_B[k].grad, single.lora_B.grad, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kw, pack, reason", [
+    ({"batch_size": 8, "max_length": 32}, True, "saves per-step overhead"),  # 256 tokens: the limit itself
+    ({"batch_size": 4, "max_length": 16, "device": "cuda"}, True, "CUDA"),
+    ({"batch_size": 32, "max_length": 32, "device": "cuda"}, True, "CUDA"),
+    ({"batch_size": 8, "max_length": 33}, False, "no faster"),  # 264 tokens
+    ({"batch_size": 32, "max_length": 32}, False, "no faster"),  # the default trainer step
+    ({"batch_size": 4, "max_length": 16, "workers": 2}, False, "2 worker processes"),
+    ({"batch_size": 4, "max_length": 16, "dropout": 0.1}, False, "dropout"),
+    ({"batch_size": 4, "max_length": 16, "dropout": 0.1, "device": "cuda"}, False, "dropout"),
+])
+def test_pack_auto_rule(kw, pack, reason):
+    from lora.packed import CPU_PACK_MAX_TOKENS, packing_pays
+
+    assert CPU_PACK_MAX_TOKENS == 256
+    got, why = packing_pays(**kw)
+    assert got is pack and reason in why

@@ -376,3 +376,88 @@ def test_pack_with_dropout_exits_2_with_one_line(tiny_bert_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, packed", [
+    ([], True),  # 8 x 12 = 96 tokens per step, one worker: packing pays
+    (["--max-length", "40"], False),  # 8 x 40 = 320 tokens > 256: one by one
+    (["--workers", "2", "--max-length", "8"], False),  # two workers would train on two cores; a pack on one
+    (["--dropout", "0.1"], False),  # a packed adapter would not equal its sequential self: one by one, no error
+])
+def test_pack_auto_packs_only_where_it_pays(tiny_bert_no_dropout_dir, tmp_path, extra, packed, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", tiny_bert_no_dropout_dir, "--ranks", "2", "4", "--seeds", "0", "--no-linear-probe", *TINY,
+            "--workers", "1", "--out", str(out), "--pack", "auto", *extra]
+    assert main(argv) == 0
+    for name in ("qv_r2_s0", "qv_r4_s0"):
+        assert ("pack" in json.loads((out / name / "metrics.json").read_text())) is packed
+
+
+def test_linear_probe_is_trained_once_per_probe_setting(tiny_bert_dir, one_thread, monkeypatch):
+    # The main job's rank sweep and its Table 5 run differ only in adapter settings: one probe serves both.
+    from lora import train
+
+    calls = []
+    real = train._linear_probe
+    monkeypatch.setattr(train, "_linear_probe", lambda cfg, **kw: calls.append(cfg) or real(cfg, **kw))
+    monkeypatch.setattr(train, "_PROBES", {})
+    sweep = _tiny_cfg(tiny_bert_dir, seeds=(0, 1))
+    first = train.linear_probe(sweep)
+    again = train.linear_probe(_tiny_cfg(tiny_bert_dir, targets=("q", "v", "q,v"), ranks=None, budget=500,
+                                         seeds=(0, 1), alpha=4.0))
+    assert again == first and len(calls) == 1
+    fresh = real(sweep, progress=False)  # the cached probe is the one a fresh training gives, bitwise
+    assert fresh["val"] == first["val"]
+    # any setting the probe depends on trains a new one: the first seed, the learning rate, the steps
+    for changed in ({"seeds": (1, 0)}, {"lr": 1e-3}, {"steps": 5}):
+        train.linear_probe(_tiny_cfg(tiny_bert_dir, **{"seeds": (0, 1), **changed}))
+    assert len(calls) == 4
+
+
+def test_reuse_copies_only_identically_trained_points(tiny_bert_dir, tmp_path, one_thread):
+    # The main job's Table 5 {q, v} point is the sweep's qv_r4 training: copied from the sweep, it is bitwise the
+    # adapter a fresh training gives; a run whose training differs (here the lr) must train its own.
+    sweep = _tiny_cfg(tiny_bert_dir, ranks=(2, 4), linear_probe=False)
+    run_sweep(sweep, tmp_path / "sweep", progress=False)
+    table5 = _tiny_cfg(tiny_bert_dir, targets=("q", "q,v"), ranks=(4,), linear_probe=False)
+    got = run_sweep(table5, tmp_path / "t5", progress=False, reuse=[tmp_path / "sweep"])
+    assert got.trained == ("q_r4_s0",)  # qv_r4_s0 was finished (copied) before training began
+    assert _snapshot(tmp_path / "t5" / "qv_r4_s0") == _snapshot(tmp_path / "sweep" / "qv_r4_s0")
+    fresh = run_sweep(table5, tmp_path / "fresh", progress=False)
+    assert fresh.trained == ("q_r4_s0", "qv_r4_s0")
+    _assert_same_tensors(_tensors(tmp_path / "fresh"), _tensors(tmp_path / "t5"))
+    other = _tiny_cfg(tiny_bert_dir, targets=("q", "q,v"), ranks=(4,), linear_probe=False, lr=1e-3)
+    assert run_sweep(other, tmp_path / "other", progress=False, reuse=[tmp_path / "sweep"]).trained == (
+        "q_r4_s0", "qv_r4_s0")
+
+
+def test_same_training_ignores_only_the_grid_fields():
+    from lora.reuse import same_training
+
+    base = {"config": {"targets": ["q,v"], "ranks": [2, 4], "seeds": [0], "budget": None, "linear_probe": True,
+                       "lr": 3e-3, "steps": 200}, "base_fingerprint": "abc", "task": {"fingerprint": "t"},
+            "versions": {"torch": "2"}, "nested_init": True, "layout": {"threads_per_process": 1}}
+    grid = {**base, "config": {**base["config"], "targets": ["q"], "ranks": None, "budget": 500, "seeds": [0, 1],
+                               "linear_probe": False}}
+    assert same_training(base, grid)
+    for key, value in (("config", {**base["config"], "lr": 1e-3}), ("base_fingerprint", "xyz"),
+                       ("layout", {"threads_per_process": 2}), ("versions", {"torch": "3"}),
+                       ("task", {"fingerprint": "u"})):
+        assert not same_training(base, {**base, key: value})
+    assert not same_training(base, {"grid": []})  # not a run manifest
+
+
+def test_the_probe_trained_in_the_worker_pool_is_the_one_process_probe(tiny_bert_dir, tmp_path, one_thread,
+                                                                        monkeypatch):
+    # With workers the probe is one more pool job (submitted last) instead of a serial tail: the same numbers.
+    from lora import train
+
+    cfg = _tiny_cfg(tiny_bert_dir, ranks=(1, 2), seeds=(0,))
+    monkeypatch.setattr(train, "_PROBES", {})
+    one = run_sweep(cfg, tmp_path / "one", progress=False, workers=1).linear_probe
+    monkeypatch.setattr(train, "_PROBES", {})
+    calls = []
+    monkeypatch.setattr(train, "_linear_probe", lambda cfg, **kw: calls.append(cfg))  # must not run here
+    two = run_sweep(cfg, tmp_path / "two", progress=False, workers=2).linear_probe
+    assert calls == [] and two["val"] == one["val"] and two["steps"] == one["steps"]
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["linear_probe"]["val"] == one["val"]
