@@ -2,13 +2,17 @@
 
 An adapter directory (the contract every tool in the toolkit reads and writes)::
 
-    adapter_config.json          PEFT's LoraConfig fields + our keys (seed, base_fingerprint, init, lora_toolkit)
+    adapter_config.json          PEFT's own LoraConfig fields only (peft loads it without a warning)
+    lora_toolkit.json            our metadata: seed, base_fingerprint, init, lora_toolkit (format, fused slices, ...)
     adapter_model.safetensors    base_model.model.<path>.lora_A.weight (r, d_in), ....lora_B.weight (d_out, r),
                                  base_model.model.<path>.lora_embedding_A (r, num) / lora_embedding_B (dim, r),
                                  base_model.model.<head path>.<param> for modules_to_save (a task head)
     init.safetensors             optional: A at step 0, keyed by module key (``<path>`` or ``<path>:q``)
 
-PEFT (0.21) ignores unknown config keys with a warning, so our extra keys do not stop ``PeftModel.from_pretrained``.
+PEFT (0.21) warns "Unexpected keyword arguments ... upgrade PEFT" on any key that is not a LoraConfig field, so our
+keys live in the sidecar ``lora_toolkit.json``. Adapters written before (format 1) keep them in
+``adapter_config.json``; :func:`read_adapter_config`, the one reader of both files, returns the same merged view for
+either layout (``Adapter.config``).
 A *module key* is the PEFT key without ``base_model.model.`` and without ``.lora_A.weight``; a fused GPT-2 slice
 is ``<path>:q``.
 
@@ -56,7 +60,9 @@ from lora.errors import UserError, os_error_reason, short_repr
 from lora.fsio import atomic_dir, check_readable
 from lora.inject import inject_lora, lora_modules
 from lora.layers import (
+    FUSED_MODULE_NAMES,
     FUSED_SLICES,
+    LoRAConv1D,
     LoRAEmbedding,
     LoRAFactors,
     LoRAFusedQKV,
@@ -64,6 +70,7 @@ from lora.layers import (
     LoRAModule,
     lora_scaling,
 )
+from lora.rundir import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,8 +78,9 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT versions; read with torc
 INIT_NAME = "init.safetensors"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the base model
 TOOLKIT_KEY = "lora_toolkit"
-FORMAT_VERSION = 1
-FUSED_MODULE_NAMES = ("c_attn",)  # GPT-2's fused [q | k | v] Conv1D
+TOOLKIT_FILE = "lora_toolkit.json"  # the sidecar with our keys; peft never reads it
+TOOLKIT_CONFIG_KEYS = ("seed", "base_fingerprint", "init", TOOLKIT_KEY)  # ours, never in adapter_config.json now
+FORMAT_VERSION = 2  # 2: our keys in TOOLKIT_FILE; 1: in adapter_config.json (still read)
 
 # PEFT task_type -> the transformers Auto class that owns the task head (used by merge and load_base_model).
 TASK_AUTO_CLASS = {
@@ -106,7 +114,7 @@ class Adapter:
 
     Attributes:
         path: the adapter directory (or loralib checkpoint file) it came from; ``None`` if built in memory.
-        config: the parsed ``adapter_config.json`` (PEFT fields and ours).
+        config: peft's fields and ours, from :func:`read_adapter_config` (either layout).
         factors: ``{module key: LoRAFactors(A (r, d_in), B (d_out, r), scaling)}`` in the stored dtype.
         init_A: ``{module key: A at step 0}`` from ``init.safetensors``, or ``None``.
         extra_tensors: modules_to_save tensors (a task head), keyed by parameter path without ``base_model.model.``.
@@ -253,7 +261,8 @@ def save_adapter(
         modules_to_save: modules trained in full, e.g. ``["classifier"]``; stored as PEFT stores them.
         task_type: PEFT task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``...), also selects the Auto class on merge.
         init_A: ``{module key: A at step 0}`` written to ``init.safetensors``.
-        extra_config: extra keys for ``adapter_config.json``; a ``lora_toolkit`` dict is merged into ours.
+        extra_config: extra keys; ``seed``, ``base_fingerprint``, ``init`` and ``lora_toolkit`` go to
+            ``lora_toolkit.json`` (a ``lora_toolkit`` dict is merged into ours), any other to ``adapter_config.json``.
         overwrite: replace an existing directory (only once the new one is complete).
 
     Returns:
@@ -300,7 +309,8 @@ def save_adapter(
         elif isinstance(m, LoRAEmbedding):
             tensors[f"{PREFIX}{path}.lora_embedding_A"] = _tensor(m.lora_A)
             tensors[f"{PREFIX}{path}.lora_embedding_B"] = _tensor(m.lora_B)
-        elif isinstance(m, LoRALinear):
+        elif isinstance(m, LoRALinear | LoRAConv1D):  # a whole Conv1D: PEFT's fan_in_fan_out layout, same A and B
+            has_conv1d = has_conv1d or isinstance(m, LoRAConv1D)
             tensors[f"{PREFIX}{path}.lora_A.weight"] = _tensor(m.lora_A)
             tensors[f"{PREFIX}{path}.lora_B.weight"] = _tensor(m.lora_B)
         else:
@@ -348,10 +358,13 @@ def save_adapter(
         else:
             config[k] = v
 
+    ours = {k: config.pop(k) for k in TOOLKIT_CONFIG_KEYS if k in config}  # peft sees only its own fields
+
     init_tensors = {k: _tensor(v) for k, v in (init_A or {}).items()}
     try:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # both JSON files appear together, or neither
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            (tmp / TOOLKIT_FILE).write_text(json.dumps(ours, indent=2, allow_nan=False) + "\n", encoding="utf-8")
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if init_tensors:
                 save_file(init_tensors, str(tmp / INIT_NAME), metadata={"format": "pt"})
@@ -507,6 +520,30 @@ def _read_config(cfg_path: Path) -> dict[str, Any]:
     return validate_adapter_config(config, cfg_path)
 
 
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The config of an adapter directory: ``adapter_config.json`` (peft's fields) merged with our sidecar
+    ``lora_toolkit.json`` (``seed``, ``base_fingerprint``, ``init``, ``lora_toolkit``), validated.
+
+    This is the one reader of our keys: it returns the same view for adapters written before the sidecar existed
+    (format 1, our keys inside ``adapter_config.json``), and for peft's own adapters (no sidecar: our keys absent).
+    A key in both files is taken from the sidecar. Raises :class:`UserError` naming the file at fault.
+    """
+    root = Path(directory)
+    cfg_path = root / CONFIG_NAME
+    config = _read_config(cfg_path)
+    side_path = root / TOOLKIT_FILE
+    if side_path.is_file():
+        ours = read_json_object(side_path)
+        unknown = sorted(set(ours) - set(TOOLKIT_CONFIG_KEYS))
+        if unknown:
+            raise UserError(f"{side_path}: unknown key(s) {', '.join(unknown)}; expected {', '.join(TOOLKIT_CONFIG_KEYS)}")
+        for key, value in ours.items():
+            if (problem := _schema_problem(ADAPTER_CONFIG_SCHEMA[key], value, key)) is not None:
+                raise UserError(f"{side_path}: {problem}")
+        config = {**config, **ours}
+    return config
+
+
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     check_readable(path)
     if path.suffix == ".safetensors":
@@ -658,7 +695,7 @@ def load_adapter(path: str | Path) -> Adapter:
     if not cfg_path.is_file():
         what = "directory is empty" if not any(root.iterdir()) else f"no {CONFIG_NAME}"
         raise UserError(f"{cfg_path}: missing ({what}; not a PEFT adapter directory)")
-    config = _read_config(cfg_path)
+    config = read_adapter_config(root)
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
         legacy = root / LEGACY_WEIGHTS_NAME
@@ -714,6 +751,8 @@ def _expected_shapes(module: nn.Module, slice_name: str, r: int) -> tuple[tuple[
         d_in, d_out = w.shape  # E: (num, dim); A (r, num), B (dim, r)
     elif type(module).__name__ == "Conv1D" and slice_name and w.shape[1] % 3 == 0:
         d_in, d_out = w.shape[0], w.shape[1] // 3
+    elif type(module).__name__ == "Conv1D" and not slice_name:
+        d_in, d_out = w.shape  # a whole Conv1D (c_proj, c_fc): y = x @ W, W (d_in, d_out)
     else:
         return None
     return (r, d_in), (d_out, r)

@@ -19,6 +19,8 @@ from lora.adapter_io import (
     CONFIG_NAME,
     INIT_NAME,
     PREFIX,
+    TOOLKIT_CONFIG_KEYS,
+    TOOLKIT_FILE,
     WEIGHTS_NAME,
     apply_adapter,
     base_fingerprint,
@@ -130,6 +132,73 @@ def test_round_trip_ours_to_ours(tmp_path, bert_dir):
     assert not torch.allclose(_logits(fresh), _logits(model))  # the head really is re-drawn
     apply_adapter(fresh, ad)
     torch.testing.assert_close(_logits(fresh), _logits(model), atol=1e-6, rtol=0)
+
+
+def _peft_config_fields() -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+@pytest.mark.parametrize("model_kind", ["bert_head", "gpt2_fused_and_c_proj"])
+def test_ours_keeps_adapter_config_to_peft_fields_and_loads_in_peft_without_a_warning(
+        tmp_path, bert_dir, gpt2_dir, model_kind, caplog):
+    """adapter_config.json holds only LoraConfig fields of the installed peft; our keys are in lora_toolkit.json,
+    and PeftModel.from_pretrained emits no warning (warnings module or logging) about our adapter."""
+    import logging
+
+    if model_kind == "bert_head":
+        model, base_dir, cls = _trained_bert(bert_dir), bert_dir, "BertForSequenceClassification"
+        kw = dict(modules_to_save=["classifier"], task_type="SEQ_CLS")
+    else:
+        model, base_dir, cls = _load(gpt2_dir, "GPT2LMHeadModel"), gpt2_dir, "GPT2LMHeadModel"
+        inject_lora(model, ["q", "v", "c_proj"], r=2, alpha=6, seed=3)
+        _perturb(model)
+        kw = dict(task_type="CAUSAL_LM")
+    ad = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(base_dir), seed=5,
+                      extra_config={"init": "kaiming"}, **kw)
+    cfg = json.loads((ad / CONFIG_NAME).read_text())
+    assert set(cfg) <= _peft_config_fields(), set(cfg) - _peft_config_fields()
+    ours = json.loads((ad / TOOLKIT_FILE).read_text())
+    assert set(ours) == set(TOOLKIT_CONFIG_KEYS) and ours["seed"] == 5 and ours["init"] == "kaiming"
+    assert ours["lora_toolkit"]["format_version"] == 2
+    base = _load(base_dir, cls)
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        pm = PeftModel.from_pretrained(base, ad).eval()
+    ours_warned = [w for w in caught if "peft" in w.filename or "peft" in str(w.message).lower()
+                   or "unexpected" in str(w.message).lower()]
+    assert ours_warned == [], [str(w.message) for w in ours_warned]
+    assert [r.getMessage() for r in caplog.records] == []
+    torch.testing.assert_close(_logits(pm), _logits(model), atol=1e-5, rtol=0)  # and it is the same adapter
+
+
+def test_old_layout_with_our_keys_in_adapter_config_is_still_read(tmp_path, gpt2_dir):
+    """Adapters written before the sidecar (format 1) kept seed, base_fingerprint, init and lora_toolkit inside
+    adapter_config.json: read_adapter_config returns the same view, so loading, fused slices and the fingerprint
+    check still work; a key in both files is taken from the sidecar."""
+    from lora.adapter_io import read_adapter_config
+
+    model = _trained_gpt2(gpt2_dir)
+    new = save_adapter(model, tmp_path / "new", base_model_name_or_path=str(gpt2_dir), seed=4,
+                       extra_config={"init": "gaussian"})
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in (WEIGHTS_NAME,):
+        (old / f).write_bytes((new / f).read_bytes())
+    merged_cfg = {**json.loads((new / CONFIG_NAME).read_text()), **json.loads((new / TOOLKIT_FILE).read_text())}
+    (old / CONFIG_NAME).write_text(json.dumps(merged_cfg))
+    assert read_adapter_config(old) == read_adapter_config(new) == merged_cfg
+    a_old, a_new = load_adapter(old), load_adapter(new)
+    assert (a_old.seed, a_old.base_fingerprint, a_old.config["init"]) == (4, a_new.base_fingerprint, "gaussian")
+    assert sorted(a_old.factors) == sorted(a_new.factors) == [f"transformer.h.{i}.attn.c_attn:{s}"
+                                                              for i in (0, 1) for s in "qv"]
+    for k, f in a_new.factors.items():
+        assert torch.equal(f.A, a_old.factors[k].A) and torch.equal(f.B, a_old.factors[k].B)
+    apply_adapter(_load(gpt2_dir, "GPT2LMHeadModel"), a_old)  # the recorded fingerprint is checked and matches
+    (old / TOOLKIT_FILE).write_text(json.dumps({"seed": 9}))
+    assert load_adapter(old).seed == 9
 
 
 def test_save_refuses_existing_dir_and_overwrites_on_request(tmp_path, bert_dir):
@@ -366,6 +435,13 @@ BAD_INPUTS = {
             "NaN or Inf"),
     "inf": (lambda d: _edit_tensors(d, lambda t: t[f"{Q0}.lora_B.weight"].__setitem__((1, 1), float("inf"))),
             "NaN or Inf"),
+    # our sidecar (lora_toolkit.json): the line names it
+    "sidecar_invalid_json": (lambda d: (d / TOOLKIT_FILE).write_text("{"), "lora_toolkit.json: invalid JSON"),
+    "sidecar_not_object": (lambda d: (d / TOOLKIT_FILE).write_text("[]"), "lora_toolkit.json: expected a JSON object"),
+    "sidecar_unknown_key": (lambda d: (d / TOOLKIT_FILE).write_text('{"lora_alpha": 3}'),
+                            "lora_toolkit.json: unknown key"),
+    "sidecar_bad_seed": (lambda d: (d / TOOLKIT_FILE).write_text('{"seed": "zero"}'),
+                         "lora_toolkit.json: seed must be an integer"),
     "bad_init": (lambda d: save_file({"bert.encoder.layer.0.attention.self.query": torch.zeros(2, 32)},
                                      d / INIT_NAME), "init.safetensors"),
 }

@@ -32,7 +32,7 @@ from torch import Tensor
 from lora.errors import UserError
 from lora.inject import layer_index
 from lora.layers import LoRAFactors
-from lora.rundir import read_json_object, read_manifest
+from lora.rundir import read_manifest
 
 __all__ = [
     "AdapterEntry",
@@ -308,10 +308,9 @@ def _canon_set(spec: str) -> str:
 
 
 def _entry(adapter_dir: Path) -> AdapterEntry:
-    from lora.adapter_io import validate_adapter_config
+    from lora.adapter_io import read_adapter_config
 
-    cfg_path = adapter_dir / CONFIG_NAME
-    cfg = validate_adapter_config(read_json_object(cfg_path), cfg_path)  # the one schema: peft's fields and ours
+    cfg = read_adapter_config(adapter_dir)  # the one reader and schema: peft's fields and ours (either layout)
     r, seed = cfg["r"], cfg.get("seed")
     toolkit = cfg.get("lora_toolkit") if isinstance(cfg.get("lora_toolkit"), dict) else {}
     ws = toolkit.get("weight_set")
