@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora.adapter_io import read_adapter_config
 from lora.config import TrainConfig
 from lora.train import GridPoint, grid_points, lora_params_per_rank, main, prepare, run_sweep, train_point
 
@@ -346,9 +347,9 @@ def test_pack_gives_the_sequential_adapters_and_resumes_either_way(tiny_bert_no_
         assert mp["train_loss"] == pytest.approx(ms["train_loss"], rel=1e-4)
         assert mp["val_loss"] == pytest.approx(ms["val_loss"], rel=1e-4)
         assert name in mp["pack"]["points"] and mp["pack"]["base_dropout"] is False and "pack" not in ms
-        cs = json.loads((tmp_path / "seq" / name / "adapter_config.json").read_text())
-        cp = json.loads((tmp_path / "packed" / name / "adapter_config.json").read_text())
-        assert cs == cp
+        cs = read_adapter_config(tmp_path / "seq" / name)  # peft's fields and ours (lora_toolkit.json)
+        cp = read_adapter_config(tmp_path / "packed" / name)
+        assert cs == cp and cs["base_fingerprint"].startswith("sha256:")
     assert len(json.loads((tmp_path / "packed" / "qv_r4_s1" / "metrics.json").read_text())["pack"]["points"]) == 1
 
     # A sequential run resumed with --pack (through the CLI: the manifest's config must still match) ...
