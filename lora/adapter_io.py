@@ -675,6 +675,23 @@ def _factors_from_tensors(
     return factors, extra
 
 
+def named_adapter_dirs(path: str | Path) -> list[Path]:
+    """The adapter directories in ``path``, as peft's ``save_pretrained`` writes several adapters: ``path`` itself
+    (the adapter named ``default``) if it holds ``adapter_config.json``, then each direct sub-directory that holds
+    one (the other adapters, by name; hidden names such as a killed writer's ``.x.tmp-*`` are skipped), in natural
+    name order. ``[]`` if there is none; a missing or unreadable ``path`` gives ``[]`` too (callers say why)."""
+    root = Path(path)
+    if not root.is_dir():
+        return []
+    try:
+        subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_NAME).is_file()]
+    except OSError:
+        subdirs = []
+    natural = [[int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)] for p in subdirs]
+    named = [p for _, p in sorted(zip(natural, subdirs, strict=True), key=lambda kv: kv[0])]
+    return ([root] if (root / CONFIG_NAME).is_file() else []) + named
+
+
 def load_adapter(path: str | Path) -> Adapter:
     """Load a PEFT-layout LoRA adapter directory (ours or PEFT's).
 
@@ -693,6 +710,11 @@ def load_adapter(path: str | Path) -> Adapter:
     check_readable(root)
     cfg_path = root / CONFIG_NAME
     if not cfg_path.is_file():
+        named = named_adapter_dirs(root)
+        if named:  # peft's save_pretrained with several adapters: one sub-directory per adapter name
+            names = ", ".join(p.name for p in named)
+            raise UserError(f"{root}: holds {len(named)} named adapter(s) ({names}), not one adapter; pass one of "
+                            f"them, e.g. {root / named[0].name}")
         what = "directory is empty" if not any(root.iterdir()) else f"no {CONFIG_NAME}"
         raise UserError(f"{cfg_path}: missing ({what}; not a PEFT adapter directory)")
     config = read_adapter_config(root)
@@ -858,12 +880,47 @@ def _alpha_for(scaling: float, r: int, use_rslora: bool) -> float:
 # loralib checkpoints
 
 
+ENABLE_LORA_HELP = (
+    "loralib MergedLinear's enable_lora for a fused c_attn: the adapted slices 'q,v' / 'q,k,v' or loralib's flags "
+    "'True,False,True' (default: from the checkpoint's shapes, 3 groups = q,k,v and 2 = q,v as loralib's GPT-2 "
+    "example; 1 group must be named)"
+)
+
+
+def parse_enable_lora(text: str, *, option: str = "--enable-lora") -> tuple[bool, ...]:
+    """loralib's ``enable_lora`` flags for q, k, v from ``"q,v"`` (slice names) or ``"True,False,True"``.
+
+    Raises :class:`UserError` naming ``option`` for anything else (a bad name, not three flags, none true).
+    """
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    flags = {"true": True, "false": False, "1": True, "0": False}
+    if parts and all(p.lower() in flags for p in parts):
+        out = tuple(flags[p.lower()] for p in parts)
+        if len(out) != len(FUSED_SLICES) or not any(out):
+            raise UserError(f"{option} {text}: loralib flags need three values for q, k, v, at least one True")
+        return out
+    if parts and all(p in FUSED_SLICES for p in parts) and len(set(parts)) == len(parts):
+        return tuple(s in parts for s in FUSED_SLICES)
+    raise UserError(f"{option} {text}: expected slice names from q,k,v (e.g. q,v) or three flags (e.g. True,False,True)")
+
+
+def _infer_enable_lora(file: Path, mpath: str, A: Tensor, r: int) -> tuple[bool, ...]:
+    """``enable_lora`` from a MergedLinear's shapes: ``lora_A`` is ``(r·n, d_in)`` with ``n`` enabled slices."""
+    n, rest = divmod(A.shape[0], r)
+    if rest == 0 and n == 3:
+        return (True, True, True)
+    if rest == 0 and n == 2:
+        return (True, False, True)  # q and v: the paper's and loralib's GPT-2 example's choice
+    raise UserError(f"{file}: module {mpath}: lora_A {tuple(A.shape)} holds {A.shape[0] / r:g} groups of rank {r}; "
+                    f"name the adapted slices with --enable-lora (e.g. q)")
+
+
 def load_loralib_checkpoint(
     path: str | Path,
     *,
     alpha: float,
     base_model_name_or_path: str | None = None,
-    enable_lora: Sequence[bool] = (True, False, True),
+    enable_lora: Sequence[bool] | None = (True, False, True),
     fused_modules: Sequence[str] = FUSED_MODULE_NAMES,
     use_rslora: bool = False,
 ) -> Adapter:
@@ -879,7 +936,8 @@ def load_loralib_checkpoint(
         path: a ``.pt`` file; a dict with ``model_state_dict`` (loralib's GPT-2 example) is unwrapped.
         alpha: loralib's ``lora_alpha``.
         base_model_name_or_path: recorded in the synthesized config.
-        enable_lora: the ``MergedLinear`` flags for q, k, v.
+        enable_lora: the ``MergedLinear`` flags for q, k, v; ``None``: from the shapes (3 groups: q, k, v; 2: q, v;
+            1 must be named).
         fused_modules: module names built as ``MergedLinear``.
         use_rslora: use ``alpha/sqrt(r)`` instead (not loralib's behaviour; for checkpoints trained that way).
     """
@@ -894,7 +952,7 @@ def load_loralib_checkpoint(
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict):
         raise UserError(f"{file}: expected a state dict, got {type(obj).__name__}")
-    if len(enable_lora) != len(FUSED_SLICES) or not any(enable_lora):
+    if enable_lora is not None and (len(enable_lora) != len(FUSED_SLICES) or not any(enable_lora)):
         raise UserError(f"enable_lora: expected three flags (q, k, v), at least one true; got {list(enable_lora)}")
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in obj.items():
@@ -902,9 +960,8 @@ def load_loralib_checkpoint(
             pairs.setdefault(key[: -len(".lora_A")], {})[key[-1]] = t
     if not pairs:
         raise UserError(f"{file}: no '<module>.lora_A' / '<module>.lora_B' tensors (not a loralib state dict)")
-    slices = [s for s, e in zip(FUSED_SLICES, enable_lora, strict=True) if e]
-    n = len(slices)
     factors: dict[str, LoRAFactors] = {}
+    used: set[tuple[bool, ...]] = set()
     ranks = set()
     for mpath, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -918,10 +975,15 @@ def load_loralib_checkpoint(
         s = lora_scaling(r, alpha, use_rslora=use_rslora)
         ranks.add(r)
         if mpath.rpartition(".")[2] in fused_modules:
+            flags = tuple(enable_lora) if enable_lora is not None else _infer_enable_lora(file, mpath, A, r)
+            used.add(flags)
+            slices = [s for s, e in zip(FUSED_SLICES, flags, strict=True) if e]
+            n = len(slices)
             if A.shape[0] != r * n or B.shape[0] % n:
                 raise UserError(
-                    f"{file}: module {mpath}: MergedLinear with enable_lora={list(enable_lora)} needs lora_A "
-                    f"(r·{n}, d_in) and lora_B (d_out·{n}, r); got {tuple(A.shape)} and {tuple(B.shape)}"
+                    f"{file}: module {mpath}: MergedLinear with enable_lora={list(flags)} needs lora_A "
+                    f"(r·{n}, d_in) and lora_B (d_out·{n}, r); got {tuple(A.shape)} and {tuple(B.shape)} "
+                    f"(give the adapted slices with --enable-lora)"
                 )
             d_out = B.shape[0] // n
             for g, sl in enumerate(slices):  # conv1d groups: group g -> the g-th enabled slice
@@ -941,7 +1003,8 @@ def load_loralib_checkpoint(
         "use_rslora": use_rslora,
         "base_model_name_or_path": base_model_name_or_path,
         "target_modules": sorted({k.partition(":")[0] for k in factors}),
-        TOOLKIT_KEY: {"source": "loralib", "checkpoint": str(file), "enable_lora": list(enable_lora)},
+        # the enable_lora flags of the fused modules, given or inferred (one set in practice; [] if none is fused)
+        TOOLKIT_KEY: {"source": "loralib", "checkpoint": str(file), "enable_lora": [list(f) for f in sorted(used)]},
     }
     return Adapter(path=file, config=config, factors=factors)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import peft_named_adapters
 
 from lora.adapter_io import save_adapter
 from lora.inject import inject_lora
@@ -224,3 +225,25 @@ def test_merge_gpt2_c_proj_and_c_fc_matches_peft(tmp_path, writer):
     for name in ("h.0.attn.c_proj", "h.0.mlp.c_proj", "h.0.mlp.c_fc", "h.1.mlp.c_fc"):
         assert not torch.equal(merged.transformer.get_submodule(name).weight, base.transformer.get_submodule(name).weight)
     torch.testing.assert_close(merged.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+
+
+def test_merge_of_peft_named_adapters(tmp_path, capsys):
+    """A folder of named adapters: the parent alone is refused with their names (one line, exit 2, nothing
+    written); PARENT/NAME merges that adapter exactly as peft merges it."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(base_dir)
+    peft_named_adapters(base_dir, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "named").iterdir() if p.is_dir()) == ["other", "third"]
+    assert not (tmp_path / "named" / "adapter_config.json").exists()
+    capsys.readouterr()
+    assert merge_main(["--adapter", str(tmp_path / "named"), "--out", str(tmp_path / "m0"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "named adapter(s) (other, third)" in err and not (tmp_path / "m0").exists()
+    for i, ad in enumerate((tmp_path / "named" / "third", tmp_path / "both" / "other", tmp_path / "both")):
+        out = tmp_path / f"m{i + 1}"
+        assert merge_main(["--adapter", str(ad), "--out", str(out), "--quiet"]) == 0
+        _assert_state_close(_quiet_load(BertModel, out), _peft_merged(BertModel, base_dir, ad), atol=1e-4)
