@@ -149,6 +149,14 @@ def test_named_adapters_parent_is_listed_and_analysed(trained, tmp_path, capsys)
                 str(named), "2 named adapter(s) (other, third)", f"e.g. {named / 'other'}")
     rc, _, err = _call(subspace, ["--a1", named / "other", "--a2", tmp_path / "both" / "other", "--quiet"], capsys)
     assert rc == 0, err
+    # figures on the folder: lists what it found (the root's own adapter as '.'), analyses and reports; Table 7
+    # holds one rank only (q,v at r=2), so its claims are measured at that rank instead of failing
+    rc, out, err = _call(figures, ["--runs", tmp_path / "both", "--out", tmp_path / "fig"], capsys)
+    assert rc == 0, err
+    assert f"{tmp_path / 'both'}: 2 adapter(s): . (q, r=2), other (q,v, r=2)" in out
+    report = json.loads((tmp_path / "fig" / "report.json").read_text())
+    amp = next(c for c in report["claims"] if c["id"] == "amplification")
+    assert amp["measures"]["rank"] == 2 and amp["verdict"] != "not measured"
 
 
 def test_loralib_checkpoints_from_the_command_line(tmp_path, capsys):
