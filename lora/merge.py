@@ -35,6 +35,7 @@ from lora.adapter_io import (
     copy_tokenizer_files,
     load_adapter,
     load_loralib_checkpoint,
+    named_adapter_dirs,
     parse_enable_lora,
 )
 from lora.errors import ArgumentParser, UserError, run_cli
@@ -140,6 +141,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.quiet:
         tok = f", tokenizer files: {len(copied)}" if copied else ""
         print(f"merged {len(adapter.factors)} LoRA matrices into {type(model).__name__} -> {out}{tok}")
+        others = [p.name for p in named_adapter_dirs(args.adapter)[1:]]
+        if others:  # peft's 'default' adapter in the folder itself, others beside it: say which one was merged
+            print(f"merged the adapter in {args.adapter} itself ('default'); it also holds named adapters "
+                  f"{', '.join(others)} (merge one with --adapter {Path(args.adapter) / others[0]})")
     return 0
 
 

@@ -245,5 +245,8 @@ def test_merge_of_peft_named_adapters(tmp_path, capsys):
     assert err.count("\n") == 1 and "named adapter(s) (other, third)" in err and not (tmp_path / "m0").exists()
     for i, ad in enumerate((tmp_path / "named" / "third", tmp_path / "both" / "other", tmp_path / "both")):
         out = tmp_path / f"m{i + 1}"
-        assert merge_main(["--adapter", str(ad), "--out", str(out), "--quiet"]) == 0
+        assert merge_main(["--adapter", str(ad), "--out", str(out)]) == 0
         _assert_state_close(_quiet_load(BertModel, out), _peft_merged(BertModel, base_dir, ad), atol=1e-4)
+    # the folder's own adapter is peft's 'default', as PeftModel.from_pretrained(folder) loads it; the others named
+    printed = capsys.readouterr().out
+    assert printed.count("also holds named adapters") == 1 and "also holds named adapters other (merge one" in printed
