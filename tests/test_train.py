@@ -177,6 +177,18 @@ def test_causal_lm_on_tiny_gpt2_adapts_fused_q_and_v(tmp_path, minilm_path, one_
     assert sorted(init) == [f"transformer.h.{i}.attn.c_attn:{s}" for i in range(2) for s in ("q", "v")]
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["fan_in_fan_out"] is True
+    # GPT-2's other Conv1D modules train whole (W_o = attn.c_proj, and the MLP's c_fc), beside the fused slices
+    cfg2 = TrainConfig(model=str(model_dir), task=str(data), ranks=(2,), seeds=(0,), steps=3, batch_size=4,
+                       max_length=24, linear_probe=False, targets=("q,v,o,c_fc",))
+    path2 = train_point(cfg2, grid_points(cfg2)[0], tmp_path / "run2")
+    from lora.adapter_io import load_adapter
+
+    ad = load_adapter(path2)
+    assert sorted(k for k in ad.factors if ".h.0." in k) == [
+        "transformer.h.0.attn.c_attn:q", "transformer.h.0.attn.c_attn:v", "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc"]
+    fc = ad.factors["transformer.h.0.mlp.c_fc"]
+    assert fc.A.shape == (2, 32) and fc.B.shape == (128, 2) and bool(fc.B.abs().max() > 0)  # trained
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_files(tiny_bert_dir, tmp_path, one_thread):
