@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import CaseResult, result_from_runs
+from lora.adapter_io import TOOLKIT_FILE
 
 
 def _factors(d_out: int, d_in: int, r: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,9 +171,10 @@ def _write_adapters(root: Path, *, n_layers: int, d: int, ranks, seeds) -> list[
             save_file(tensors, str(out / "adapter_model.safetensors"))
             cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"],
                    "fan_in_fan_out": False, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
-                   "base_model_name_or_path": "synthetic/llama-7b-shaped", "task_type": "CAUSAL_LM", "seed": s,
-                   "lora_toolkit": {"weight_set": "q,v"}}
+                   "base_model_name_or_path": "synthetic/llama-7b-shaped", "task_type": "CAUSAL_LM"}
             (out / "adapter_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+            ours = {"seed": s, "lora_toolkit": {"weight_set": "q,v"}}  # our keys: the sidecar, as save_adapter writes
+            (out / TOOLKIT_FILE).write_text(json.dumps(ours), encoding="utf-8")
             dirs.append(out)
     return dirs
 

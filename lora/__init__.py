@@ -15,6 +15,7 @@ from lora.inject import (
     unmerge_lora,
 )
 from lora.layers import (
+    LoRAConv1D,
     LoRAEmbedding,
     LoRAFactors,
     LoRAFusedQKV,
@@ -25,6 +26,7 @@ from lora.layers import (
 )
 
 __all__ = [
+    "LoRAConv1D",
     "LoRAEmbedding",
     "LoRAFactors",
     "LoRAFusedQKV",

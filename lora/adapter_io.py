@@ -2,13 +2,17 @@
 
 An adapter directory (the contract every tool in the toolkit reads and writes)::
 
-    adapter_config.json          PEFT's LoraConfig fields + our keys (seed, base_fingerprint, init, lora_toolkit)
+    adapter_config.json          PEFT's own LoraConfig fields only (peft loads it without a warning)
+    lora_toolkit.json            our metadata: seed, base_fingerprint, init, lora_toolkit (format, fused slices, ...)
     adapter_model.safetensors    base_model.model.<path>.lora_A.weight (r, d_in), ....lora_B.weight (d_out, r),
                                  base_model.model.<path>.lora_embedding_A (r, num) / lora_embedding_B (dim, r),
                                  base_model.model.<head path>.<param> for modules_to_save (a task head)
     init.safetensors             optional: A at step 0, keyed by module key (``<path>`` or ``<path>:q``)
 
-PEFT (0.21) ignores unknown config keys with a warning, so our extra keys do not stop ``PeftModel.from_pretrained``.
+PEFT (0.21) warns "Unexpected keyword arguments ... upgrade PEFT" on any key that is not a LoraConfig field, so our
+keys live in the sidecar ``lora_toolkit.json``. Adapters written before (format 1) keep them in
+``adapter_config.json``; :func:`read_adapter_config`, the one reader of both files, returns the same merged view for
+either layout (``Adapter.config``).
 A *module key* is the PEFT key without ``base_model.model.`` and without ``.lora_A.weight``; a fused GPT-2 slice
 is ``<path>:q``.
 
@@ -62,7 +66,9 @@ from lora.errors import UserError, os_error_reason, short_repr
 from lora.fsio import atomic_dir, check_readable
 from lora.inject import inject_lora, lora_modules
 from lora.layers import (
+    FUSED_MODULE_NAMES,
     FUSED_SLICES,
+    LoRAConv1D,
     LoRAEmbedding,
     LoRAFactors,
     LoRAFusedQKV,
@@ -70,6 +76,7 @@ from lora.layers import (
     LoRAModule,
     lora_scaling,
 )
+from lora.rundir import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -77,8 +84,9 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT versions; read with torc
 INIT_NAME = "init.safetensors"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the base model
 TOOLKIT_KEY = "lora_toolkit"
-FORMAT_VERSION = 1
-FUSED_MODULE_NAMES = ("c_attn",)  # GPT-2's fused [q | k | v] Conv1D
+TOOLKIT_FILE = "lora_toolkit.json"  # the sidecar with our keys; peft never reads it
+TOOLKIT_CONFIG_KEYS = ("seed", "base_fingerprint", "init", TOOLKIT_KEY)  # ours, never in adapter_config.json now
+FORMAT_VERSION = 2  # 2: our keys in TOOLKIT_FILE; 1: in adapter_config.json (still read)
 
 # PEFT task_type -> the transformers Auto class that owns the task head (used by merge and load_base_model).
 TASK_AUTO_CLASS = {
@@ -112,7 +120,7 @@ class Adapter:
 
     Attributes:
         path: the adapter directory (or loralib checkpoint file) it came from; ``None`` if built in memory.
-        config: the parsed ``adapter_config.json`` (PEFT fields and ours).
+        config: peft's fields and ours, from :func:`read_adapter_config` (either layout).
         factors: ``{module key: LoRAFactors(A (r, d_in), B (d_out, r), scaling)}`` in the stored dtype.
         init_A: ``{module key: A at step 0}`` from ``init.safetensors``, or ``None``.
         extra_tensors: modules_to_save tensors (a task head), keyed by parameter path without ``base_model.model.``.
@@ -261,7 +269,8 @@ def save_adapter(
         modules_to_save: modules trained in full, e.g. ``["classifier"]``; stored as PEFT stores them.
         task_type: PEFT task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``...), also selects the Auto class on merge.
         init_A: ``{module key: A at step 0}`` written to ``init.safetensors``.
-        extra_config: extra keys for ``adapter_config.json``; a ``lora_toolkit`` dict is merged into ours.
+        extra_config: extra keys; ``seed``, ``base_fingerprint``, ``init`` and ``lora_toolkit`` go to
+            ``lora_toolkit.json`` (a ``lora_toolkit`` dict is merged into ours), any other to ``adapter_config.json``.
         overwrite: replace an existing directory (only once the new one is complete).
 
     Returns:
@@ -308,7 +317,8 @@ def save_adapter(
         elif isinstance(m, LoRAEmbedding):
             tensors[f"{PREFIX}{path}.lora_embedding_A"] = _tensor(m.lora_A)
             tensors[f"{PREFIX}{path}.lora_embedding_B"] = _tensor(m.lora_B)
-        elif isinstance(m, LoRALinear):
+        elif isinstance(m, LoRALinear | LoRAConv1D):  # a whole Conv1D: PEFT's fan_in_fan_out layout, same A and B
+            has_conv1d = has_conv1d or isinstance(m, LoRAConv1D)
             tensors[f"{PREFIX}{path}.lora_A.weight"] = _tensor(m.lora_A)
             tensors[f"{PREFIX}{path}.lora_B.weight"] = _tensor(m.lora_B)
         else:
@@ -356,10 +366,13 @@ def save_adapter(
         else:
             config[k] = v
 
+    ours = {k: config.pop(k) for k in TOOLKIT_CONFIG_KEYS if k in config}  # peft sees only its own fields
+
     init_tensors = {k: _tensor(v) for k, v in (init_A or {}).items()}
     try:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # both JSON files appear together, or neither
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            (tmp / TOOLKIT_FILE).write_text(json.dumps(ours, indent=2, allow_nan=False) + "\n", encoding="utf-8")
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if init_tensors:
                 save_file(init_tensors, str(tmp / INIT_NAME), metadata={"format": "pt"})
@@ -513,6 +526,30 @@ def _read_config(cfg_path: Path) -> dict[str, Any]:
     return validate_adapter_config(config, cfg_path)
 
 
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The config of an adapter directory: ``adapter_config.json`` (peft's fields) merged with our sidecar
+    ``lora_toolkit.json`` (``seed``, ``base_fingerprint``, ``init``, ``lora_toolkit``), validated.
+
+    This is the one reader of our keys: it returns the same view for adapters written before the sidecar existed
+    (format 1, our keys inside ``adapter_config.json``), and for peft's own adapters (no sidecar: our keys absent).
+    A key in both files is taken from the sidecar. Raises :class:`UserError` naming the file at fault.
+    """
+    root = Path(directory)
+    cfg_path = root / CONFIG_NAME
+    config = _read_config(cfg_path)
+    side_path = root / TOOLKIT_FILE
+    if side_path.is_file():
+        ours = read_json_object(side_path)
+        unknown = sorted(set(ours) - set(TOOLKIT_CONFIG_KEYS))
+        if unknown:
+            raise UserError(f"{side_path}: unknown key(s) {', '.join(unknown)}; expected {', '.join(TOOLKIT_CONFIG_KEYS)}")
+        for key, value in ours.items():
+            if (problem := _schema_problem(ADAPTER_CONFIG_SCHEMA[key], value, key)) is not None:
+                raise UserError(f"{side_path}: {problem}")
+        config = {**config, **ours}
+    return config
+
+
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     check_readable(path)
     if path.suffix == ".safetensors":
@@ -644,6 +681,23 @@ def _factors_from_tensors(
     return factors, extra
 
 
+def named_adapter_dirs(path: str | Path) -> list[Path]:
+    """The adapter directories in ``path``, as peft's ``save_pretrained`` writes several adapters: ``path`` itself
+    (the adapter named ``default``) if it holds ``adapter_config.json``, then each direct sub-directory that holds
+    one (the other adapters, by name; hidden names such as a killed writer's ``.x.tmp-*`` are skipped), in natural
+    name order. ``[]`` if there is none; a missing or unreadable ``path`` gives ``[]`` too (callers say why)."""
+    root = Path(path)
+    if not root.is_dir():
+        return []
+    try:
+        subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_NAME).is_file()]
+    except OSError:
+        subdirs = []
+    natural = [[int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)] for p in subdirs]
+    named = [p for _, p in sorted(zip(natural, subdirs, strict=True), key=lambda kv: kv[0])]
+    return ([root] if (root / CONFIG_NAME).is_file() else []) + named
+
+
 def load_adapter(path: str | Path) -> Adapter:
     """Load a PEFT-layout LoRA adapter directory (ours or PEFT's).
 
@@ -662,9 +716,14 @@ def load_adapter(path: str | Path) -> Adapter:
     check_readable(root)
     cfg_path = root / CONFIG_NAME
     if not cfg_path.is_file():
+        named = named_adapter_dirs(root)
+        if named:  # peft's save_pretrained with several adapters: one sub-directory per adapter name
+            names = ", ".join(p.name for p in named)
+            raise UserError(f"{root}: holds {len(named)} named adapter(s) ({names}), not one adapter; pass one of "
+                            f"them, e.g. {root / named[0].name}")
         what = "directory is empty" if not any(root.iterdir()) else f"no {CONFIG_NAME}"
         raise UserError(f"{cfg_path}: missing ({what}; not a PEFT adapter directory)")
-    config = _read_config(cfg_path)
+    config = read_adapter_config(root)
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
         legacy = root / LEGACY_WEIGHTS_NAME
@@ -725,6 +784,8 @@ def _expected_shapes(module: nn.Module, slice_name: str, r: int) -> tuple[tuple[
         d_in, d_out = w.shape  # E: (num, dim); A (r, num), B (dim, r)
     elif type(module).__name__ == "Conv1D" and slice_name and w.shape[1] % 3 == 0:
         d_in, d_out = w.shape[0], w.shape[1] // 3
+    elif type(module).__name__ == "Conv1D" and not slice_name:
+        d_in, d_out = w.shape  # a whole Conv1D (c_proj, c_fc): y = x @ W, W (d_in, d_out)
     else:
         return None
     return (r, d_in), (d_out, r)
@@ -858,12 +919,47 @@ def _peft_rank_scaling(config: Mapping[str, Any], path: str) -> tuple[int, float
 # loralib checkpoints
 
 
+ENABLE_LORA_HELP = (
+    "loralib MergedLinear's enable_lora for a fused c_attn: the adapted slices 'q,v' / 'q,k,v' or loralib's flags "
+    "'True,False,True' (default: from the checkpoint's shapes, 3 groups = q,k,v and 2 = q,v as loralib's GPT-2 "
+    "example; 1 group must be named)"
+)
+
+
+def parse_enable_lora(text: str, *, option: str = "--enable-lora") -> tuple[bool, ...]:
+    """loralib's ``enable_lora`` flags for q, k, v from ``"q,v"`` (slice names) or ``"True,False,True"``.
+
+    Raises :class:`UserError` naming ``option`` for anything else (a bad name, not three flags, none true).
+    """
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    flags = {"true": True, "false": False, "1": True, "0": False}
+    if parts and all(p.lower() in flags for p in parts):
+        out = tuple(flags[p.lower()] for p in parts)
+        if len(out) != len(FUSED_SLICES) or not any(out):
+            raise UserError(f"{option} {text}: loralib flags need three values for q, k, v, at least one True")
+        return out
+    if parts and all(p in FUSED_SLICES for p in parts) and len(set(parts)) == len(parts):
+        return tuple(s in parts for s in FUSED_SLICES)
+    raise UserError(f"{option} {text}: expected slice names from q,k,v (e.g. q,v) or three flags (e.g. True,False,True)")
+
+
+def _infer_enable_lora(file: Path, mpath: str, A: Tensor, r: int) -> tuple[bool, ...]:
+    """``enable_lora`` from a MergedLinear's shapes: ``lora_A`` is ``(r·n, d_in)`` with ``n`` enabled slices."""
+    n, rest = divmod(A.shape[0], r)
+    if rest == 0 and n == 3:
+        return (True, True, True)
+    if rest == 0 and n == 2:
+        return (True, False, True)  # q and v: the paper's and loralib's GPT-2 example's choice
+    raise UserError(f"{file}: module {mpath}: lora_A {tuple(A.shape)} holds {A.shape[0] / r:g} groups of rank {r}; "
+                    f"name the adapted slices with --enable-lora (e.g. q)")
+
+
 def load_loralib_checkpoint(
     path: str | Path,
     *,
     alpha: float,
     base_model_name_or_path: str | None = None,
-    enable_lora: Sequence[bool] = (True, False, True),
+    enable_lora: Sequence[bool] | None = (True, False, True),
     fused_modules: Sequence[str] = FUSED_MODULE_NAMES,
     use_rslora: bool = False,
 ) -> Adapter:
@@ -879,7 +975,8 @@ def load_loralib_checkpoint(
         path: a ``.pt`` file; a dict with ``model_state_dict`` (loralib's GPT-2 example) is unwrapped.
         alpha: loralib's ``lora_alpha``.
         base_model_name_or_path: recorded in the synthesized config.
-        enable_lora: the ``MergedLinear`` flags for q, k, v.
+        enable_lora: the ``MergedLinear`` flags for q, k, v; ``None``: from the shapes (3 groups: q, k, v; 2: q, v;
+            1 must be named).
         fused_modules: module names built as ``MergedLinear``.
         use_rslora: use ``alpha/sqrt(r)`` instead (not loralib's behaviour; for checkpoints trained that way).
     """
@@ -894,7 +991,7 @@ def load_loralib_checkpoint(
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict):
         raise UserError(f"{file}: expected a state dict, got {type(obj).__name__}")
-    if len(enable_lora) != len(FUSED_SLICES) or not any(enable_lora):
+    if enable_lora is not None and (len(enable_lora) != len(FUSED_SLICES) or not any(enable_lora)):
         raise UserError(f"enable_lora: expected three flags (q, k, v), at least one true; got {list(enable_lora)}")
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, t in obj.items():
@@ -902,9 +999,8 @@ def load_loralib_checkpoint(
             pairs.setdefault(key[: -len(".lora_A")], {})[key[-1]] = t
     if not pairs:
         raise UserError(f"{file}: no '<module>.lora_A' / '<module>.lora_B' tensors (not a loralib state dict)")
-    slices = [s for s, e in zip(FUSED_SLICES, enable_lora, strict=True) if e]
-    n = len(slices)
     factors: dict[str, LoRAFactors] = {}
+    used: set[tuple[bool, ...]] = set()
     ranks = set()
     for mpath, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
@@ -918,10 +1014,15 @@ def load_loralib_checkpoint(
         s = lora_scaling(r, alpha, use_rslora=use_rslora)
         ranks.add(r)
         if mpath.rpartition(".")[2] in fused_modules:
+            flags = tuple(enable_lora) if enable_lora is not None else _infer_enable_lora(file, mpath, A, r)
+            used.add(flags)
+            slices = [s for s, e in zip(FUSED_SLICES, flags, strict=True) if e]
+            n = len(slices)
             if A.shape[0] != r * n or B.shape[0] % n:
                 raise UserError(
-                    f"{file}: module {mpath}: MergedLinear with enable_lora={list(enable_lora)} needs lora_A "
-                    f"(r·{n}, d_in) and lora_B (d_out·{n}, r); got {tuple(A.shape)} and {tuple(B.shape)}"
+                    f"{file}: module {mpath}: MergedLinear with enable_lora={list(flags)} needs lora_A "
+                    f"(r·{n}, d_in) and lora_B (d_out·{n}, r); got {tuple(A.shape)} and {tuple(B.shape)} "
+                    f"(give the adapted slices with --enable-lora)"
                 )
             d_out = B.shape[0] // n
             for g, sl in enumerate(slices):  # conv1d groups: group g -> the g-th enabled slice
@@ -941,7 +1042,8 @@ def load_loralib_checkpoint(
         "use_rslora": use_rslora,
         "base_model_name_or_path": base_model_name_or_path,
         "target_modules": sorted({k.partition(":")[0] for k in factors}),
-        TOOLKIT_KEY: {"source": "loralib", "checkpoint": str(file), "enable_lora": list(enable_lora)},
+        # the enable_lora flags of the fused modules, given or inferred (one set in practice; [] if none is fused)
+        TOOLKIT_KEY: {"source": "loralib", "checkpoint": str(file), "enable_lora": [list(f) for f in sorted(used)]},
     }
     return Adapter(path=file, config=config, factors=factors)
 

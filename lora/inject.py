@@ -6,7 +6,8 @@ Targets are resolved against module paths (``model.named_modules()``):
   (BERT/RoBERTa ``attention.self.query`` ..., LLaMA-style ``self_attn.q_proj`` ..., GPT-2 ``attn.c_attn:q`` ...).
 * a module name or dotted suffix: ``query``, ``self_attn.v_proj``, ``encoder.layer.3.attention.self.value``.
 * ``c_attn:q``: one slice of a fused GPT-2 ``Conv1D`` (several slices of one module share one
-  :class:`~lora.layers.LoRAFusedQKV`).
+  :class:`~lora.layers.LoRAFusedQKV`). Any other ``Conv1D`` (``c_proj``, ``c_fc``) is adapted whole
+  (:class:`~lora.layers.LoRAConv1D`).
 * ``re:<regex>``: a regular expression that must match the whole module path.
 
 ``layers`` restricts injection to those transformer blocks (the first integer in the module path).
@@ -23,7 +24,16 @@ import torch
 from torch import nn
 
 from lora.errors import UserError
-from lora.layers import FUSED_SLICES, InitScheme, LoRAEmbedding, LoRAFusedQKV, LoRALinear, LoRAModule
+from lora.layers import (
+    FUSED_MODULE_NAMES,
+    FUSED_SLICES,
+    InitScheme,
+    LoRAConv1D,
+    LoRAEmbedding,
+    LoRAFusedQKV,
+    LoRALinear,
+    LoRAModule,
+)
 
 # Per-family meaning of the short names used in the paper (W_q, W_k, W_v, W_o).
 ALIASES: dict[str, dict[str, str]] = {
@@ -34,7 +44,7 @@ ALIASES: dict[str, dict[str, str]] = {
         "o": "attention.output.dense",
     },
     "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"},
-    "gpt2": {"q": "attn.c_attn:q", "k": "attn.c_attn:k", "v": "attn.c_attn:v"},
+    "gpt2": {"q": "attn.c_attn:q", "k": "attn.c_attn:k", "v": "attn.c_attn:v", "o": "attn.c_proj"},
 }
 _FAMILY_MARKERS = {"bert": "attention.self.query", "llama": "self_attn.q_proj", "gpt2": "attn.c_attn"}
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -58,6 +68,11 @@ def layer_index(path: str) -> int | None:
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D, recognised by name so that transformers stays an optional import here.
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
+
+
+def _is_fused(path: str, module: nn.Module) -> bool:
+    # GPT-2's c_attn holds [q | k | v]: it is adapted by slices. Every other Conv1D is one matrix.
+    return isinstance(module, LoRAFusedQKV) or (_is_conv1d(module) and path.rpartition(".")[2] in FUSED_MODULE_NAMES)
 
 
 def _adaptable(module: nn.Module) -> bool:
@@ -130,7 +145,7 @@ def resolve_targets(
             )
         for p in hits:
             slices = found.setdefault(p, [])
-            if _is_conv1d(modules[p]) or isinstance(modules[p], LoRAFusedQKV):
+            if _is_fused(p, modules[p]):
                 if not slice_name:
                     raise UserError(
                         f"--targets: {p} is a fused Conv1D; name its slices, e.g. '{name}:q' and '{name}:v'"
@@ -203,6 +218,8 @@ def inject_lora(
                 wrapped: LoRAModule = LoRAFusedQKV(base, slices=slices, **kw)
             elif isinstance(base, nn.Embedding):
                 wrapped = LoRAEmbedding(base, **kw)
+            elif _is_conv1d(base):
+                wrapped = LoRAConv1D(base, **kw)
             else:
                 wrapped = LoRALinear(base, **kw)
         except ValueError as exc:

@@ -11,6 +11,8 @@ zero, so ``ΔW = s·B·A = 0`` at step 0. Three layer types share one protocol (
 * :class:`LoRAFusedQKV` wraps GPT-2's fused ``Conv1D`` ``c_attn`` and adapts only chosen slices (q and v in the
   paper, like loralib's ``MergedLinear(enable_lora=[True, False, True])``). Each slice has its own A and B, so
   analysis sees ΔW_q and ΔW_v as separate matrices.
+* :class:`LoRAConv1D` wraps any other GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``): one update of the whole weight, as
+  PEFT adapts it (``fan_in_fan_out``).
 * :class:`LoRAEmbedding` wraps ``nn.Embedding``.
 
 Nothing here changes ``W0`` except the explicit :meth:`merge` / :meth:`unmerge` calls: ``eval()``, ``train()``
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 InitScheme = Literal["gaussian", "kaiming"]
 FUSED_SLICES = ("q", "k", "v")
+FUSED_MODULE_NAMES = ("c_attn",)  # GPT-2's fused [q | k | v] Conv1D; every other Conv1D is one matrix
 
 
 def lora_scaling(r: int, alpha: float, *, use_rslora: bool = False) -> float:
@@ -323,6 +326,79 @@ class LoRAFusedQKV(LoRAModule):
 
     def extra_repr(self) -> str:
         return f"slices={self.slices}, r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+class LoRAConv1D(LoRAModule):
+    """LoRA on a whole GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``): ``y = x W + b + s · B (A dropout(x))``.
+
+    ``Conv1D`` stores ``W`` as ``(d_in, d_out)`` and computes ``y = x @ W + b``, so in ``nn.Linear`` orientation the
+    frozen weight is ``W0 = Wᵀ`` of shape ``(d_out, d_in)``. ``A`` is ``(r, d_in)`` and ``B`` ``(d_out, r)`` as for
+    :class:`LoRALinear` (and as PEFT stores them with ``fan_in_fan_out: true``); :meth:`merge` adds ``ΔWᵀ`` to the
+    stored weight. For the fused ``c_attn`` use :class:`LoRAFusedQKV`, which keeps ΔW_q and ΔW_v apart.
+
+    Args:
+        base: a ``transformers.pytorch_utils.Conv1D`` (any module with ``weight (d_in, d_out)``, ``bias`` and
+            ``y = x @ weight + bias``).
+        r, alpha, dropout, init, use_rslora, generator: as :class:`LoRALinear`.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: InitScheme = "kaiming",
+        use_rslora: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        weight = getattr(base, "weight", None)
+        if weight is None or weight.ndim != 2:
+            raise TypeError(f"LoRAConv1D wraps a Conv1D with a 2-D weight (d_in, d_out), got {type(base).__name__}")
+        d_in, d_out = weight.shape
+        if not 0 < r <= min(d_out, d_in):
+            raise ValueError(f"rank {r} must be in 1..{min(d_out, d_in)} for a ({d_out}, {d_in}) weight")
+        self.base = base
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scaling = lora_scaling(r, alpha, use_rslora=use_rslora)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, **factory))
+        init_lora_A_(self.lora_A, init, generator=generator)
+        self.lora_dropout = _dropout(dropout)
+        self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        # (..., d_in) -> (..., r) -> (..., d_out); the same branch as LoRALinear's, never the dense ΔW.
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def factors(self) -> dict[str, LoRAFactors]:
+        return {"": LoRAFactors(self.lora_A.detach(), self.lora_B.detach(), self.scaling)}
+
+    def base_weights(self) -> dict[str, Tensor]:
+        w = self.base.weight.detach().T  # (d_out, d_in)
+        return {"": w - self.factors()[""].delta_weight().to(w.dtype) if self.merged else w}
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W0 <- W0 + ΔW`` (the stored ``(d_in, d_out)`` weight gets ``ΔWᵀ``)."""
+        if not self.merged:
+            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, +1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, -1.0)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
 
 
 class LoRAEmbedding(LoRAModule):

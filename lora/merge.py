@@ -2,6 +2,8 @@
 
     python -m lora.merge --adapter runs/x/r8_seed0 --out merged/            # base from the adapter's config
     python -m lora.merge --adapter peft_dir --base ./my-model --out merged/
+    python -m lora.merge --adapter peft_parent/other --out merged/          # a named adapter (save_pretrained)
+    python -m lora.merge --adapter lora.pt --alpha 32 --base ./gpt2 --out merged/   # a loralib checkpoint
 
 The merged directory is a plain transformers model (``AutoModel.from_pretrained`` loads it; no LoRA code
 needed), the zero-latency deployment of the paper's Section 4.2. ΔW comes from the one ΔW function
@@ -28,7 +30,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora.adapter_io import CONFIG_NAME, apply_adapter, base_model_for, copy_tokenizer_files, load_adapter
+from lora.adapter_io import (
+    CONFIG_NAME,
+    ENABLE_LORA_HELP,
+    apply_adapter,
+    base_model_for,
+    copy_tokenizer_files,
+    load_adapter,
+    load_loralib_checkpoint,
+    named_adapter_dirs,
+    parse_enable_lora,
+)
 from lora.dora import merge_layers
 from lora.errors import ArgumentParser, UserError, run_cli
 from lora.fsio import atomic_dir, check_output_path, remove_stale_temps
@@ -40,7 +52,12 @@ def build_parser() -> ArgumentParser:
         prog="lora-merge",
         description="Merge a PEFT-layout LoRA adapter into its base model and save a plain transformers model.",
     )
-    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--adapter", required=True,
+                   help="adapter directory (adapter_config.json + adapter_model.safetensors; one named adapter of a "
+                        "peft save_pretrained folder is PARENT/NAME), or a loralib .pt checkpoint (with --alpha, --base)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="lora_alpha of a loralib .pt checkpoint (loralib stores none; the scale is alpha / r)")
+    p.add_argument("--enable-lora", default=None, metavar="SLICES", help=ENABLE_LORA_HELP)
     p.add_argument(
         "--base",
         default=None,
@@ -82,10 +99,28 @@ def _check_paths(args: argparse.Namespace) -> Path:
     return out
 
 
+def _load(args: argparse.Namespace):
+    """The adapter --adapter names: a PEFT-layout directory, or a loralib checkpoint file with --alpha and --base."""
+    if not Path(args.adapter).is_file():
+        for option, given in (("--alpha", args.alpha), ("--enable-lora", args.enable_lora)):
+            if given is not None:
+                raise UserError(f"{option}: only for a loralib .pt checkpoint; {args.adapter} is an adapter directory "
+                                f"(its {CONFIG_NAME} records the rest)")
+        return load_adapter(args.adapter)
+    if args.alpha is None or not args.alpha > 0 or args.alpha == float("inf"):
+        raise UserError(f"--alpha: {args.adapter} is a loralib checkpoint, which stores no alpha; pass its lora_alpha "
+                        f"as a positive --alpha (got {args.alpha})")
+    if args.base is None:
+        raise UserError(f"--base: {args.adapter} is a loralib checkpoint, which records no base model; pass --base PATH")
+    enable = parse_enable_lora(args.enable_lora) if args.enable_lora is not None else None
+    return load_loralib_checkpoint(args.adapter, alpha=args.alpha, base_model_name_or_path=args.base,
+                                   enable_lora=enable)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     out = _check_paths(args)
-    adapter = load_adapter(args.adapter)
+    adapter = _load(args)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -109,6 +144,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.quiet:
         tok = f", tokenizer files: {len(copied)}" if copied else ""
         print(f"merged {len(adapter.factors)} LoRA matrices into {type(model).__name__} -> {out}{tok}")
+        others = [p.name for p in named_adapter_dirs(args.adapter)[1:]]
+        if others:  # peft's 'default' adapter in the folder itself, others beside it: say which one was merged
+            print(f"merged the adapter in {args.adapter} itself ('default'); it also holds named adapters "
+                  f"{', '.join(others)} (merge one with --adapter {Path(args.adapter) / others[0]})")
     return 0
 
 

@@ -7,7 +7,8 @@ With no options it trains the Section 7 grid of Hu et al. (2021) on the embedded
     runs/NAME/manifest.json         config, grid, package versions, base fingerprint, data fingerprint,
                                     linear-probe baseline
     runs/NAME/summary.csv           one row per finished grid point (data behind Tables 5 and 6)
-    runs/NAME/<set>_r<r>_s<seed>/   e.g. qv_r8_s0: adapter_config.json, adapter_model.safetensors (LoRA factors
+    runs/NAME/<set>_r<r>_s<seed>/   e.g. qv_r8_s0: adapter_config.json (peft's fields), lora_toolkit.json (seed,
+                                    base fingerprint, weight set...), adapter_model.safetensors (LoRA factors
                                     + task head, as PEFT writes modules_to_save), init.safetensors (A at step 0
                                     per module key), metrics.json (loss curve, validation metric, steps, wall
                                     time, parameter counts)

@@ -71,6 +71,13 @@ def _run(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.runs) if args.runs is not None else rundir.default_run_dir()
     check_run_dir(run_dir, option="--runs")
     check_output_dir("--out", args.out)
+    if not args.quiet and rundir.read_manifest(run_dir) is None:  # adapters from elsewhere: say which were found
+        from lora_analysis.load.adapters import index_run
+
+        entries = index_run(run_dir).entries
+        print(f"{run_dir}: {len(entries)} adapter(s): "
+              + ", ".join(f"{e.path.relative_to(run_dir) if e.path != run_dir else '.'} ({e.weight_set}, r={e.rank})"
+                          for e in entries))
     written = analyse_and_render(run_dir, Path(args.out), quiet=args.quiet)
     if not args.quiet:
         print(f"wrote {len(written)} files into {args.out}")

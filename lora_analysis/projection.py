@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from lora import rundir
+from lora.adapter_io import ENABLE_LORA_HELP
 from lora.errors import UserError
 from lora.fsio import write_json
 from lora.threads import torch_threads
@@ -37,8 +38,9 @@ or OLoRA adapter saved without conversion, W is the residual peft adapts, W - s 
 k is the adapter's rank unless --top is given. delta >> random but << weight: dW amplifies directions W
 already has but does not emphasise. dW's singular vectors come from the factors (exact, never the dense dW).
 
-The adapter is one directory (--adapter: ours or written by peft; a loralib .pt with --alpha and --base), or a
-grid point of a run (--runs DIR --rank R [--seed S]). --rank without --runs uses the default run directory
+The adapter is one directory (--adapter: ours or written by peft; a loralib .pt with --alpha and --base, and
+--enable-lora for a fused c_attn whose slices its shapes do not tell), every adapter of a folder that peft's
+save_pretrained wrote with several named adapters (--adapter PARENT: each gets its table), or a grid point of a run (--runs DIR --rank R [--seed S]). --rank without --runs uses the default run directory
 (${rundir.RUNS_ENV} or ./{rundir.DEFAULT_RUN_DIR}), training the adapter first on the embedded default if it is missing. W comes
 from the adapter's base_model_name_or_path (the embedded default id loads offline; a hub id needs a hub) or --base."""
 
@@ -55,23 +57,28 @@ def build_parser():
                    help="base model directory (or hub id) to read W from, instead of the adapter's "
                         "base_model_name_or_path (needed for loralib checkpoints, or a moved base)")
     p.add_argument("--alpha", type=float, metavar="A", help="LoRA alpha of a loralib checkpoint (loralib does not store it)")
+    p.add_argument("--enable-lora", metavar="SLICES", help=ENABLE_LORA_HELP)
     p.add_argument("--top", type=int, metavar="K",
                    help="subspace dimension k (default: the adapter's rank, as the paper)")
     p.add_argument("--modules", metavar="REGEX",
                    help="only module keys matching this regular expression (re.search) (default: all)")
     p.add_argument("--json", metavar="FILE",
                    help="write the table as JSON (atomically: a failed run leaves an existing file as it was); "
-                        "an amplification that is undefined (delta = 0) is written as null")
+                        "an amplification that is undefined (delta = 0) is written as null; for a folder of named "
+                        "adapters, {\"adapters\": {path: table}}")
     p.add_argument("--quiet", action="store_true", help="no progress bar or printed table")
     return p
 
 
-def _adapter(args):
+def _adapters(args) -> list:
+    """The adapters to analyse: one, or each named adapter of a peft save_pretrained folder."""
     if args.adapter is not None:
         for opt, val in (("--runs", args.runs), ("--rank", args.rank), ("--weight-set", args.weight_set)):
             if val is not None:
                 raise UserError(f"{opt}: not used with --adapter (give either --adapter DIR or --runs DIR --rank R)")
-        return adapters.load_any(args.adapter, alpha=args.alpha, base_model=args.base)
+        return adapters.load_all(args.adapter, alpha=args.alpha, base_model=args.base, enable_lora=args.enable_lora)
+    if args.enable_lora is not None:
+        raise UserError("--enable-lora: only for a loralib .pt checkpoint given with --adapter")
     if args.rank is None:
         raise UserError("--rank: missing; give --adapter DIR, or --rank R (with --runs DIR, or the default run)")
     if args.rank < 1:
@@ -82,7 +89,7 @@ def _adapter(args):
         root = ensure_adapters(rundir.default_run_dir(), (args.rank,), (args.seed,), progress=not args.quiet)
     else:
         root = args.runs
-    return adapters.load_run_adapter(root, rank=args.rank, seed=args.seed, weight_set=args.weight_set)
+    return [adapters.load_run_adapter(root, rank=args.rank, seed=args.seed, weight_set=args.weight_set)]
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -96,42 +103,53 @@ def _run(argv=None) -> int:
         check_output_file("--json", args.json)
     if args.top is not None and args.top < 1:
         raise UserError(f"--top: must be >= 1, got {args.top}")
-    adapter = _adapter(args)
-    keys = select_modules(adapter.module_keys, args.modules, where=str(adapter.path))
-    with torch_threads(1):  # small matrices: one thread is fastest
-        bw = BaseWeights(args.base)
-        table = table7_table(adapter, bw, keys=keys, top=args.top)
-        dora = dora_table(adapter, bw, keys=keys, top=args.top)  # empty unless DoRA
-    if not args.quiet:
-        shown = table.drop(columns=["seed"]).rename(columns={"weight_type": "type"})
-        print(f"Table 7 for {adapter.path} (r={adapter.rank}, seed {adapter.seed}): ||U^T W V||_F for the top-k "
-              f"subspaces of dW (delta), of W (weight) and random; amplification = dw_norm / delta")
-        print(shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-        if len(dora):
-            print("DoRA: Table 7 above is on the directional update dW = s*B*A; magnitude change m/||W||_c - 1 and "
-                  "the effective update W' - W:")
-            cols = ["module", "mag_rel_mean", "mag_rel_abs_mean", "mag_rel_min", "mag_rel_max", "mag_rel_norm",
-                    "dw_norm", "dw_eff_norm", "delta_eff", "amplification_eff"]
-            print(dora[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    found = _adapters(args)
+    if len(found) > 1 and not args.quiet:
+        print(f"{args.adapter}: {len(found)} named adapters: {', '.join(a.path.name for a in found)}")
+    base = BaseWeights(args.base)  # shared: W and its SVD are read once for adapters on one base
+    docs = {}
+    for adapter in found:
+        keys = select_modules(adapter.module_keys, args.modules, where=str(adapter.path))
+        with torch_threads(1):  # small matrices: one thread is fastest
+            table = table7_table(adapter, base, keys=keys, top=args.top)
+            dora = dora_table(adapter, base, keys=keys, top=args.top)  # empty unless DoRA
+        if not args.quiet:
+            shown = table.drop(columns=["seed"]).rename(columns={"weight_type": "type"})
+            print(f"Table 7 for {adapter.path} (r={adapter.rank}, seed {adapter.seed}): ||U^T W V||_F for the top-k "
+                  f"subspaces of dW (delta), of W (weight) and random; amplification = dw_norm / delta")
+            print(shown.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+            if len(dora):
+                print("DoRA: Table 7 above is on the directional update dW = s*B*A; magnitude change m/||W||_c - 1 "
+                      "and the effective update W' - W:")
+                cols = ["module", "mag_rel_mean", "mag_rel_abs_mean", "mag_rel_min", "mag_rel_max", "mag_rel_norm",
+                        "dw_norm", "dw_eff_norm", "delta_eff", "amplification_eff"]
+                print(dora[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        docs[str(adapter.path)] = _json_doc(args, adapter, table, dora)
     if args.json is not None:
-        doc = {
-            "metric": "||U^T W V||_F for the top-k singular subspaces of dW (delta), W (weight) and a random pair",
-            "adapter": str(adapter.path), "rank": adapter.rank, "seed": adapter.seed,
-            "base": str(args.base) if args.base is not None else adapter.base_model,
-            "modules": {
-                row.module: {"delta": row.delta, "weight": row.weight, "random": row.random, "w_norm": row.w_norm,
-                             "dw_norm": row.dw_norm, "amplification": _finite_or_none(row.amplification),
-                             "top": int(row.top), "rank": int(row.rank), "weight_type": row.weight_type,
-                             "layer": int(row.layer)}
-                for row in table.itertuples(index=False)
-            },
-        }
-        for row in dora.to_dict("records"):  # DoRA: the magnitude change and effective update beside Table 7
-            doc["modules"][row["module"]]["dora"] = {
-                c: _finite_or_none(float(row[c])) for c in dora.columns if c.startswith(("mag_", "dw_", "delta_", "ampl"))
-            }
-        write_json(args.json, doc)
+        write_json(args.json, next(iter(docs.values())) if len(docs) == 1 else {"adapters": docs})
     return 0
+
+
+def _json_doc(args, adapter, table, dora) -> dict:
+    """The --json document of one adapter's table (DoRA: each module also gets its magnitude change and
+    effective update under ``"dora"``)."""
+    doc = {
+        "metric": "||U^T W V||_F for the top-k singular subspaces of dW (delta), W (weight) and a random pair",
+        "adapter": str(adapter.path), "rank": adapter.rank, "seed": adapter.seed,
+        "base": str(args.base) if args.base is not None else adapter.base_model,
+        "modules": {
+            row.module: {"delta": row.delta, "weight": row.weight, "random": row.random, "w_norm": row.w_norm,
+                         "dw_norm": row.dw_norm, "amplification": _finite_or_none(row.amplification),
+                         "top": int(row.top), "rank": int(row.rank), "weight_type": row.weight_type,
+                         "layer": int(row.layer)}
+            for row in table.itertuples(index=False)
+        },
+    }
+    for row in dora.to_dict("records"):
+        doc["modules"][row["module"]]["dora"] = {
+            c: _finite_or_none(float(row[c])) for c in dora.columns if c.startswith(("mag_", "dw_", "delta_", "ampl"))
+        }
+    return doc
 
 
 main = entry_point(_run)

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from lora import rundir
+from lora.adapter_io import ENABLE_LORA_HELP
 from lora.errors import UserError
 from lora.fsio import write_json
 from lora.threads import torch_threads
@@ -38,7 +39,9 @@ random subspaces of dimension d give max(i, j) / d on average (the baseline prin
 Figure 3 compares r=8 with r=64 at one seed; Figure 4 compares two seeds at r=64.
 
 Compare two adapters of a run directory by rank and seed (--r1/--r2, --seed1/--seed2), or any two adapter
-directories (--a1/--a2: ours or written by peft; a loralib .pt checkpoint with --alpha). With no --runs and no
+directories (--a1/--a2: ours or written by peft, PARENT/NAME for one of peft's named adapters; or a loralib .pt
+checkpoint, with --enable-lora where its shapes do not tell the c_attn slices). A folder of named adapters is
+also a run: --runs PARENT. With no --runs and no
 --a1/--a2 the default run directory is used (${rundir.RUNS_ENV} or ./{rundir.DEFAULT_RUN_DIR}); adapters it lacks are trained
 first (lora.train.ensure_adapters) on the embedded default (real all-MiniLM-L6-v2 on chatterbot-corpus text, offline), so
 `python -m lora_analysis.subspace --r1 8 --r2 64` works on a fresh install.
@@ -69,6 +72,7 @@ def build_parser():
     g.add_argument("--alpha", type=float, metavar="A",
                    help="LoRA alpha of loralib checkpoint files (loralib does not store it; φ does not depend on it, so "
                         "it may be omitted)")
+    g.add_argument("--enable-lora", metavar="SLICES", help=ENABLE_LORA_HELP)
     g = p.add_argument_group("what to compute and write")
     g.add_argument("--modules", metavar="REGEX",
                    help="only module keys matching this regular expression (re.search), e.g. 'layer\\.3\\.' or "
@@ -96,7 +100,9 @@ def _load(args):
         if args.runs is not None:
             raise UserError("--runs: not used with --a1/--a2 (give adapter directories directly)")
         alpha = 1.0 if args.alpha is None else args.alpha  # φ (on A or on B) does not depend on alpha
-        return adapters.load_any(args.a1, alpha=alpha), adapters.load_any(args.a2, alpha=alpha)
+        return tuple(adapters.load_any(a, alpha=alpha, enable_lora=args.enable_lora) for a in (args.a1, args.a2))
+    if args.enable_lora is not None:
+        raise UserError("--enable-lora: only for loralib .pt checkpoints given with --a1/--a2")
     if args.r1 is None or args.r2 is None:
         raise UserError(f"{'--r1' if args.r1 is None else '--r2'}: missing; give --r1 R --r2 R (e.g. --r1 8 --r2 64) "
                         "or --a1 DIR --a2 DIR")

@@ -19,6 +19,8 @@ from lora.adapter_io import (
     CONFIG_NAME,
     INIT_NAME,
     PREFIX,
+    TOOLKIT_CONFIG_KEYS,
+    TOOLKIT_FILE,
     WEIGHTS_NAME,
     apply_adapter,
     base_fingerprint,
@@ -130,6 +132,73 @@ def test_round_trip_ours_to_ours(tmp_path, bert_dir):
     assert not torch.allclose(_logits(fresh), _logits(model))  # the head really is re-drawn
     apply_adapter(fresh, ad)
     torch.testing.assert_close(_logits(fresh), _logits(model), atol=1e-6, rtol=0)
+
+
+def _peft_config_fields() -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+@pytest.mark.parametrize("model_kind", ["bert_head", "gpt2_fused_and_c_proj"])
+def test_ours_keeps_adapter_config_to_peft_fields_and_loads_in_peft_without_a_warning(
+        tmp_path, bert_dir, gpt2_dir, model_kind, caplog):
+    """adapter_config.json holds only LoraConfig fields of the installed peft; our keys are in lora_toolkit.json,
+    and PeftModel.from_pretrained emits no warning (warnings module or logging) about our adapter."""
+    import logging
+
+    if model_kind == "bert_head":
+        model, base_dir, cls = _trained_bert(bert_dir), bert_dir, "BertForSequenceClassification"
+        kw = dict(modules_to_save=["classifier"], task_type="SEQ_CLS")
+    else:
+        model, base_dir, cls = _load(gpt2_dir, "GPT2LMHeadModel"), gpt2_dir, "GPT2LMHeadModel"
+        inject_lora(model, ["q", "v", "c_proj"], r=2, alpha=6, seed=3)
+        _perturb(model)
+        kw = dict(task_type="CAUSAL_LM")
+    ad = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(base_dir), seed=5,
+                      extra_config={"init": "kaiming"}, **kw)
+    cfg = json.loads((ad / CONFIG_NAME).read_text())
+    assert set(cfg) <= _peft_config_fields(), set(cfg) - _peft_config_fields()
+    ours = json.loads((ad / TOOLKIT_FILE).read_text())
+    assert set(ours) == set(TOOLKIT_CONFIG_KEYS) and ours["seed"] == 5 and ours["init"] == "kaiming"
+    assert ours["lora_toolkit"]["format_version"] == 2
+    base = _load(base_dir, cls)
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        pm = PeftModel.from_pretrained(base, ad).eval()
+    ours_warned = [w for w in caught if "peft" in w.filename or "peft" in str(w.message).lower()
+                   or "unexpected" in str(w.message).lower()]
+    assert ours_warned == [], [str(w.message) for w in ours_warned]
+    assert [r.getMessage() for r in caplog.records] == []
+    torch.testing.assert_close(_logits(pm), _logits(model), atol=1e-5, rtol=0)  # and it is the same adapter
+
+
+def test_old_layout_with_our_keys_in_adapter_config_is_still_read(tmp_path, gpt2_dir):
+    """Adapters written before the sidecar (format 1) kept seed, base_fingerprint, init and lora_toolkit inside
+    adapter_config.json: read_adapter_config returns the same view, so loading, fused slices and the fingerprint
+    check still work; a key in both files is taken from the sidecar."""
+    from lora.adapter_io import read_adapter_config
+
+    model = _trained_gpt2(gpt2_dir)
+    new = save_adapter(model, tmp_path / "new", base_model_name_or_path=str(gpt2_dir), seed=4,
+                       extra_config={"init": "gaussian"})
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in (WEIGHTS_NAME,):
+        (old / f).write_bytes((new / f).read_bytes())
+    merged_cfg = {**json.loads((new / CONFIG_NAME).read_text()), **json.loads((new / TOOLKIT_FILE).read_text())}
+    (old / CONFIG_NAME).write_text(json.dumps(merged_cfg))
+    assert read_adapter_config(old) == read_adapter_config(new) == merged_cfg
+    a_old, a_new = load_adapter(old), load_adapter(new)
+    assert (a_old.seed, a_old.base_fingerprint, a_old.config["init"]) == (4, a_new.base_fingerprint, "gaussian")
+    assert sorted(a_old.factors) == sorted(a_new.factors) == [f"transformer.h.{i}.attn.c_attn:{s}"
+                                                              for i in (0, 1) for s in "qv"]
+    for k, f in a_new.factors.items():
+        assert torch.equal(f.A, a_old.factors[k].A) and torch.equal(f.B, a_old.factors[k].B)
+    apply_adapter(_load(gpt2_dir, "GPT2LMHeadModel"), a_old)  # the recorded fingerprint is checked and matches
+    (old / TOOLKIT_FILE).write_text(json.dumps({"seed": 9}))
+    assert load_adapter(old).seed == 9
 
 
 def test_save_refuses_existing_dir_and_overwrites_on_request(tmp_path, bert_dir):
@@ -270,6 +339,62 @@ def test_loralib_merged_linear_checkpoint(tmp_path, gpt2_dir):
             torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_merge_cli_takes_a_loralib_qkv_checkpoint(tmp_path, gpt2_dir, capsys):
+    """python -m lora.merge on a loralib .pt: a q,k,v MergedLinear c_attn (enable_lora from the shapes, or named
+    either way) and a whole c_proj merge to loralib's own W0 + ΔW (its forward, transcribed)."""
+    r, alpha, d = 2, 8.0, 32
+    g = torch.Generator().manual_seed(7)
+    sd = {"transformer.h.0.attn.c_attn.lora_A": torch.randn(3 * r, d, generator=g),  # (r·3, d_in)
+          "transformer.h.0.attn.c_attn.lora_B": torch.randn(3 * d, r, generator=g),  # (d_out·3, r)
+          "transformer.h.1.attn.c_proj.lora_A": torch.randn(r, d, generator=g),
+          "transformer.h.1.attn.c_proj.lora_B": torch.randn(d, r, generator=g)}
+    torch.save(sd, tmp_path / "qkv.pt")
+    base = _load(gpt2_dir, "GPT2Model")
+    x = torch.randn(2, 5, d, generator=g)
+    c_attn = base.h[0].attn.c_attn
+    ref = _loralib_merged_linear_forward(x, c_attn.weight, c_attn.bias, sd["transformer.h.0.attn.c_attn.lora_A"],
+                                         sd["transformer.h.0.attn.c_attn.lora_B"], [True, True, True], alpha / r)
+    ref_proj = base.h[1].attn.c_proj.weight + (alpha / r) * (sd["transformer.h.1.attn.c_proj.lora_B"]
+                                                             @ sd["transformer.h.1.attn.c_proj.lora_A"]).T
+    for i, flag in enumerate(([], ["--enable-lora", "q,k,v"], ["--enable-lora", "True,True,True"])):
+        out = tmp_path / f"merged{i}"
+        argv = ["--adapter", str(tmp_path / "qkv.pt"), "--alpha", str(alpha), "--base", str(gpt2_dir), "--out",
+                str(out), "--quiet", *flag]
+        assert merge_main(argv) == 0
+        merged = _load(out, "GPT2Model")
+        with torch.no_grad():
+            torch.testing.assert_close(merged.h[0].attn.c_attn(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged.h[1].attn.c_proj.weight, ref_proj, atol=1e-5, rtol=0)
+    # The paper's q,v flags do not fit a q,k,v checkpoint: one line naming the way out, nothing written.
+    capsys.readouterr()
+    argv = ["--adapter", str(tmp_path / "qkv.pt"), "--alpha", "8", "--base", str(gpt2_dir), "--out",
+            str(tmp_path / "bad"), "--quiet", "--enable-lora", "q,v"]
+    assert merge_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--enable-lora" in err and "qkv.pt" in err and not (tmp_path / "bad").exists()
+
+
+def test_loralib_enable_lora_flags_and_inference(tmp_path):
+    from lora.adapter_io import parse_enable_lora
+
+    assert parse_enable_lora("q,v") == parse_enable_lora("True,False,True") == (True, False, True)
+    assert parse_enable_lora("v, q") == (True, False, True) and parse_enable_lora("k") == (False, True, False)
+    for bad in ("q,x", "True,False", "False,False,False", "", "q,q"):
+        with pytest.raises(UserError, match="--enable-lora"):
+            parse_enable_lora(bad)
+    d, r = 8, 2
+    torch.save({"h.0.attn.c_attn.lora_A": torch.randn(r, d), "h.0.attn.c_attn.lora_B": torch.randn(d, r)},
+               tmp_path / "one.pt")
+    with pytest.raises(UserError, match="name the adapted slices with --enable-lora"):
+        load_loralib_checkpoint(tmp_path / "one.pt", alpha=1, enable_lora=None)  # one group: q, k or v?
+    ad = load_loralib_checkpoint(tmp_path / "one.pt", alpha=1, enable_lora=(False, True, False))
+    assert sorted(ad.factors) == ["h.0.attn.c_attn:k"]
+    torch.save({"h.0.attn.c_attn.lora_A": torch.randn(2 * r, d), "h.0.attn.c_attn.lora_B": torch.randn(2 * d, r)},
+               tmp_path / "two.pt")
+    assert sorted(load_loralib_checkpoint(tmp_path / "two.pt", alpha=1, enable_lora=None).factors) == [
+        "h.0.attn.c_attn:q", "h.0.attn.c_attn:v"]
+
+
 def test_loralib_plain_linear_checkpoint(tmp_path, bert_dir):
     g = torch.Generator().manual_seed(6)
     sd = {"bert.encoder.layer.1.attention.self.query.lora_A": torch.randn(4, 32, generator=g),
@@ -366,6 +491,13 @@ BAD_INPUTS = {
             "NaN or Inf"),
     "inf": (lambda d: _edit_tensors(d, lambda t: t[f"{Q0}.lora_B.weight"].__setitem__((1, 1), float("inf"))),
             "NaN or Inf"),
+    # our sidecar (lora_toolkit.json): the line names it
+    "sidecar_invalid_json": (lambda d: (d / TOOLKIT_FILE).write_text("{"), "lora_toolkit.json: invalid JSON"),
+    "sidecar_not_object": (lambda d: (d / TOOLKIT_FILE).write_text("[]"), "lora_toolkit.json: expected a JSON object"),
+    "sidecar_unknown_key": (lambda d: (d / TOOLKIT_FILE).write_text('{"lora_alpha": 3}'),
+                            "lora_toolkit.json: unknown key"),
+    "sidecar_bad_seed": (lambda d: (d / TOOLKIT_FILE).write_text('{"seed": "zero"}'),
+                         "lora_toolkit.json: seed must be an integer"),
     "bad_init": (lambda d: save_file({"bert.encoder.layer.0.attention.self.query": torch.zeros(2, 32)},
                                      d / INIT_NAME), "init.safetensors"),
 }

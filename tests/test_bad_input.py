@@ -348,6 +348,30 @@ def _merge_write_fails(code: int, reason: str, *, existing: bool):
     return setup
 
 
+def _sidecar(env: Env, **changes) -> Env:
+    path = env.adapter / "lora_toolkit.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return env
+
+
+def _named_parent(env: Env) -> tuple[list[str], list[str]]:
+    """A folder as peft's save_pretrained writes several named adapters: one sub-directory each, no root config."""
+    parent = env.tmp / "parent"
+    for name in ("first", "second"):
+        shutil.copytree(env.inputs / "adapter", parent / name)
+    return (["--adapter", str(parent), "--out", str(env.tmp / "merged"), "--quiet"],
+            [str(parent), "2 named adapter(s) (first, second)", f"e.g. {parent / 'first'}"])
+
+
+def _loralib(env: Env, *extra: str) -> list[str]:
+    """A loralib checkpoint of the merge's base (BERT query, r=2)."""
+    g = torch.Generator().manual_seed(0)
+    ckpt = env.tmp / "lora.pt"
+    torch.save({"encoder.layer.0.attention.self.query.lora_A": torch.randn(2, 32, generator=g),
+                "encoder.layer.0.attention.self.query.lora_B": torch.randn(32, 2, generator=g)}, ckpt)
+    return ["--adapter", str(ckpt), "--out", str(env.tmp / "merged"), "--quiet", *extra]
+
+
 MERGE_ROWS: dict[str, Callable[[Env], tuple[list[str], list[str]]]] = {
     # 1. adapter_config.json: valid JSON, wrong types; the line names the file and the key
     "rank_pattern_str": lambda e: _expect(_edit(e, rank_pattern={"query": "x"}), "rank_pattern['query']", "'x'"),
@@ -401,6 +425,19 @@ MERGE_ROWS: dict[str, Callable[[Env], tuple[list[str], list[str]]]] = {
     "use_dora_without_magnitudes": lambda e: (_edit(e, use_dora=True)[0],
                                               [str(e.adapter / "adapter_model.safetensors"), "use_dora is true",
                                                "has no lora_magnitude_vector"]),
+    # 10. our sidecar lora_toolkit.json, named adapters, loralib checkpoints (issue 11)
+    "sidecar_seed_str": lambda e: (_merge(_sidecar(e, seed="0")), [str(e.adapter / "lora_toolkit.json"),
+                                                                     "seed must be an integer"]),
+    "named_adapters_parent": _named_parent,
+    "alpha_with_a_directory": lambda e: (_merge(e, "--alpha", "8"), ["--alpha", "only for a loralib .pt"]),
+    "enable_lora_with_a_directory": lambda e: (_merge(e, "--enable-lora", "q,v"), ["--enable-lora", "only for"]),
+    "loralib_without_alpha": lambda e: (_loralib(e, "--base", str(e.inputs / "base")),
+                                        ["--alpha", "loralib checkpoint, which stores no alpha"]),
+    "loralib_alpha_nan": lambda e: (_loralib(e, "--base", str(e.inputs / "base"), "--alpha", "nan"),
+                                    ["--alpha", "positive"]),
+    "loralib_without_base": lambda e: (_loralib(e, "--alpha", "8"), ["--base", "records no base model"]),
+    "loralib_bad_enable_lora": lambda e: (_loralib(e, "--alpha", "8", "--base", str(e.inputs / "base"),
+                                                   "--enable-lora", "q,x"), ["--enable-lora q,x", "q,k,v"]),
 }
 
 # These also run as real processes: "no traceback" end to end, not just in-process.

@@ -44,6 +44,11 @@ MERGE_CASES = {
                                           rank_pattern={"layer.1.attention.self.key": 2})),
     "gpt2_fused_c_attn": ("gpt2", dict(r=2, lora_alpha=4, use_dora=True, target_modules=["c_attn"],
                                        fan_in_fan_out=True)),
+    # the whole Conv1D modules (LoRAConv1D): DoRA's norm is taken over W as (d_out, d_in), not as stored
+    "gpt2_c_proj_c_fc": ("gpt2", dict(r=2, lora_alpha=4, use_dora=True, target_modules=["c_proj", "c_fc"],
+                                      fan_in_fan_out=True)),
+    "gpt2_pissa_dora_c_fc": ("gpt2", dict(r=2, lora_alpha=4, use_dora=True, init_lora_weights="pissa",
+                                          target_modules=["c_fc"], fan_in_fan_out=True)),
     "bert_pissa_dora": ("bert", dict(r=4, lora_alpha=8, use_dora=True, init_lora_weights="pissa",
                                      target_modules=["query", "value"])),
 }

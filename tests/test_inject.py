@@ -40,14 +40,26 @@ def test_bert_aliases(tiny_bert):
 def test_gpt2_aliases_make_fused_slices(tiny_gpt2):
     assert model_family(tiny_gpt2) == "gpt2"
     assert resolve_targets(tiny_gpt2, ["q,v"]) == {f"transformer.h.{i}.attn.c_attn": ("q", "v") for i in range(2)}
-    with pytest.raises(UserError, match="'o' is not defined"):
-        resolve_targets(tiny_gpt2, ["o"])  # GPT-2's c_proj is a different Conv1D: no alias
+    # W_o is the attention's own c_proj (a whole Conv1D), not the MLP's c_proj
+    assert resolve_targets(tiny_gpt2, ["o"]) == {f"transformer.h.{i}.attn.c_proj": () for i in range(2)}
     with pytest.raises(UserError, match="fused Conv1D; name its slices"):
         resolve_targets(tiny_gpt2, ["c_attn"])
+    with pytest.raises(UserError, match="not a fused Conv1D"):
+        resolve_targets(tiny_gpt2, ["c_proj:q"])
     layers = inject_lora(tiny_gpt2, ["v", "q"], r=2, alpha=4)
     assert all(isinstance(m, LoRAFusedQKV) and m.slices == ("q", "v") for m in layers.values())
     with pytest.raises(UserError, match="already has a LoRA"):
         inject_lora(tiny_gpt2, ["k"], r=2, alpha=4)
+
+
+def test_gpt2_whole_conv1d_modules(tiny_gpt2):
+    """c_proj and c_fc (Conv1D, not fused) are adapted whole, beside the fused c_attn slices."""
+    layers = inject_lora(tiny_gpt2, ["q", "v", "c_proj", "c_fc"], r=2, alpha=4)
+    kinds = {p.split(".", 3)[-1]: type(m).__name__ for p, m in layers.items() if ".h.0." in p}
+    assert kinds == {"attn.c_attn": "LoRAFusedQKV", "attn.c_proj": "LoRAConv1D", "mlp.c_fc": "LoRAConv1D",
+                     "mlp.c_proj": "LoRAConv1D"}
+    fc = layers["transformer.h.0.mlp.c_fc"]
+    assert fc.lora_A.shape == (2, 32) and fc.lora_B.shape == (128, 2)  # (r, d_in), (d_out, r)
 
 
 def test_llama_aliases(tiny_llama):

@@ -12,6 +12,7 @@ from torch import nn
 
 from lora.inject import inject_lora, lora_modules, mark_only_lora_trainable
 from lora.layers import (
+    LoRAConv1D,
     LoRAEmbedding,
     LoRAFactors,
     LoRAFusedQKV,
@@ -63,12 +64,15 @@ def test_scaling_paper_and_rslora():
     torch.testing.assert_close(lora_part, x @ layer.lora_A.T @ layer.lora_B.T * (3 / math.sqrt(4)))
 
 
-@pytest.mark.parametrize("kind", ["linear", "fused", "embedding"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "fused", "embedding"])
 def test_merged_equals_unmerged_and_unmerge_restores(kind):
     torch.manual_seed(0)
     if kind == "linear":
         base, x = nn.Linear(10, 8), torch.randn(4, 10)
         layer = LoRALinear(base, r=3, alpha=6)
+    elif kind == "conv1d":
+        base, x = _conv1d(10, 8), torch.randn(2, 4, 10)
+        layer = LoRAConv1D(base, r=3, alpha=6)
     elif kind == "fused":
         base, x = _conv1d(10, 24), torch.randn(2, 4, 10)
         layer = LoRAFusedQKV(base, slices=("q", "v"), r=3, alpha=6)
@@ -83,7 +87,8 @@ def test_merged_equals_unmerged_and_unmerge_restores(kind):
         assert not torch.equal(base.weight, w0)
         torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
         for s, w in layer.base_weights().items():  # W0 is still recoverable while merged
-            ref = w0 if kind == "linear" else (w0.T if kind == "embedding" else w0[:, "qkv".index(s) * 8:][:, :8].T)
+            ref = {"linear": w0, "conv1d": w0.T, "embedding": w0.T}.get(kind)
+            ref = w0[:, "qkv".index(s) * 8:][:, :8].T if ref is None else ref
             torch.testing.assert_close(w, ref, atol=1e-5, rtol=0)
         layer.unmerge()
     torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)
@@ -172,6 +177,23 @@ def test_fused_qkv_equals_dense_computation():
         LoRAFusedQKV(base, slices=("q", "x"), r=2, alpha=3)
     with pytest.raises(ValueError, match="rank"):
         LoRAFusedQKV(base, slices=("q",), r=9, alpha=3)
+
+
+def test_conv1d_lora_equals_dense_computation():
+    """A whole Conv1D (GPT-2 c_proj / c_fc, stored (d_in, d_out)): y = x (W + ΔWᵀ) + b, ΔW = s·B A (d_out, d_in)."""
+    base = _conv1d(6, 10)
+    layer = LoRAConv1D(base, r=2, alpha=3, use_rslora=True)
+    assert layer.lora_A.shape == (2, 6) and layer.lora_B.shape == (10, 2) and layer.scaling == 3 / math.sqrt(2)
+    _randomize_B(layer)
+    dense = base.weight.detach() + layer.factors()[""].delta_weight().T
+    x = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ dense + base.bias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base_weights()[""], base.weight.T)  # nn.Linear orientation (d_out, d_in)
+    with pytest.raises(ValueError, match="rank"):
+        LoRAConv1D(base, r=7, alpha=3)
+    with pytest.raises(TypeError, match="Conv1D"):
+        LoRAConv1D(nn.ReLU(), r=1, alpha=1)
 
 
 def test_embedding_lora_equals_dense_table():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import peft_named_adapters
 
 from lora.adapter_io import save_adapter
 from lora.inject import inject_lora
@@ -177,3 +178,75 @@ def test_merge_genuine_peft_classifier_adapter(tmp_path):
     _assert_state_close(merged, ref, atol=1e-4)
     base = _quiet_load(AutoModelForSequenceClassification, base_dir)
     assert not torch.allclose(merged.classifier.weight, base.classifier.weight)  # the trained head was applied
+
+
+def _gpt2_base(base_dir: Path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(base_dir)
+    return GPT2LMHeadModel
+
+
+@pytest.mark.parametrize("writer", ["peft", "ours"])
+def test_merge_gpt2_c_proj_and_c_fc_matches_peft(tmp_path, writer):
+    """LoRA on GPT-2's whole Conv1D modules (attn.c_proj, mlp.c_proj, mlp.c_fc), written by peft or by our
+    injector: lora.merge equals peft's merge_and_unload, and the merged model computes the adapted model."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = tmp_path / "base"
+    cls = _gpt2_base(base_dir)
+    if writer == "peft":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(_quiet_load(cls, base_dir), LoraConfig(
+                r=2, lora_alpha=6, target_modules=["c_proj", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+            model.base_model.model.config._name_or_path = str(base_dir)
+            _perturb(model)
+            model.save_pretrained(tmp_path / "ad")
+        ad = tmp_path / "ad"
+    else:
+        model = _quiet_load(cls, base_dir)
+        inject_lora(model, ["c_proj", "c_fc"], r=2, alpha=6, seed=0)
+        _perturb(model)
+        ad = save_adapter(model, tmp_path / "ad", base_model_name_or_path=str(base_dir), task_type="CAUSAL_LM")
+    with torch.no_grad():
+        adapted_logits = model(input_ids=IDS).logits
+    out = tmp_path / "merged"
+    assert merge_main(["--adapter", str(ad), "--out", str(out), "--quiet"]) == 0
+    ref = _peft_merged(cls, base_dir, ad)
+    merged = _quiet_load(cls, out)
+    _assert_state_close(merged, ref, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits, ref(input_ids=IDS).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(merged(input_ids=IDS).logits, adapted_logits, atol=1e-4, rtol=0)
+    base = _quiet_load(cls, base_dir)
+    for name in ("h.0.attn.c_proj", "h.0.mlp.c_proj", "h.0.mlp.c_fc", "h.1.mlp.c_fc"):
+        assert not torch.equal(merged.transformer.get_submodule(name).weight, base.transformer.get_submodule(name).weight)
+    torch.testing.assert_close(merged.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+
+
+def test_merge_of_peft_named_adapters(tmp_path, capsys):
+    """A folder of named adapters: the parent alone is refused with their names (one line, exit 2, nothing
+    written); PARENT/NAME merges that adapter exactly as peft merges it."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    base_dir = tmp_path / "base"
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(base_dir)
+    peft_named_adapters(base_dir, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "named").iterdir() if p.is_dir()) == ["other", "third"]
+    assert not (tmp_path / "named" / "adapter_config.json").exists()
+    capsys.readouterr()
+    assert merge_main(["--adapter", str(tmp_path / "named"), "--out", str(tmp_path / "m0"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "named adapter(s) (other, third)" in err and not (tmp_path / "m0").exists()
+    for i, ad in enumerate((tmp_path / "named" / "third", tmp_path / "both" / "other", tmp_path / "both")):
+        out = tmp_path / f"m{i + 1}"
+        assert merge_main(["--adapter", str(ad), "--out", str(out)]) == 0
+        _assert_state_close(_quiet_load(BertModel, out), _peft_merged(BertModel, base_dir, ad), atol=1e-4)
+    # the folder's own adapter is peft's 'default', as PeftModel.from_pretrained(folder) loads it; the others named
+    printed = capsys.readouterr().out
+    assert printed.count("also holds named adapters") == 1 and "also holds named adapters other (merge one" in printed

@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora.adapter_io import read_adapter_config
 from lora.config import TrainConfig
 from lora.train import GridPoint, grid_points, lora_params_per_rank, main, prepare, run_sweep, train_point
 
@@ -176,6 +177,18 @@ def test_causal_lm_on_tiny_gpt2_adapts_fused_q_and_v(tmp_path, minilm_path, one_
     assert sorted(init) == [f"transformer.h.{i}.attn.c_attn:{s}" for i in range(2) for s in ("q", "v")]
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM" and config["fan_in_fan_out"] is True
+    # GPT-2's other Conv1D modules train whole (W_o = attn.c_proj, and the MLP's c_fc), beside the fused slices
+    cfg2 = TrainConfig(model=str(model_dir), task=str(data), ranks=(2,), seeds=(0,), steps=3, batch_size=4,
+                       max_length=24, linear_probe=False, targets=("q,v,o,c_fc",))
+    path2 = train_point(cfg2, grid_points(cfg2)[0], tmp_path / "run2")
+    from lora.adapter_io import load_adapter
+
+    ad = load_adapter(path2)
+    assert sorted(k for k in ad.factors if ".h.0." in k) == [
+        "transformer.h.0.attn.c_attn:q", "transformer.h.0.attn.c_attn:v", "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc"]
+    fc = ad.factors["transformer.h.0.mlp.c_fc"]
+    assert fc.A.shape == (2, 32) and fc.B.shape == (128, 2) and bool(fc.B.abs().max() > 0)  # trained
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_files(tiny_bert_dir, tmp_path, one_thread):
@@ -346,9 +359,9 @@ def test_pack_gives_the_sequential_adapters_and_resumes_either_way(tiny_bert_no_
         assert mp["train_loss"] == pytest.approx(ms["train_loss"], rel=1e-4)
         assert mp["val_loss"] == pytest.approx(ms["val_loss"], rel=1e-4)
         assert name in mp["pack"]["points"] and mp["pack"]["base_dropout"] is False and "pack" not in ms
-        cs = json.loads((tmp_path / "seq" / name / "adapter_config.json").read_text())
-        cp = json.loads((tmp_path / "packed" / name / "adapter_config.json").read_text())
-        assert cs == cp
+        cs = read_adapter_config(tmp_path / "seq" / name)  # peft's fields and ours (lora_toolkit.json)
+        cp = read_adapter_config(tmp_path / "packed" / name)
+        assert cs == cp and cs["base_fingerprint"].startswith("sha256:")
     assert len(json.loads((tmp_path / "packed" / "qv_r4_s1" / "metrics.json").read_text())["pack"]["points"]) == 1
 
     # A sequential run resumed with --pack (through the CLI: the manifest's config must still match) ...

@@ -62,3 +62,28 @@ def tiny_train_setup(root: Path) -> dict:
     (root / "task.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"model": str(root / "tiny"), "task": str(root / "task.csv"), "steps": 3, "batch_size": 8,
             "linear_probe": False, "modules_to_save": ["classifier"], "ranks": [2, 4]}
+
+
+def peft_named_adapters(base_dir: Path, root: Path) -> None:
+    """peft's save_pretrained with several adapters on a saved BERT base: ``root/both`` holds 'default' (query,
+    r=2) in its root and 'other' (query and value, r=2) in ``both/other``; ``root/named`` holds only ``other/`` and
+    ``third/`` (value, r=4), with no config in the root. Every B is nonzero, as after training."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(AutoModel.from_pretrained(base_dir).eval(),
+                            LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+        pm.add_adapter("other", LoraConfig(r=2, lora_alpha=8, target_modules=["query", "value"]))
+        pm.add_adapter("third", LoraConfig(r=4, lora_alpha=4, target_modules=["value"]))
+        pm.base_model.model.config._name_or_path = str(base_dir)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        pm.save_pretrained(root / "both", selected_adapters=["default", "other"])
+        pm.save_pretrained(root / "named", selected_adapters=["other", "third"])

@@ -32,7 +32,7 @@ from torch import Tensor
 from lora.errors import UserError
 from lora.inject import layer_index
 from lora.layers import LoRAFactors
-from lora.rundir import read_json_object, read_manifest
+from lora.rundir import read_manifest
 
 __all__ = [
     "AdapterEntry",
@@ -40,6 +40,7 @@ __all__ = [
     "RunIndex",
     "index_run",
     "load_adapter_dir",
+    "load_all",
     "load_any",
     "load_loralib",
     "load_run_adapter",
@@ -204,21 +205,46 @@ def load_adapter_dir(path: str | os.PathLike) -> LoadedAdapter:
     return _from_adapter(load_adapter(p), str(p))
 
 
-def load_loralib(path: str | os.PathLike, *, alpha: float, base_model: str | None = None) -> LoadedAdapter:
+def load_loralib(
+    path: str | os.PathLike, *, alpha: float, base_model: str | None = None, enable_lora: str | None = None
+) -> LoadedAdapter:
     """Load a loralib checkpoint (``.pt`` state dict); ``alpha`` is required since loralib does not store it.
 
-    A GPT-2 ``MergedLinear(enable_lora=[True, False, True])`` comes back as ``<path>:q`` and ``<path>:v``.
+    A GPT-2 ``MergedLinear`` comes back as ``<path>:q``, ``<path>:v`` (and ``:k``): ``enable_lora`` names the
+    adapted slices (``"q,v"`` or ``"True,False,True"``, :func:`lora.adapter_io.parse_enable_lora`), or ``None``
+    reads them from the shapes.
     """
-    from lora.adapter_io import load_loralib_checkpoint
+    from lora.adapter_io import load_loralib_checkpoint, parse_enable_lora
 
     if alpha is None or not math.isfinite(float(alpha)) or float(alpha) <= 0:
         raise UserError(f"--alpha: loralib checkpoints store no alpha; pass a positive --alpha (got {alpha})")
-    adapter = load_loralib_checkpoint(path, alpha=float(alpha), base_model_name_or_path=base_model)
+    flags = parse_enable_lora(enable_lora) if enable_lora is not None else None
+    adapter = load_loralib_checkpoint(path, alpha=float(alpha), base_model_name_or_path=base_model, enable_lora=flags)
     return _from_adapter(adapter, str(path))
 
 
-def load_any(path: str | os.PathLike, *, alpha: float | None = None, base_model: str | None = None) -> LoadedAdapter:
-    """A PEFT adapter directory, or a loralib checkpoint file (which needs ``alpha``)."""
+def load_all(
+    path: str | os.PathLike, *, alpha: float | None = None, base_model: str | None = None,
+    enable_lora: str | None = None,
+) -> list[LoadedAdapter]:
+    """Every adapter ``path`` names: one adapter directory or loralib checkpoint (as :func:`load_any`), or each
+    adapter of a folder that peft's ``save_pretrained`` wrote with several named adapters (the root as
+    ``default`` if it holds one, then each sub-directory; :func:`lora.adapter_io.named_adapter_dirs`)."""
+    from lora.adapter_io import named_adapter_dirs
+
+    dirs = named_adapter_dirs(path)
+    if len(dirs) > 1:
+        return [load_adapter_dir(d) for d in dirs]
+    return [load_any(path, alpha=alpha, base_model=base_model, enable_lora=enable_lora)]
+
+
+def load_any(
+    path: str | os.PathLike, *, alpha: float | None = None, base_model: str | None = None,
+    enable_lora: str | None = None,
+) -> LoadedAdapter:
+    """A PEFT adapter directory, or a loralib checkpoint file (which needs ``alpha``; ``enable_lora`` as
+    :func:`load_loralib`). A folder of named adapters (peft's ``save_pretrained`` with several) is refused with
+    their list: see :func:`load_all` to load every one."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: does not exist")
@@ -226,7 +252,7 @@ def load_any(path: str | os.PathLike, *, alpha: float | None = None, base_model:
         return load_adapter_dir(p)
     if alpha is None:
         raise UserError(f"{p}: is a file; expected an adapter directory (for a loralib checkpoint also pass --alpha)")
-    return load_loralib(p, alpha=alpha, base_model=base_model)
+    return load_loralib(p, alpha=alpha, base_model=base_model, enable_lora=enable_lora)
 
 
 # ---------------------------------------------------------------------------------------------- run directories
@@ -314,10 +340,9 @@ def _canon_set(spec: str) -> str:
 
 
 def _entry(adapter_dir: Path) -> AdapterEntry:
-    from lora.adapter_io import validate_adapter_config
+    from lora.adapter_io import read_adapter_config
 
-    cfg_path = adapter_dir / CONFIG_NAME
-    cfg = validate_adapter_config(read_json_object(cfg_path), cfg_path)  # the one schema: peft's fields and ours
+    cfg = read_adapter_config(adapter_dir)  # the one reader and schema: peft's fields and ours (either layout)
     r, seed = cfg["r"], cfg.get("seed")
     toolkit = cfg.get("lora_toolkit") if isinstance(cfg.get("lora_toolkit"), dict) else {}
     ws = toolkit.get("weight_set")
@@ -332,7 +357,8 @@ def _entry(adapter_dir: Path) -> AdapterEntry:
 
 
 def index_run(run_dir: str | os.PathLike) -> RunIndex:
-    """Index the adapter directories of a run (each sub-directory holding ``adapter_config.json``).
+    """Index the adapter directories of a run (each sub-directory holding ``adapter_config.json``), or of a folder of
+    peft named adapters (the root too, as ``default``, when it holds a config), or a single adapter directory.
 
     Only the configs are read, so indexing a large sweep is instant. Temporary directories left by a killed
     trainer (``.name.tmp-*``) are ignored: they are never finished adapters.
@@ -345,11 +371,10 @@ def index_run(run_dir: str | os.PathLike) -> RunIndex:
         raise UserError(f"{root}: run directory does not exist")
     if not root.is_dir():
         raise UserError(f"{root}: is a file; expected a run directory (or pass an adapter directory with --a1/--adapter)")
-    if (root / CONFIG_NAME).is_file():
-        entries = [_entry(root)]  # a single adapter directory is a run of one
-    else:
-        subdirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: _natural_key(p.name))
-        entries = [_entry(p) for p in subdirs if (p / CONFIG_NAME).is_file()]
+    from lora.adapter_io import named_adapter_dirs
+
+    # A run's grid points, or peft's named adapters (the root is "default" when it holds a config), or one adapter.
+    entries = [_entry(p) for p in named_adapter_dirs(root)]
     if not entries:
         what = "is empty" if not any(root.iterdir()) else "holds no adapter directory (none has adapter_config.json)"
         raise UserError(f"{root}: run directory {what}")

@@ -139,7 +139,7 @@ class IntruderResult:
         is_intruder: ``(k,)`` bool, ``max_cosine < threshold``.
         indices: positions (0-based, in singular-value order) of the intruders.
         threshold: the ``ε`` used.
-        side: ``"left"`` (output space, as PEFT's ``intruders.py``) or ``"right"``.
+        side: ``"left"`` (output space, as peft's ``intruders.py`` on a Linear) or ``"right"`` (input space).
     """
 
     singular_values: Tensor
@@ -171,12 +171,25 @@ def intruder_dimensions(
     ``W0 + ΔW`` is a dense full-rank matrix, so its SVD is dense (``O(d³)``); ``W0``'s full SVD can be passed as
     ``w0_svd`` to share it. Singular vectors are unit vectors, so the cosine is the plain inner product.
 
+    **Orientation.** ``W0`` is ``(d_out, d_in)`` for every layer type (``nn.Linear``'s; the loader transposes GPT-2's
+    ``Conv1D``, stored ``(d_in, d_out)``), so ``side="left"`` is always the output space, as Shuttleworth et al.
+    and peft's ``intruders.py`` count on a Linear layer. peft SVDs the *stored* weight, so on a ``Conv1D``
+    (``c_proj``, ``c_fc``, ``c_attn``) its count is on the input side: it equals ours with ``side="right"``, not
+    our default (tested against peft's own function).
+
+    **GPT-2's fused c_attn** is counted per adapted slice: ``W0`` is ``W_q`` (or ``W_v``), ``(d_out, d_in)``, with
+    its own ``ΔW_q``. Section 7 and the rest of this toolkit treat ``W_q`` and ``W_v`` as separate weights; the
+    singular vectors of the fused ``[W_q | W_k | W_v]`` mix the three, so a direction new to ``W_q`` could be
+    excused by one of ``W_k``, and the fused top-``k`` favours whichever slice is largest. peft counts the fused
+    ``(d_in, 3·d_out)`` matrix once; that count is this function on ``W0 = [W_q; W_k; W_v]`` with ``side="right"``.
+
     Args:
-        W0: ``(d_out, d_in)`` pre-trained weight.
+        W0: ``(d_out, d_in)`` pre-trained weight (``nn.Linear`` orientation for every layer type).
         A: ``(r, d_in)``; B: ``(d_out, r)``; scaling: ``s``.
         k: how many top directions of ``W0 + ΔW`` to test (paper and PEFT: 10).
         threshold: ``ε`` (paper and PEFT: 0.5).
-        side: compare left (default, as PEFT) or right singular vectors.
+        side: compare left (default: output space, as the paper and peft on a Linear) or right singular vectors
+            (input space; peft's count on a Conv1D).
         w0_svd: the full thin SVD of ``W0`` (all ``min(d_out, d_in)`` triplets).
     """
     W0, dw = weight_and_delta_svd(W0, A, B, scaling=scaling, name="W0")

@@ -619,7 +619,8 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
     pair = _rank_pair_of(phi, PAPER_RANK_SMALL, PAPER_RANK_LARGE) if not _empty(phi) else None
     r1, r2 = pair if pair else (0, 0)
     t7_ranks = sorted({int(r) for r in t7["rank"]}) if _t7_ready(t7) else []
-    ts, tl = (nearest_rank(t7_ranks, PAPER_TABLE7_RANKS[0]), t7_ranks[-1]) if len(t7_ranks) >= 2 else (0, 0)
+    # One rank only (e.g. a folder of same-rank peft adapters): both claims are measured at that rank.
+    ts, tl = (nearest_rank(t7_ranks, PAPER_TABLE7_RANKS[0]), t7_ranks[-1]) if t7_ranks else (0, 0)
     claims = [_top(phi, r1, r2), _noise(phi, r1, r2), _intrinsic(phi), _amplification(t7, ts, tl),
               _projection(t7, ts, tl), _fig8(tables.get("fig8")), _flat(tables.get("quality")),
               _best_sets(tables.get("quality"))]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import make_adapter, tiny_train_setup
+from tiny_models import make_adapter, peft_named_adapters, tiny_train_setup
 
 from lora_analysis import figures, projection, subspace
 from lora_analysis.load.adapters import load_run_adapter
@@ -128,6 +128,61 @@ def test_subspace_seed_comparison_side_b_modules_and_plot(run, tmp_path, capsys)
 def test_subspace_two_adapter_dirs(run, capsys):
     rc, out, err = _call(subspace, ["--a1", run / "qv_r4_s0", "--a2", run / "qv_r4_s1", "--quiet"], capsys)
     assert rc == 0 and out == "" and err == ""
+
+
+def test_named_adapters_parent_is_listed_and_analysed(trained, tmp_path, capsys):
+    """peft's save_pretrained with several adapters writes one sub-directory each: projection --adapter PARENT
+    analyses every one; subspace --a1 PARENT names them and asks for PARENT/NAME (exit 2, one line)."""
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(trained / "tiny").save_pretrained(tmp_path / "base")
+    peft_named_adapters(tmp_path / "base", tmp_path)
+    named = tmp_path / "named"
+    js = tmp_path / "t7.json"
+    rc, out, err = _call(projection, ["--adapter", named, "--json", js], capsys)
+    assert rc == 0, err
+    assert f"{named}: 2 named adapters: other, third" in out
+    doc = json.loads(js.read_text())["adapters"]
+    assert sorted(doc) == [str(named / "other"), str(named / "third")]
+    assert len(doc[str(named / "other")]["modules"]) == 4 and doc[str(named / "third")]["rank"] == 4
+    _assert_bad(subspace, ["--a1", named, "--a2", named / "other"], capsys, tmp_path,
+                str(named), "2 named adapter(s) (other, third)", f"e.g. {named / 'other'}")
+    rc, _, err = _call(subspace, ["--a1", named / "other", "--a2", tmp_path / "both" / "other", "--quiet"], capsys)
+    assert rc == 0, err
+    # figures on the folder: lists what it found (the root's own adapter as '.'), analyses and reports; Table 7
+    # holds one rank only (q,v at r=2), so its claims are measured at that rank instead of failing
+    rc, out, err = _call(figures, ["--runs", tmp_path / "both", "--out", tmp_path / "fig"], capsys)
+    assert rc == 0, err
+    assert f"{tmp_path / 'both'}: 2 adapter(s): . (q, r=2), other (q,v, r=2)" in out
+    report = json.loads((tmp_path / "fig" / "report.json").read_text())
+    amp = next(c for c in report["claims"] if c["id"] == "amplification")
+    assert amp["measures"]["rank"] == 2 and amp["verdict"] != "not measured"
+
+
+def test_loralib_checkpoints_from_the_command_line(tmp_path, capsys):
+    """subspace compares loralib checkpoints without --alpha (φ does not depend on it); --enable-lora names the
+    slices of a MergedLinear whose shapes do not tell them; projection still needs --alpha (ΔW's norm does)."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path / "g")
+    g = torch.Generator().manual_seed(1)
+    for name in ("a", "b"):  # one group of rank 2: q, k or v? The shapes cannot say.
+        torch.save({"h.0.attn.c_attn.lora_A": torch.randn(2, 16, generator=g),
+                    "h.0.attn.c_attn.lora_B": torch.randn(16, 2, generator=g)}, tmp_path / f"{name}.pt")
+    js = tmp_path / "phi.json"
+    argv = ["--a1", tmp_path / "a.pt", "--a2", tmp_path / "b.pt", "--quiet"]
+    rc, _, err = _call(subspace, [*argv, "--enable-lora", "k", "--json", js], capsys)
+    assert rc == 0, err
+    assert list(json.loads(js.read_text())["modules"]) == ["h.0.attn.c_attn:k"]
+    _assert_bad(subspace, argv, capsys, tmp_path, "a.pt", "--enable-lora")
+    _assert_bad(subspace, [*argv, "--enable-lora", "True,False"], capsys, tmp_path, "--enable-lora True,False")
+    _assert_bad(projection, ["--adapter", tmp_path / "a.pt", "--base", tmp_path / "g", "--enable-lora", "v"],
+                capsys, tmp_path, "--alpha")
+    rc, _, err = _call(projection, ["--adapter", tmp_path / "a.pt", "--base", tmp_path / "g", "--enable-lora", "v",
+                                    "--alpha", 4, "--quiet", "--json", js], capsys)
+    assert rc == 0, err
+    assert list(json.loads(js.read_text())["modules"]) == ["h.0.attn.c_attn:v"]
 
 
 def test_subspace_default_run_trains_missing_adapter_first(run, tmp_path, capsys, monkeypatch):

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import D, make_adapter, tiny_bert_model
+from tiny_models import D, make_adapter, peft_named_adapters, tiny_bert_model
 
 from lora.errors import UserError
 from lora_analysis.load import adapters as runs
-from lora_analysis.load.adapters import index_run, load_adapter_dir, load_any, load_run_adapter
+from lora_analysis.load.adapters import index_run, load_adapter_dir, load_all, load_any, load_run_adapter
 from lora_analysis.load.base import BaseWeights
 
 
@@ -136,6 +136,23 @@ def test_real_peft_adapter(tiny_run, tmp_path):
     # in a run directory the unseeded peft adapter is the one at its rank, whatever seed is asked for
     shutil.copytree(tmp_path / "peft", tmp_path / "peft_run" / "lora4")
     assert index_run(tmp_path / "peft_run").select(rank=4, seed=0).name == "lora4"
+
+
+def test_peft_named_adapters_are_listed_and_loaded(tiny_run, tmp_path):
+    """A folder that peft's save_pretrained wrote with several adapters: index_run and load_all find each one
+    (the root as 'default' when it holds a config); a single-adapter load of the bare parent names them."""
+    peft_named_adapters(tiny_run / "base", tmp_path)
+    named, both = tmp_path / "named", tmp_path / "both"
+    assert [e.path for e in index_run(named).entries] == [named / "other", named / "third"]
+    assert sorted(e.path for e in index_run(both).entries) == [both, both / "other"]
+    loaded = load_all(named)
+    assert [a.path for a in loaded] == [named / "other", named / "third"] and [a.rank for a in loaded] == [2, 4]
+    assert loaded[1].weight_set == "v" and sorted(loaded[0].factors) == [
+        f"encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]
+    assert [a.path for a in load_all(both)] == [both, both / "other"]
+    assert [a.path for a in load_all(named / "third")] == [named / "third"]  # one adapter: itself
+    with pytest.raises(UserError, match=r"holds 2 named adapter\(s\) \(other, third\)"):
+        load_any(named)
 
 
 def test_gpt2_fused_qkv_splits_into_q_and_v(tmp_path):

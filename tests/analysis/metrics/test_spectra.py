@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -106,3 +107,58 @@ def test_intruder_dimensions_bad_input():
         intruder_dimensions(W0, A, B, scaling=1.0, k=3, threshold=0.0)
     with pytest.raises(ValueError, match="full SVD"):
         intruder_dimensions(W0, A, B, scaling=1.0, k=3, w0_svd=top_singular(W0, k=3))
+
+
+def _peft_intruder_counts(peft_model) -> dict[str, int]:
+    """peft's own intruders.py (reduce_intruder_dimension) on every LoRA layer: its logged count per layer."""
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+
+    lines: list[str] = []
+    reduce_intruder_dimension(peft_model, top_k=10, threshold_epsilon=0.5, logging_sink=lines.append)
+    rx = re.compile(r"base_model\.model\.(?P<name>\S+): (?:No intruders|Intruders: (?P<n>\d+))")
+    return {m["name"]: int(m["n"] or 0) for m in map(rx.fullmatch, lines) if m}
+
+
+def test_intruder_orientation_against_peft_on_gpt2_conv1d_and_bert_linear():
+    """W0 is (d_out, d_in) for every layer type, so side='left' is the output space everywhere. peft's intruders.py
+    SVDs the stored weight: on a Linear its count is our default; on a Conv1D (stored (d_in, d_out)) it is ours
+    with side='right', and on the fused c_attn it is the fused [W_q; W_k; W_v] counted once with side='right'.
+    We count c_attn per slice instead (W_q, W_v each with its own ΔW): documented in intruder_dimensions."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    gpt2 = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16)).double().eval()
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64)).double().eval()
+    seen = {"conv1d": 0, "fused": 0, "linear": 0, "sides_differ": 0}
+    for model, targets in ((gpt2, ["c_attn", "c_proj", "c_fc"]), (bert, ["query", "value"])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fan_in_fan_out on GPT-2's Conv1D is what peft wants; quiet its notice
+            pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=targets,
+                                                  fan_in_fan_out=model is gpt2))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.5)
+        layers = {n[len("base_model.model."):]: m for n, m in pm.named_modules() if hasattr(m, "lora_A")
+                  and "default" in getattr(m, "lora_A", {})}
+        # read the factors before peft's function adds its mitigated adapter
+        parts = {n: (m.get_base_layer().weight.detach().clone(), m.lora_A["default"].weight.detach().clone(),
+                     m.lora_B["default"].weight.detach().clone(), m.scaling["default"]) for n, m in layers.items()}
+        ref = _peft_intruder_counts(pm)
+        assert sorted(ref) == sorted(parts) and len(parts) >= 4
+        for name, (stored, A, B, s) in parts.items():
+            conv1d = model is gpt2
+            W0 = stored.T if conv1d else stored  # (d_out, d_in) for every layer type
+            left = intruder_dimensions(W0, A, B, scaling=s, k=10).count
+            right = intruder_dimensions(W0, A, B, scaling=s, k=10, side="right").count
+            assert ref[name] == (right if conv1d else left), (name, ref[name], left, right)
+            seen["sides_differ"] += left != right
+            # c_attn: peft's one count of the fused [W_q; W_k; W_v]; ours is per slice (tables/test_build.py)
+            seen["fused" if name.endswith("c_attn") else "conv1d" if conv1d else "linear"] += 1
+    # the comparison was not vacuous: every kind was seen, and left and right counts do differ somewhere
+    assert seen["conv1d"] >= 4 and seen["fused"] == 2 and seen["linear"] == 4 and seen["sides_differ"] > 0, seen

@@ -262,3 +262,31 @@ def test_singular_values_fused_keys_are_separate(tmp_path):
                                                                 ("transformer.h.0.attn.c_attn:v", "v")}
     f = a.factors["transformer.h.0.attn.c_attn:v"]
     np.testing.assert_allclose(sv[sv.weight_type == "v"]["sigma"], factored_svd(f.A, f.B, scaling=f.scaling).S)
+
+
+def test_intruders_per_slice_of_c_attn_and_output_side_of_c_proj(tmp_path):
+    """Intruder dimensions on GPT-2: the fused c_attn is counted per slice, W_t = c_attn.weight[:, t-th block]ᵀ
+    (d_out, d_in) with its own ΔW_t; a whole Conv1D (attn and mlp c_proj) on Wᵀ (d_out, d_in), so the default side
+    is the output space as on a Linear layer (see intruder_dimensions)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_analysis.load.adapters import load_adapter_dir
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=D, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "g")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "g")
+    stored = {n: model.transformer.h[0].get_submodule(n).weight.detach().double().clone()
+              for n in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")}
+    make_adapter(tmp_path / "g", tmp_path / "a", r=2, seed=0, targets=("q", "v", "c_proj"), model=model)
+    a = load_adapter_dir(tmp_path / "a")
+    sp = spectra_table(a, BaseWeights()).set_index("module")
+    expected_W = {"transformer.h.0.attn.c_attn:q": stored["attn.c_attn"][:, :D].T,
+                  "transformer.h.0.attn.c_attn:v": stored["attn.c_attn"][:, 2 * D:].T,
+                  "transformer.h.0.attn.c_proj": stored["attn.c_proj"].T,
+                  "transformer.h.0.mlp.c_proj": stored["mlp.c_proj"].T}  # (32, 128): d_out, d_in
+    assert sorted(sp.index) == sorted(expected_W)
+    for key, W in expected_W.items():
+        f = a.factors[key]
+        assert sp.loc[key, "n_intruders"] == intruder_dimensions(W, f.A, f.B, scaling=f.scaling).count, key
+    assert sp["n_intruders"].sum() > 0  # not a comparison of zeros
