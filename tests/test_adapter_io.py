@@ -374,6 +374,34 @@ def test_merge_cli_takes_a_loralib_qkv_checkpoint(tmp_path, gpt2_dir, capsys):
     assert err.count("\n") == 1 and "--enable-lora" in err and "qkv.pt" in err and not (tmp_path / "bad").exists()
 
 
+def test_merge_cli_equals_real_loralib_merged_linear(tmp_path, gpt2_dir):
+    """The real loralib package as the reference: a MergedLinear(enable_lora=[True, False, True],
+    fan_in_fan_out=True) on GPT-2's c_attn, its checkpoint merged by ``python -m lora.merge`` equals loralib's own
+    merge (``eval()`` folds s·ΔW into the weight)."""
+    loralib = pytest.importorskip("loralib")
+    r, alpha = 2, 8
+    base = _load(gpt2_dir, "GPT2Model")
+    c_attn = base.h[0].attn.c_attn  # Conv1D, weight (d_in, 3·d_out)
+    d_in, d_out3 = c_attn.weight.shape
+    layer = loralib.MergedLinear(d_in, d_out3, r=r, lora_alpha=alpha, enable_lora=[True, False, True],
+                                 fan_in_fan_out=True)
+    with torch.no_grad():
+        layer.weight.copy_(c_attn.weight)  # fan_in_fan_out: loralib stores (d_in, d_out) as Conv1D does
+        layer.bias.copy_(c_attn.bias)
+        g = torch.Generator().manual_seed(11)
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+    torch.save({f"h.0.attn.c_attn.{k}": v for k, v in loralib.lora_state_dict(layer).items()}, tmp_path / "qv.pt")
+    out = tmp_path / "merged"
+    assert merge_main(["--adapter", str(tmp_path / "qv.pt"), "--alpha", str(alpha), "--base", str(gpt2_dir),
+                       "--enable-lora", "q,v", "--out", str(out), "--quiet"]) == 0
+    layer.eval()  # loralib merges here
+    x = torch.randn(2, 5, d_in, generator=g)
+    merged = _load(out, "GPT2Model")
+    with torch.no_grad():
+        torch.testing.assert_close(merged.h[0].attn.c_attn(x), layer(x), atol=1e-4, rtol=1e-5)
+
+
 def test_loralib_enable_lora_flags_and_inference(tmp_path):
     from lora.adapter_io import parse_enable_lora
 
