@@ -15,27 +15,22 @@ Output, one directory per (weight set, seed), written atomically like an adapter
                                 modules with their shapes, lr, full_lr, steps
     metrics.json                as a LoRA point's (validation metric, loss curve, parameter counts), method "full"
 
-The analysis (:mod:`lora_analysis.load.full_finetune`) loads these beside the LoRA adapters of the run.
+:func:`lora.train.train_point` trains a full point with these pieces; the analysis (:mod:`lora_analysis.load.full_finetune`) loads these beside the LoRA adapters of the run.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lora.errors import UserError
 
-if TYPE_CHECKING:
-    from lora.config import TrainConfig
-    from lora.train import GridPoint
-
 __all__ = ["DELTA_NAME", "DESCRIPTION_NAME", "FORMAT", "HEAD_NAME", "check_full_targets", "delta_weights",
-           "full_target_paths", "train_full_point"]
+           "full_param_groups", "full_target_paths", "write_full_point"]
 
 DELTA_NAME = "delta_weights.safetensors"
 HEAD_NAME = "head.safetensors"
@@ -60,7 +55,7 @@ def full_target_paths(model: nn.Module, targets: Sequence[str], *, layers: Seque
     return list(plan)
 
 
-def check_full_targets(cfg: TrainConfig, points: Sequence[GridPoint], model: nn.Module) -> None:
+def check_full_targets(cfg: Any, points: Sequence[Any], model: nn.Module) -> None:
     """Fail before any training if a full fine-tuning point's weight set names a module it cannot train."""
     from lora.config import parse_target_set
 
@@ -78,25 +73,10 @@ def delta_weights(model: nn.Module, w0: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def train_full_point(cfg: TrainConfig, point: GridPoint, out_dir: str | os.PathLike, *,
-                     progress: bool = False) -> Path:
-    """Fully fine-tune ``point``'s weight matrices (and the head) and write its directory atomically.
-
-    Returns the directory; if it already exists the point counts as finished and nothing is trained.
-    """
-    from safetensors.torch import save_file
-
-    from lora import train
-    from lora.fsio import atomic_dir, write_json
-    from lora.inject import count_parameters, mark_only_lora_trainable
-
-    final = Path(out_dir) / point.name
-    if final.exists():
-        return final
-    prep = train.prepare(cfg)
-    model, heads = train._fresh_model(cfg, prep, point.seed)
-    paths = full_target_paths(model, point.targets, layers=cfg.layers)
-    mark_only_lora_trainable(model, modules_to_save=heads)  # no LoRA layer: this freezes all but the head
+def full_param_groups(model: nn.Module, paths: Sequence[str], cfg: Any) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+    """Make ``paths``' weight matrices trainable beside the already-trainable head; returns the AdamW groups
+    (matrices at ``cfg.full_lr`` without weight decay, the head at ``cfg.lr`` / ``cfg.weight_decay``) and W0, a
+    copy of each matrix before training."""
     head_params = [p for p in model.parameters() if p.requires_grad]
     mats = []
     for path in paths:
@@ -107,26 +87,34 @@ def train_full_point(cfg: TrainConfig, point: GridPoint, out_dir: str | os.PathL
     groups = [{"params": mats, "lr": cfg.full_lr, "weight_decay": 0.0}]
     if head_params:
         groups.append({"params": head_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-    result = train.fit(model, cfg, prep, seed=point.seed, point_name=point.name, progress=progress,
-                       desc=point.name, param_groups=groups)
+    return groups, w0
+
+
+def write_full_point(final: Path, model: nn.Module, w0: dict[str, Tensor], *, point: Any, cfg: Any, heads: Sequence[str],
+                     base_name: str, fingerprint: str, task: str, metric: str, result: Any) -> Path:
+    """Write one full fine-tuning directory atomically (see the module docstring); ``result`` is the trainer's
+    ``FitResult``."""
+    from safetensors.torch import save_file
+
+    from lora.fsio import atomic_dir, write_json
+    from lora.inject import count_parameters
+
     deltas = delta_weights(model, w0)
     counts = count_parameters(model)
-    metric = train._metric_name(prep.task.kind)
     metrics: dict[str, Any] = {
         "point": point.to_dict(), "method": "full", "metric": metric, "val_metric": result.val[metric],
         "val_loss": result.val["loss"], "val": result.val, "steps": result.steps,
         "train_loss": list(result.losses), "wall_time_s": round(result.wall_time_s, 3), "lora_params": 0,
-        "full_params": sum(int(m.numel()) for m in mats), "trainable_params": counts.trainable,
+        "full_params": sum(int(d.numel()) for d in deltas.values()), "trainable_params": counts.trainable,
         "total_params": counts.total, "modules_to_save": list(heads), "threads": torch.get_num_threads(),
     }
     description = {
         "format": FORMAT, "method": "full", "weight_set": point.weight_set, "targets": list(point.targets),
-        "seed": point.seed, "base_model_name_or_path": prep.base_name, "base_fingerprint": prep.fingerprint,
+        "seed": point.seed, "base_model_name_or_path": base_name, "base_fingerprint": fingerprint,
         "modules": {p: list(d.shape) for p, d in deltas.items()}, "lr": cfg.lr, "full_lr": cfg.full_lr,
-        "steps": result.steps, "task": prep.task.name, "modules_to_save": list(heads),
+        "steps": result.steps, "task": task, "modules_to_save": list(heads),
     }
-    head_tensors = {f"{name}": t.detach().to(torch.float32).contiguous()
-                    for name, t in model.state_dict().items()
+    head_tensors = {name: t.detach().to(torch.float32).contiguous() for name, t in model.state_dict().items()
                     if any(name == h or name.startswith(h + ".") or f".{h}." in f".{name}" for h in heads)}
     with atomic_dir(final) as tmp:
         save_file(deltas, str(tmp / DELTA_NAME), metadata={"format": FORMAT})
@@ -134,5 +122,4 @@ def train_full_point(cfg: TrainConfig, point: GridPoint, out_dir: str | os.PathL
             save_file(head_tensors, str(tmp / HEAD_NAME))
         write_json(tmp / DESCRIPTION_NAME, description)
         write_json(tmp / "metrics.json", metrics)
-    del model
     return final

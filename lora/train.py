@@ -432,9 +432,7 @@ def train_point(
     if final.exists():
         return final
     if point.method == "full":
-        from lora.full_ft import train_full_point
-
-        return train_full_point(cfg, point, out_dir, progress=progress)
+        return _train_full_point(cfg, point, final, progress=progress)
     prep = prepare(cfg)
     model, heads = _fresh_model(cfg, prep, point.seed)
     modules = inject_lora(
@@ -452,6 +450,23 @@ def train_point(
                  on_step=None if snaps is None else snaps.record)
     _write_point(final, model, point, prep, heads=heads, init_A=init_A, result=result, snapshots=snaps)
     return final
+
+
+def _train_full_point(cfg: TrainConfig, point: GridPoint, final: Path, *, progress: bool) -> Path:
+    """Full fine-tuning of ``point``'s matrices (:mod:`lora.full_ft`): same head init, data order, steps and
+    schedule as the LoRA points of its seed; writes ``final`` atomically."""
+    from lora.full_ft import full_param_groups, full_target_paths, write_full_point
+
+    prep = prepare(cfg)
+    model, heads = _fresh_model(cfg, prep, point.seed)
+    paths = full_target_paths(model, point.targets, layers=cfg.layers)
+    mark_only_lora_trainable(model, modules_to_save=heads)  # no LoRA layer: everything but the head frozen
+    groups, w0 = full_param_groups(model, paths, cfg)
+    result = fit(model, cfg, prep, seed=point.seed, point_name=point.name, progress=progress, desc=point.name,
+                 param_groups=groups)
+    return write_full_point(final, model, w0, point=point, cfg=cfg, heads=heads, base_name=prep.base_name,
+                            fingerprint=prep.fingerprint, task=prep.task.name,
+                            metric=_metric_name(prep.task.kind), result=result)
 
 
 def _write_point(

@@ -53,7 +53,7 @@ def test_grid_adds_one_full_point_per_seed(tiny_bert_dir):
 def test_delta_is_the_difference_of_the_weights(tiny_bert_dir, tmp_path, monkeypatch):
     """ΔW saved = W_ft − W0 of exactly the adapted matrices: the trained model is kept (by wrapping the trainer's
     fit) and its weights compared with the base's."""
-    from lora import full_ft, train
+    from lora import train
 
     kept = {}
     real_fit = train.fit
@@ -67,7 +67,7 @@ def test_delta_is_the_difference_of_the_weights(tiny_bert_dir, tmp_path, monkeyp
     cfg = _cfg(tiny_bert_dir, method=("full",))
     prep = prepare(cfg)
     point = grid_points(cfg, model=prep.template)[0]
-    d = full_ft.train_full_point(cfg, point, tmp_path)
+    d = train.train_point(cfg, point, tmp_path)
     deltas = load_file(d / DELTA_NAME)
     paths = full_target_paths(prep.template, ("q", "v"))
     assert sorted(deltas) == sorted(paths) and len(paths) == 4

@@ -40,6 +40,8 @@ from matplotlib.figure import Figure
 
 from lora.errors import UserError
 from lora.fsio import atomic_path, write_text
+from lora.rundir import FULL_PREFIX
+from lora_analysis.render.beyond_figures import dynamics_plot, full_spectrum_plot
 from lora_analysis.tables.aggregate import (
     QUALITY_COLUMNS,
     TABLE7_COLUMNS,
@@ -410,6 +412,11 @@ def table6_plot(quality: pd.DataFrame) -> Figure:
     metric = str(agg["metric_name"].iloc[0])
     fig, axes = _new_figure(1, 1, width=5.0, height=3.4)
     ax = axes[0, 0]
+    full = agg[agg["weight_set"].str.startswith(FULL_PREFIX)]  # full fine-tuning: no rank, a line across
+    for ws, sub in full.groupby("weight_set", sort=True):
+        ax.axhline(float(sub["mean"].iloc[0]), color="C3", ls=":", lw=1.2,
+                   label=f"full fine-tuning {{{ws[len(FULL_PREFIX):]}}}")
+    agg = agg[~agg["weight_set"].str.startswith(FULL_PREFIX)]
     for ws, sub in agg.groupby("weight_set", sort=True):
         ax.errorbar(sub["rank"], sub["mean"], yerr=sub["std"].fillna(0.0), marker="o", capsize=3,
                     label=_set_label(ws))
@@ -670,6 +677,8 @@ _FIGURES: list[tuple[str, Callable[[Mapping[str, pd.DataFrame]], Figure]]] = [
     ("table7_amplification", lambda t: table7_plot(t.get("table7"))),
     ("spectra", lambda t: spectra(t.get("spectra"), t.get("singular_values"))),
     ("init_control", lambda t: init_control(t.get("phi"))),
+    ("dynamics", lambda t: dynamics_plot(t.get("dynamics"))),
+    ("full_spectrum", lambda t: full_spectrum_plot(t.get("full_singular_values"), t.get("full_spectra"))),
 ]
 
 _TABLES: list[tuple[str, str, Callable[[Mapping[str, pd.DataFrame]], pd.DataFrame]]] = [
