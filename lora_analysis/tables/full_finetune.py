@@ -42,7 +42,7 @@ from lora_analysis.metrics.subspace import phi_grid
 from lora_analysis.tables.build import COLUMNS, NULL_DRAWS, _module_seed
 from lora_analysis.tables.select import PAPER_TABLE7_RANKS, nearest_rank
 
-__all__ = ["FULL_COLUMNS", "dense_factors", "full_finetune_tables", "full_tables"]
+__all__ = ["FULL_COLUMNS", "dense_factors", "effective_ranks", "full_finetune_tables", "full_tables"]
 
 FULL_COLUMNS: dict[str, list[str]] = {
     "full_spectra": ["module", "weight_type", "layer", "seed", "d_out", "d_in", "dw_norm", "stable_rank",
@@ -149,3 +149,19 @@ def full_finetune_tables(run_dir: str | os.PathLike, *, base: BaseWeights | None
             frames[name].append(t)
     return {name: (pd.concat(f, ignore_index=True) if f else pd.DataFrame(columns=FULL_COLUMNS[name]))
             for name, f in frames.items()}
+
+
+def effective_ranks(full_spectra: pd.DataFrame | None) -> pd.DataFrame:
+    """Full fine-tuning's ΔW per weight type and layer, mean over seeds: entropy effective rank, 90 %-energy rank
+    and stable rank beside a same-shape Gaussian's entropy rank (Section 4.1's hypothesis, layer by layer).
+
+    Raises:
+        MissingRows: without full fine-tuning rows.
+    """
+    from lora_analysis.tables.select import MissingRows
+
+    if full_spectra is None or len(full_spectra) == 0:
+        raise MissingRows("full_spectra: no full fine-tuning in this run")
+    cols = ["entropy_rank", "energy_rank_90", "stable_rank", "random_entropy_rank"]
+    out = full_spectra.groupby(["weight_type", "layer"], sort=True)[cols].mean()
+    return out.assign(seeds=full_spectra.groupby(["weight_type", "layer"], sort=True)["seed"].nunique()).reset_index()

@@ -41,7 +41,7 @@ from lora_analysis.verdicts.claims import (
 )
 
 __all__ = ["FLAT_PHI", "SNAPSHOT_CLAIMS", "Trajectory", "Trend", "claim_trajectories", "dynamics_json",
-           "settled_at", "top_overlap_trend"]
+           "settled_at", "top_overlap_trend", "trajectories_table"]
 
 SNAPSHOT_CLAIMS = CLAIM_IDS[:5]  # the claims a snapshot can be judged on (φ and Table 7)
 FLAT_PHI = 0.05  # "flat": the mean change of φ(1, 1) over training stays within ±0.05 (φ lies in [0, 1])
@@ -104,6 +104,15 @@ def claim_trajectories(per_step: Mapping[int, Mapping[str, pd.DataFrame]]) -> li
         out.append(Trajectory(cid, TITLES[cid], tuple(steps), verdicts, tuple(o for _, o in seq),
                               settled_at(steps, verdicts) if steps else None, verdicts[-1] if verdicts else NOT_MEASURED))
     return out
+
+
+def trajectories_table(per_step: Mapping[int, Mapping[str, pd.DataFrame]]) -> pd.DataFrame:
+    """The claims' verdicts per snapshot as a DataFrame: claim, one column per step, settles (for notebooks)."""
+    rows = []
+    for t in claim_trajectories(per_step):
+        rows.append({"claim": t.title, **{f"step {s}": v for s, v in zip(t.steps, t.verdicts, strict=True)},
+                     "settles": "never (within the run)" if t.settled_at is None else f"step {t.settled_at}"})
+    return pd.DataFrame(rows)
 
 
 @dataclass(frozen=True)

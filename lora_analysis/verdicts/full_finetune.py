@@ -43,7 +43,8 @@ from lora_analysis.verdicts.claims import (
     three_way,
 )
 
-__all__ = ["FULL_CLAIM_IDS", "LOW_RANK_RATIO", "evaluate_full_claims", "full_json", "full_quality"]
+__all__ = ["FULL_CLAIM_IDS", "LOW_RANK_RATIO", "evaluate_full_claims", "full_claims_table", "full_json",
+           "full_quality"]
 
 FULL_CLAIM_IDS = ("full_low_rank", "lora_captures_full_subspace", "full_amplification", "lora_more_intruders")
 LOW_RANK_RATIO = 0.5  # "low intrinsic rank": under half the effective rank of an unstructured (Gaussian) ΔW
@@ -186,6 +187,12 @@ def evaluate_full_claims(full: Mapping[str, pd.DataFrame], *, lora_table7: pd.Da
     """The claims of :data:`FULL_CLAIM_IDS` on the full fine-tuning tables."""
     return [_low_rank(full.get("full_spectra")), _captures(full.get("full_vs_lora")),
             _full_amp(full.get("full_table7"), lora_table7), _intruders(full.get("full_vs_lora"))]
+
+
+def full_claims_table(full: Mapping[str, pd.DataFrame], tables: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """The LoRA-vs-full claims as a DataFrame: claim, ours, verdict, rule (for notebooks)."""
+    claims = evaluate_full_claims(full, lora_table7=(tables or {}).get("table7"))
+    return pd.DataFrame([{"claim": c.title, "ours": c.ours, "verdict": c.verdict, "rule": c.rule} for c in claims])
 
 
 def full_json(claims: list[Claim], quality: Mapping[str, Any]) -> dict[str, Any]:
