@@ -160,7 +160,10 @@ def check_manifest_matches(out_dir: Path, manifest: Mapping[str, Any]) -> dict[s
     old = read_manifest(out_dir)
     if old is not None:
         for key, what in (("config", "config"), ("base_fingerprint", "base model weights")):
-            if old.get(key) != manifest[key]:
+            mine, theirs = old.get(key), manifest[key]
+            if key == "config":  # a run written before a config field existed holds that field's default
+                mine, theirs = _with_defaults(mine), _with_defaults(theirs)
+            if mine != theirs:
                 raise UserError(f"--out {out_dir}: holds a run with a different {what}; choose another --out")
         if (old.get("task") or {}).get("fingerprint") != manifest["task"]["fingerprint"]:
             raise UserError(f"--out {out_dir}: holds a run on different data; choose another --out")
@@ -168,6 +171,20 @@ def check_manifest_matches(out_dir: Path, manifest: Mapping[str, Any]) -> dict[s
     if out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
         raise UserError(f"--out {out_dir}: exists, is not empty and has no {MANIFEST}; choose another --out")
     return None
+
+
+def _with_defaults(config: Any) -> Any:
+    """A manifest's config with every :class:`lora.config.TrainConfig` field filled in (as ``to_dict`` writes it),
+    so a run written before a field was added (e.g. ``snapshot_steps``) still matches its own config; a config
+    that does not parse is compared as it is."""
+    from lora.config import TrainConfig
+
+    if not isinstance(config, dict):
+        return config
+    try:
+        return TrainConfig.from_dict(config, source="manifest").to_dict()
+    except UserError:
+        return config
 
 
 def _summary_row(adapter_dir: Path, probe: Mapping[str, Any]) -> dict[str, Any]:

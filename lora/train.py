@@ -962,7 +962,7 @@ def ensure_adapters(
         prep = prepare(cfg)
     points = grid_points(cfg, model=prep.template)
     wanted = parse_target_set(weight_set)
-    by_key = {(p.rank, p.seed): p for p in points if sorted(p.targets) == sorted(wanted)}
+    by_key = {(p.rank, p.seed): p for p in points if sorted(p.targets) == sorted(wanted) and p.method == "lora"}
     absent = [k for k in needed if k not in by_key]
     if absent:
         raise UserError(

@@ -109,3 +109,18 @@ def test_pack_is_refused_clearly(tiny_bert_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "packed")])
     err = capsys.readouterr().err
     assert code == 2 and "--pack" in err and "--snapshot-steps" in err and "Traceback" not in err
+
+
+def test_a_run_from_before_the_new_fields_still_matches(tmp_path):
+    """A manifest written before snapshot_steps / method / full_lr existed holds their defaults: it resumes,
+    while a config that differs in one of them is refused."""
+    from lora import rundir
+
+    cfg = TrainConfig(seeds=(0,))
+    new = {"config": cfg.to_dict(), "base_fingerprint": "x", "task": {"fingerprint": "t"}}
+    old = {**new, "config": {k: v for k, v in cfg.to_dict().items()
+                             if k not in ("snapshot_steps", "method", "full_lr")}}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    assert rundir.check_manifest_matches(tmp_path, new) is not None
+    with pytest.raises(UserError, match="different config"):
+        rundir.check_manifest_matches(tmp_path, {**new, "config": {**new["config"], "snapshot_steps": [0, 5]}})
