@@ -677,6 +677,9 @@ _FIGURES: list[tuple[str, Callable[[Mapping[str, pd.DataFrame]], Figure]]] = [
     ("table7_amplification", lambda t: table7_plot(t.get("table7"))),
     ("spectra", lambda t: spectra(t.get("spectra"), t.get("singular_values"))),
     ("init_control", lambda t: init_control(t.get("phi"))),
+]
+# Beyond Section 7 (training snapshots, full fine-tuning): drawn where the tables hold their rows
+_BEYOND_FIGURES: list[tuple[str, Callable[[Mapping[str, pd.DataFrame]], Figure]]] = [
     ("dynamics", lambda t: dynamics_plot(t.get("dynamics"))),
     ("full_spectrum", lambda t: full_spectrum_plot(t.get("full_singular_values"), t.get("full_spectra"))),
 ]
@@ -688,6 +691,7 @@ _TABLES: list[tuple[str, str, Callable[[Mapping[str, pd.DataFrame]], pd.DataFram
 ]
 
 FIGURE_NAMES = tuple(name for name, _ in _FIGURES)
+BEYOND_FIGURE_NAMES = tuple(name for name, _ in _BEYOND_FIGURES)
 
 
 def render_all(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, *, quiet: bool = True) -> list[Path]:
@@ -701,7 +705,8 @@ def render_all(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, *, quiet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    jobs = [("figure", n, f) for n, f in _FIGURES] + [("table", n, (title, f)) for n, title, f in _TABLES]
+    jobs = [("figure", n, f) for n, f in [*_FIGURES, *_BEYOND_FIGURES]]
+    jobs += [("table", n, (title, f)) for n, title, f in _TABLES]
     for kind, name, job in tqdm(jobs, desc="figures", disable=quiet, unit="fig"):
         try:
             if kind == "figure":
@@ -718,9 +723,9 @@ def render_all(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, *, quiet
 def draw(name: str, tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     """The figure ``name`` (one of :data:`FIGURE_NAMES`) from ``tables``, or ``None`` with the reason printed when
     the tables lack its rows (for notebooks and scripts that run on any adapter directory)."""
-    makers = dict(_FIGURES)
+    makers = dict([*_FIGURES, *_BEYOND_FIGURES])
     if name not in makers:
-        raise UserError(f"figure {name!r}: unknown; known: {', '.join(FIGURE_NAMES)}")
+        raise UserError(f"figure {name!r}: unknown; known: {', '.join(FIGURE_NAMES + BEYOND_FIGURE_NAMES)}")
     try:
         return makers[name](tables)
     except MissingRows as exc:
