@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from lora.errors import UserError
 
-__all__ = ["PREFIX", "SNAPSHOT_DIR", "SnapshotRecorder", "check_snapshot_steps", "snapshot_name", "step_of"]
+__all__ = ["PREFIX", "SNAPSHOT_DIR", "SnapshotRecorder", "check_snapshot_steps", "snapshot_name", "step_of",
+           "write_snapshots"]
 
 SNAPSHOT_DIR = "snapshots"
 PREFIX = "base_model.model."  # PEFT's key prefix (PeftModel -> LoraModel -> base model), as adapter_model.safetensors

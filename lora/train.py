@@ -10,7 +10,10 @@ With no options it trains the Section 7 grid of Hu et al. (2021) on the embedded
     runs/NAME/<set>_r<r>_s<seed>/   e.g. qv_r8_s0: adapter_config.json, adapter_model.safetensors (LoRA factors
                                     + task head, as PEFT writes modules_to_save), init.safetensors (A at step 0
                                     per module key), metrics.json (loss curve, validation metric, steps, wall
-                                    time, parameter counts)
+                                    time, parameter counts); with --snapshot-steps also snapshots/step_NNNNNN
+                                    .safetensors (A and B at those steps, :mod:`lora.snapshots`)
+    runs/NAME/<set>_full_s<seed>/   with --method full: full fine-tuning of the same matrices, delta_weights
+                                    .safetensors (ΔW = W_ft − W0), full_finetune.json, metrics.json (:mod:`lora.full_ft`)
 
 A grid point is finished iff its directory exists: each is written to a temporary sibling and renamed into
 place once complete (metrics.json included), so ``kill -9`` never leaves a partial adapter and a rerun
