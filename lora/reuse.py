@@ -7,9 +7,12 @@ depends only on its own settings (see :mod:`lora.train`), so training it again r
 the finished directory instead saves three of 36 adapter trainings.
 
 A source point is reused only when everything its files depend on is equal: the config apart from the fields
-that only shape the grid (``targets``, ``ranks``, ``budget``, ``seeds``, ``linear_probe``), the base model and
-its fingerprint, the task and its fingerprint, the package versions, the nested-init flag, the thread layout
-and the point itself (weight set, rank, seed, alpha). Otherwise the point is trained as usual.
+that only shape the grid (``targets``, ``ranks``, ``budget``, ``seeds``, ``linear_probe``, ``method``) or
+touch no LoRA point (``full_lr``), the base model and its fingerprint, the task and its fingerprint, the package
+versions, the nested-init flag, the thread layout and the point itself (weight set, rank, seed, alpha).
+Training snapshots (``snapshot_steps``) add files beside an adapter without changing it: a run that asks for
+none copies a point without its ``snapshots/``, and a run that asks for some reuses only a source with the same
+steps. Otherwise the point is trained as usual.
 """
 
 from __future__ import annotations
@@ -25,18 +28,23 @@ from lora.fsio import atomic_dir
 
 __all__ = ["GRID_ONLY_FIELDS", "copy_identical_points", "same_training"]
 
-# Config fields that choose which points a run holds, not how any one point is trained.
-GRID_ONLY_FIELDS = ("targets", "ranks", "budget", "seeds", "linear_probe")
+# Config fields that choose which points a run holds, or that touch no LoRA point, not how one is trained.
+GRID_ONLY_FIELDS = ("targets", "ranks", "budget", "seeds", "linear_probe", "method", "full_lr")
+SNAPSHOTS_FIELD, SNAPSHOTS_DIR = "snapshot_steps", "snapshots"
 _MANIFEST_KEYS = ("base_model", "base_fingerprint", "task", "versions", "nested_init", "layout")
 
 
 def same_training(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
     """Whether two run manifests train any point they share identically (see the module docstring)."""
     def settings(m: dict[str, Any]) -> tuple:
-        cfg = {k: v for k, v in (m.get("config") or {}).items() if k not in GRID_ONLY_FIELDS}
+        skip = (*GRID_ONLY_FIELDS, SNAPSHOTS_FIELD)
+        cfg = {k: v for k, v in (m.get("config") or {}).items() if k not in skip}
         return cfg, tuple(m.get(k) for k in _MANIFEST_KEYS)
 
-    return isinstance(theirs.get("config"), dict) and settings(ours) == settings(theirs)
+    if not isinstance(theirs.get("config"), dict) or settings(ours) != settings(theirs):
+        return False
+    wanted = list(ours["config"].get(SNAPSHOTS_FIELD) or ())
+    return not wanted or wanted == list(theirs["config"].get(SNAPSHOTS_FIELD) or ())
 
 
 def copy_identical_points(manifest: dict[str, Any], points: Sequence[Any], out: Path,
@@ -59,7 +67,9 @@ def copy_identical_points(manifest: dict[str, Any], points: Sequence[Any], out: 
                 continue
             if point != p.to_dict():
                 continue
+            # a run without snapshots gets none: its points look exactly as if trained here
+            skip = None if manifest["config"].get(SNAPSHOTS_FIELD) else shutil.ignore_patterns(SNAPSHOTS_DIR)
             with atomic_dir(out / p.name) as tmp:
-                shutil.copytree(twin, tmp, dirs_exist_ok=True)
+                shutil.copytree(twin, tmp, dirs_exist_ok=True, ignore=skip)
             copied.append(p.name)
     return copied

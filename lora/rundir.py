@@ -5,6 +5,8 @@ A run directory (written by :mod:`lora.train`, read by :mod:`lora_analysis`)::
     <run>/manifest.json           config, grid, base and data fingerprints, versions, linear-probe baseline
     <run>/summary.csv             one row per finished grid point (SUMMARY_COLUMNS)
     <run>/<set>_r<r>_s<seed>/     one PEFT-layout adapter directory per grid point, with metrics.json
+    <run>/<set>_full_s<seed>/     full fine-tuning of the same matrices (lora.full_ft): delta_weights.safetensors,
+                                  full_finetune.json, metrics.json
     <run>/table5/                 the Table 5 budget run (a run directory of its own), written by reproduce
 
 The default run directory is ``runs/default`` under the current directory, or ``$LORA_RUNS_DIR`` when set: the
@@ -27,6 +29,7 @@ from lora.fsio import write_text
 __all__ = [
     "MANIFEST",
     "METRICS",
+    "FULL_PREFIX",
     "QUICK_RUN_DIR",
     "RUNS_ENV",
     "SUMMARY",
@@ -35,6 +38,7 @@ __all__ = [
     "check_manifest_matches",
     "default_run_dir",
     "quality_rows",
+    "quality_weight_set",
     "read_json_object",
     "read_manifest",
     "write_summary",
@@ -49,6 +53,16 @@ SUMMARY_COLUMNS = (
     "name", "weight_set", "targets", "rank", "seed", "alpha", "metric", "val_metric", "val_loss",
     "linear_probe_metric", "lora_params", "trainable_params", "total_params", "steps", "wall_time_s",
 )
+
+
+FULL_PREFIX = "full:"  # quality rows of full fine-tuning: weight set "full:q,v" (rank 0), beside the LoRA sweep
+
+
+def quality_weight_set(point: Mapping[str, Any]) -> str:
+    """The ``weight_set`` a grid point has in summary.csv and the quality table: its own for LoRA, ``full:<set>``
+    for full fine-tuning (so no LoRA rank sweep or budget mixes it in)."""
+    ws = str(point["weight_set"])
+    return FULL_PREFIX + ws if point.get("method", "lora") == "full" else ws
 
 
 def default_run_dir() -> Path:
@@ -120,7 +134,7 @@ def quality_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             m = read_json_object(d / METRICS)
             p = m.get("point") or {}
             try:
-                rows.append({"weight_set": p["weight_set"], "rank": int(p["rank"]), "seed": int(p["seed"]),
+                rows.append({"weight_set": quality_weight_set(p), "rank": int(p["rank"]), "seed": int(p["seed"]),
                              "alpha": float(p["alpha"]), "trainable_params": int(m["trainable_params"]),
                              "val_metric": float(m["val_metric"]), "metric_name": m["metric"],
                              "wall_s": float(m["wall_time_s"])})
@@ -146,7 +160,10 @@ def check_manifest_matches(out_dir: Path, manifest: Mapping[str, Any]) -> dict[s
     old = read_manifest(out_dir)
     if old is not None:
         for key, what in (("config", "config"), ("base_fingerprint", "base model weights")):
-            if old.get(key) != manifest[key]:
+            mine, theirs = old.get(key), manifest[key]
+            if key == "config":  # a run written before a config field existed holds that field's default
+                mine, theirs = _with_defaults(mine), _with_defaults(theirs)
+            if mine != theirs:
                 raise UserError(f"--out {out_dir}: holds a run with a different {what}; choose another --out")
         if (old.get("task") or {}).get("fingerprint") != manifest["task"]["fingerprint"]:
             raise UserError(f"--out {out_dir}: holds a run on different data; choose another --out")
@@ -156,11 +173,25 @@ def check_manifest_matches(out_dir: Path, manifest: Mapping[str, Any]) -> dict[s
     return None
 
 
+def _with_defaults(config: Any) -> Any:
+    """A manifest's config with every :class:`lora.config.TrainConfig` field filled in (as ``to_dict`` writes it),
+    so a run written before a field was added (e.g. ``snapshot_steps``) still matches its own config; a config
+    that does not parse is compared as it is."""
+    from lora.config import TrainConfig
+
+    if not isinstance(config, dict):
+        return config
+    try:
+        return TrainConfig.from_dict(config, source="manifest").to_dict()
+    except UserError:
+        return config
+
+
 def _summary_row(adapter_dir: Path, probe: Mapping[str, Any]) -> dict[str, Any]:
     m = read_json_object(adapter_dir / METRICS)
     p = m["point"]
     return {
-        "name": p["name"], "weight_set": p["weight_set"], "targets": " ".join(p["targets"]), "rank": p["rank"],
+        "name": p["name"], "weight_set": quality_weight_set(p), "targets": " ".join(p["targets"]), "rank": p["rank"],
         "seed": p["seed"], "alpha": p["alpha"], "metric": m["metric"], "val_metric": m["val_metric"],
         "val_loss": m["val_loss"], "linear_probe_metric": probe.get("val_metric", ""),
         "lora_params": m["lora_params"], "trainable_params": m["trainable_params"],

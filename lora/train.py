@@ -11,7 +11,10 @@ With no options it trains the Section 7 grid of Hu et al. (2021) on the embedded
                                     base fingerprint, weight set...), adapter_model.safetensors (LoRA factors
                                     + task head, as PEFT writes modules_to_save), init.safetensors (A at step 0
                                     per module key), metrics.json (loss curve, validation metric, steps, wall
-                                    time, parameter counts)
+                                    time, parameter counts); with --snapshot-steps also snapshots/step_NNNNNN
+                                    .safetensors (A and B at those steps, :mod:`lora.snapshots`)
+    runs/NAME/<set>_full_s<seed>/   with --method full: full fine-tuning of the same matrices, delta_weights
+                                    .safetensors (ΔW = W_ft − W0), full_finetune.json, metrics.json (:mod:`lora.full_ft`)
 
 A grid point is finished iff its directory exists: each is written to a temporary sibling and renamed into
 place once complete (metrics.json included), so ``kill -9`` never leaves a partial adapter and a rerun
@@ -91,12 +94,15 @@ class GridPoint:
         rank: LoRA rank r.
         seed: its seed.
         alpha: LoRA alpha (``s = alpha / r``).
+        method: ``"lora"``, or ``"full"`` for full fine-tuning of the same matrices (:mod:`lora.full_ft`; rank and
+            alpha 0).
     """
 
     weight_set: str
     rank: int
     seed: int
     alpha: float
+    method: str = "lora"
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -104,12 +110,15 @@ class GridPoint:
 
     @property
     def name(self) -> str:
-        """Directory name: ``<weight set label>_r<rank>_s<seed>``, e.g. ``qv_r8_s0`` or ``qkvo_r2_s1``."""
+        """Directory name: ``<weight set label>_r<rank>_s<seed>``, e.g. ``qv_r8_s0`` or ``qkvo_r2_s1``; full
+        fine-tuning ``<label>_full_s<seed>``, e.g. ``qv_full_s0``."""
+        if self.method == "full":
+            return f"{weight_set_label(self.weight_set)}_full_s{self.seed}"
         return f"{weight_set_label(self.weight_set)}_r{self.rank}_s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "weight_set": self.weight_set, "targets": list(self.targets),
-                "rank": self.rank, "seed": self.seed, "alpha": self.alpha}
+                "rank": self.rank, "seed": self.seed, "alpha": self.alpha, "method": self.method}
 
 
 def lora_params_per_rank(model: nn.Module, weight_set: str, *, layers: Sequence[int] | None = None) -> int:
@@ -129,18 +138,23 @@ def grid_points(cfg: TrainConfig, *, model: nn.Module | None = None) -> list[Gri
     """The grid in a fixed order: weight sets (as given) × ranks × seeds.
 
     With ``cfg.budget`` each weight set gets the one rank ``max(1, round(budget / params_per_rank))``; that needs
-    the base ``model`` (loaded if not given).
+    the base ``model`` (loaded if not given). With ``"full"`` in ``cfg.method``, each weight set then gets one full
+    fine-tuning point per seed (after its LoRA points).
     """
     points = []
     for ws in cfg.targets:
-        if cfg.budget is not None:
+        if "lora" not in cfg.method:
+            ranks: Sequence[int] = ()
+        elif cfg.budget is not None:
             base = model if model is not None else prepare(cfg).template
-            ranks: Sequence[int] = (max(1, round(cfg.budget / lora_params_per_rank(base, ws, layers=cfg.layers))),)
+            ranks = (max(1, round(cfg.budget / lora_params_per_rank(base, ws, layers=cfg.layers))),)
         else:
             ranks = cfg.ranks
         for r in ranks:
             for s in cfg.seeds:
                 points.append(GridPoint(ws, int(r), int(s), cfg.scale_alpha(int(r))))
+        if "full" in cfg.method:
+            points += [GridPoint(ws, 0, int(s), 0.0, "full") for s in cfg.seeds]
     names = [p.name for p in points]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -331,17 +345,19 @@ class FitResult:
 
 def fit(
     model: nn.Module, cfg: TrainConfig, prep: Prepared, *, seed: int, point_name: str, progress: bool = False,
-    desc: str = "",
+    desc: str = "", param_groups: list[dict[str, Any]] | None = None, on_step: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train the trainable parameters of ``model`` (AdamW, linear warmup/decay) and evaluate on validation.
 
     Data order comes from ``seed`` alone (every rank of a seed sees the same batches); dropout's random
-    stream from ``(seed, point_name)``.
+    stream from ``(seed, point_name)``. ``param_groups`` (AdamW groups with their own ``lr`` / ``weight_decay``,
+    e.g. full fine-tuning's) replace the one group of every trainable parameter; the schedule scales each.
+    ``on_step(n)`` is called with the number of optimizer steps taken, 0 before the first (snapshots).
     """
     from tqdm.auto import tqdm
 
     steps = cfg.total_steps(len(prep.train))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups if param_groups is not None else [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, int(cfg.warmup_fraction * steps)))
     torch.manual_seed(_seed_of(seed, "dropout", point_name))
@@ -351,6 +367,8 @@ def fit(
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=steps, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    if on_step is not None:
+        on_step(0)
     for batch in batches:
         loss = loss_fn(model, batch, kind=prep.task.kind)
         opt.zero_grad(set_to_none=True)
@@ -358,6 +376,8 @@ def fit(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(len(losses))
         bar.update(1)
         if len(losses) % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
@@ -415,6 +435,8 @@ def train_point(
     final = Path(out_dir) / point.name
     if final.exists():
         return final
+    if point.method == "full":
+        return _train_full_point(cfg, point, final, progress=progress)
     prep = prepare(cfg)
     model, heads = _fresh_model(cfg, prep, point.seed)
     modules = inject_lora(
@@ -423,14 +445,37 @@ def train_point(
     )
     mark_only_lora_trainable(model, modules_to_save=heads)
     init_A = _module_key_A(modules)
-    result = fit(model, cfg, prep, seed=point.seed, point_name=point.name, progress=progress, desc=point.name)
-    _write_point(final, model, point, prep, heads=heads, init_A=init_A, result=result)
+    snaps = None
+    if cfg.snapshot_steps:
+        from lora.snapshots import SnapshotRecorder
+
+        snaps = SnapshotRecorder(model, cfg.snapshot_steps)
+    result = fit(model, cfg, prep, seed=point.seed, point_name=point.name, progress=progress, desc=point.name,
+                 on_step=None if snaps is None else snaps.record)
+    _write_point(final, model, point, prep, heads=heads, init_A=init_A, result=result, snapshots=snaps)
     return final
+
+
+def _train_full_point(cfg: TrainConfig, point: GridPoint, final: Path, *, progress: bool) -> Path:
+    """Full fine-tuning of ``point``'s matrices (:mod:`lora.full_ft`): same head init, data order, steps and
+    schedule as the LoRA points of its seed; writes ``final`` atomically."""
+    from lora.full_ft import full_param_groups, full_target_paths, write_full_point
+
+    prep = prepare(cfg)
+    model, heads = _fresh_model(cfg, prep, point.seed)
+    paths = full_target_paths(model, point.targets, layers=cfg.layers)
+    mark_only_lora_trainable(model, modules_to_save=heads)  # no LoRA layer: everything but the head frozen
+    groups, w0 = full_param_groups(model, paths, cfg)
+    result = fit(model, cfg, prep, seed=point.seed, point_name=point.name, progress=progress, desc=point.name,
+                 param_groups=groups)
+    return write_full_point(final, model, w0, point=point, cfg=cfg, heads=heads, base_name=prep.base_name,
+                            fingerprint=prep.fingerprint, task=prep.task.name,
+                            metric=_metric_name(prep.task.kind), result=result)
 
 
 def _write_point(
     final: Path, model: nn.Module, point: GridPoint, prep: Prepared, *, heads: tuple[str, ...],
-    init_A: dict[str, Tensor], result: FitResult, extra_metrics: dict[str, Any] | None = None,
+    init_A: dict[str, Tensor], result: FitResult, extra_metrics: dict[str, Any] | None = None, snapshots=None,
 ) -> None:
     """Write one trained adapter directory atomically: the adapter (:func:`lora.adapter_io.save_adapter`),
     ``init.safetensors`` and ``metrics.json``. ``model`` holds this point's LoRA layers alone, with only the LoRA
@@ -467,6 +512,8 @@ def _write_point(
                      task_type=task_type, init_A=init_A, extra_config=extra, overwrite=True)
         if not (tmp / "init.safetensors").exists():
             save_file(init_A, str(tmp / "init.safetensors"))
+        if snapshots is not None:
+            snapshots.write(tmp)  # inside the temporary directory: renamed into place with the adapter
         write_json(tmp / "metrics.json", metrics)
 
 
@@ -784,6 +831,7 @@ def run_sweep(
     points = grid_points(cfg, model=prep.template)
     check_points(cfg, points, prep.template)
     head_modules(cfg, prep.template, prep.task.kind)
+    _check_extras(cfg, points, prep, pack=pack)
     if pack:
         check_packable(cfg, points, prep.template)
         if pack_size is not None and pack_size < 1:
@@ -796,6 +844,27 @@ def run_sweep(
         _on_rank0(rank, world, lambda: _open_run_dir(out, manifest, lock, points=points, reuse=reuse))
         return _sweep(cfg, out, points, prep, rank=rank, world=world, progress=progress, pack=pack,
                       pack_size=pack_size, workers=workers)
+
+
+def _check_extras(cfg: TrainConfig, points: Sequence[GridPoint], prep: Prepared, *, pack: bool) -> None:
+    """Fail before any training on settings of snapshots and full fine-tuning that cannot work."""
+    if cfg.snapshot_steps:
+        from lora.snapshots import check_snapshot_steps
+
+        check_snapshot_steps(cfg.snapshot_steps, cfg.total_steps(len(prep.train)))
+        for ws in dict.fromkeys(p.weight_set for p in points if p.method == "lora"):
+            for path, slices in resolve_targets(prep.template, parse_target_set(ws), layers=cfg.layers).items():
+                m = prep.template.get_submodule(path)
+                if slices or not isinstance(m, nn.Linear):
+                    raise UserError(f"--snapshot-steps: {path} ({ws}) is a {type(m).__name__}"
+                                    f"{' slice' if slices else ''}; snapshots support nn.Linear targets only")
+    if "full" in cfg.method:
+        from lora.full_ft import check_full_targets
+
+        check_full_targets(cfg, points, prep.template)
+    if pack and (cfg.snapshot_steps or "full" in cfg.method):
+        what = "--snapshot-steps" if cfg.snapshot_steps else "--method full"
+        raise UserError(f"--pack: packs LoRA points without snapshots; train {what} without --pack")
 
 
 def _open_run_dir(out: Path, manifest: dict[str, Any], lock: contextlib.ExitStack, *,
@@ -947,7 +1016,7 @@ def ensure_adapters(
         prep = prepare(cfg)
     points = grid_points(cfg, model=prep.template)
     wanted = parse_target_set(weight_set)
-    by_key = {(p.rank, p.seed): p for p in points if sorted(p.targets) == sorted(wanted)}
+    by_key = {(p.rank, p.seed): p for p in points if sorted(p.targets) == sorted(wanted) and p.method == "lora"}
     absent = [k for k in needed if k not in by_key]
     if absent:
         raise UserError(
@@ -1073,8 +1142,11 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.pack == "auto":
         from lora.packed import packing_pays
 
-        pack, why = packing_pays(batch_size=cfg.batch_size, max_length=cfg.max_length, workers=workers,
-                                 dropout=cfg.dropout)
+        if cfg.snapshot_steps or "full" in cfg.method:  # packing refuses both (_check_extras): never choose it
+            pack, why = False, "--snapshot-steps and --method full train one by one"
+        else:
+            pack, why = packing_pays(batch_size=cfg.batch_size, max_length=cfg.max_length, workers=workers,
+                                     dropout=cfg.dropout)
         if not args.quiet:
             print(f"--pack auto: {'packing' if pack else 'one by one'} ({why})", file=sys.stderr)
     result = run_sweep(cfg, args.out or rundir.default_run_dir(), progress=not args.quiet, pack=pack,

@@ -16,6 +16,7 @@ from pathlib import Path
 from lora import rundir
 from lora.fsio import remove_stale_temps
 from lora_analysis.cli import check_output_dir, entry_point, new_parser
+from lora_analysis.tables.beyond import load_beyond
 from lora_analysis.tables.build import write_tables
 from lora_analysis.tables.cache import check_run_dir, load_tables, write_cache
 
@@ -39,9 +40,11 @@ def analyse_and_render(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     tables = load_tables(run_dir, progress=not quiet)
     if rundir.read_manifest(run_dir) is not None:
         write_cache(Path(run_dir), tables)  # notebooks on this run then load instantly
+    beyond = load_beyond(run_dir, progress=not quiet)  # snapshots and full fine-tuning, where the run has them
+    tables = {**tables, **beyond.tables()}
     written = write_tables(tables, out / "tables")
     written += render_all(tables, out, quiet=quiet)
-    written += write_report(tables, out, setup=setup_from_run(run_dir), validation=validation)
+    written += write_report(tables, out, setup=setup_from_run(run_dir), validation=validation, beyond=beyond)
     return written
 
 

@@ -3,7 +3,8 @@
 ``python -m lora_analysis.reproduce`` (console script ``lora-reproduce``) runs four stages:
 
 1. **Train or resume** with :func:`lora.train.run_sweep` (finished grid points are skipped):
-   - ``<runs>``: ranks 1 2 4 8 64 × seeds 0 1 2 on {W_q, W_v} (Table 6, Figures 3, 4, 6–8, Table 7);
+   - ``<runs>``: ranks 1 2 4 8 64 × seeds 0 1 2 on {W_q, W_v} (Table 6, Figures 3, 4, 6–8, Table 7), each adapter
+     with snapshots at steps 0 25 50 100 200, and one full fine-tuning of {W_q, W_v} per seed (``qv_full_s<seed>``);
    - ``<runs>/table5``: the Table 5 weight sets {q} {k} {v} {o} {q,k} {q,v} {q,k,v,o} at one budget of LoRA
      parameters, the {W_q} r = 8 budget (so r = 8, 4, 2 for one, two, four weight types, as the paper).
 2. **Analyse** every adapter (:func:`lora_analysis.tables.cache.load_tables`), and run the quick planted-rank
@@ -12,8 +13,9 @@
    tables into ``<out>/tables``.
 4. **Judge and report**: ``<out>/REPORT.md`` and ``<out>/report.json`` (:mod:`lora_analysis.verdicts`).
 
-``--quick`` is a smoke test of the same pipeline on a tiny grid (ranks 2 4, seeds 0 1, a few steps, no
-validation) into ``runs/quick`` and ``figures/quick`` unless ``--runs`` / ``--out`` say otherwise, so it never
+``--quick`` is a smoke test of the same pipeline on a tiny grid (ranks 2 4, seeds 0 1, a few steps with
+snapshots at 0 1 3, full fine-tuning per seed, no validation) into ``runs/quick`` and ``figures/quick`` unless
+``--runs`` / ``--out`` say otherwise, so it never
 mixes with the real run.
 """
 
@@ -56,17 +58,21 @@ def default_plan() -> GridPlan:
     """The paper's Section 7 grid on the embedded default (trainer defaults: MiniLM, chatterbot, 200 steps)."""
     from lora.config import TABLE5_SETS
 
-    return GridPlan(sweep={"targets": ("q,v",), "ranks": (1, 2, 4, 8, 64), "seeds": (0, 1, 2)},
+    return GridPlan(sweep={"targets": ("q,v",), "ranks": (1, 2, 4, 8, 64), "seeds": (0, 1, 2),
+                           "snapshot_steps": DEFAULT_SNAPSHOTS, "method": ("lora", "full")},
                     table5={"targets": TABLE5_SETS, "seeds": (0, 1, 2)})
 
 
+# Training snapshots of the rank sweep: the start, early, mid and the last of the default 200 steps (disk, not time)
+DEFAULT_SNAPSHOTS = (0, 25, 50, 100, 200)
 QUICK_SETTINGS = {"steps": 3, "batch_size": 8, "max_length": 16, "linear_probe": False}
 
 
 def quick_plan() -> GridPlan:
     """A tiny grid for tests and CI: every stage runs, nothing is meant to be accurate (seconds per point)."""
     return GridPlan(
-        sweep={"targets": ("q,v",), "ranks": (2, 4), "seeds": (0, 1), **QUICK_SETTINGS},
+        sweep={"targets": ("q,v",), "ranks": (2, 4), "seeds": (0, 1), **QUICK_SETTINGS, "snapshot_steps": (0, 1, 3),
+               "method": ("lora", "full")},
         table5={"targets": ("q", "v", "q,v"), "seeds": (0,), **QUICK_SETTINGS},
         table5_rank=4,
         validation=False,
@@ -161,7 +167,8 @@ def _run(argv: Sequence[str] | None = None) -> int:
     parser = new_parser(
         "python -m lora_analysis.reproduce",
         "Reproduce Section 7 of the LoRA paper end to end: train or resume the default grid (ranks "
-                    "1 2 4 8 64 x seeds 0 1 2 on q,v, plus the Table 5 weight sets at one parameter budget), "
+                    "1 2 4 8 64 x seeds 0 1 2 on q,v with snapshots at steps 0 25 50 100 200, one full fine-tuning "
+                    "of q,v per seed, plus the Table 5 weight sets at one parameter budget), "
                     "analyse every adapter, render every figure and write REPORT.md. Rerunning resumes: finished "
                     "adapters are skipped.",
     )
@@ -173,7 +180,8 @@ def _run(argv: Sequence[str] | None = None) -> int:
                         help="figures, tables and REPORT.md (default: figures, the folder the README links to; "
                              "with --quick figures/quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny grid (ranks 2 4, seeds 0 1, 3 steps; Table 5 with q, v, q,v; no validation): "
+                        help="tiny grid (ranks 2 4, seeds 0 1, 3 steps, snapshots 0 1 3, full fine-tuning; Table 5 "
+                             "with q, v, q,v; no validation): "
                              "a smoke test of every stage in minutes, not a result")
     parser.add_argument("--no-train", action="store_true",
                         help="do not train; analyse whatever the run directory already holds")

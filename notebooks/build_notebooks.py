@@ -6,7 +6,7 @@ changes, no unseeded randomness. Their first code cell is tagged ``parameters`` 
 :func:`execute` overrides them by inserting a cell after it, as papermill does (the tests point them at a tiny
 run).
 
-    python notebooks/build_notebooks.py             # write the five .ipynb files (unexecuted)
+    python notebooks/build_notebooks.py             # write the six .ipynb files (unexecuted)
     python notebooks/build_notebooks.py --execute   # write and execute them in place (figures embedded)
 
 ``--execute`` is how the committed notebooks are produced once ``python -m lora_analysis.reproduce`` has
@@ -178,12 +178,51 @@ def planted_rank() -> nbformat.NotebookNode:
     ])
 
 
+def dynamics_and_full_finetuning() -> nbformat.NotebookNode:
+    return _nb([
+        new_markdown_cell(
+            "# Beyond Section 7: how the subspace forms, and full fine-tuning as the reference\n\n"
+            "**Training snapshots.** `python -m lora.train --snapshot-steps 0 25 50 100 200` saves every adapter's "
+            "$A$ and $B$ at those steps (`<adapter>/snapshots/`). Each Section 7 quantity is followed across the "
+            "steps, and each claim is judged at every step with its own null, interval and rule: does a verdict "
+            "*settle*, or does it still change when training stops?\n\n"
+            "**Full fine-tuning.** `--method full` trains the same matrices ($W_q$, $W_v$) in full, with the same "
+            "data, steps, seeds and head, and saves $\\Delta W = W_{ft} - W_0$. Section 4.1 *hypothesises* that this "
+            "update has a low intrinsic rank; here it is measured, and LoRA's subspace is compared with it (random "
+            "null: $E[\\phi(r, r)] = r/d$)."),
+        _params(),
+        new_code_cell("%matplotlib inline\nfrom lora_analysis.render import figures\n"
+                      "from lora_analysis.tables.beyond import load_beyond\n"
+                      "from lora_analysis.tables.cache import load_tables\n"
+                      "from lora_analysis.tables.full_finetune import effective_ranks\n"
+                      "from lora_analysis.verdicts.dynamics import top_overlap_trend, trajectories_table\n"
+                      "from lora_analysis.verdicts.full_finetune import full_claims_table, full_quality\n\n"
+                      "tables = load_tables(RUN_DIR, cache=True)\n"
+                      "beyond = load_beyond(RUN_DIR)  # the snapshots' and the full fine-tuning's tables\n"
+                      "tables = {**tables, **beyond.tables()}"),
+        new_markdown_cell("## Each quantity against the training step (one line per layer; grey: the random null)"),
+        new_code_cell('figures.draw("dynamics", tables);'),
+        new_markdown_cell("## When does each claim's verdict settle?"),
+        new_code_cell("trajectories_table(beyond.per_step)"),
+        new_markdown_cell("## Does the top-direction overlap grow, shrink, or stay flat with training?"),
+        new_code_cell("print(top_overlap_trend(beyond.dynamics).text())"),
+        new_markdown_cell("## Full fine-tuning's $\\Delta W$: spectrum and effective ranks, layer by layer"),
+        new_code_cell('figures.draw("full_spectrum", tables);'),
+        new_code_cell('effective_ranks(beyond.full.get("full_spectra"))'),
+        new_code_cell('figures.tabulate("table6", tables)'),
+        new_markdown_cell("## Validation accuracy beside LoRA's, and LoRA against full fine-tuning"),
+        new_code_cell("full_quality(tables[\"quality\"])"),
+        new_code_cell("full_claims_table(beyond.full, tables)"),
+    ])
+
+
 NOTEBOOKS = {
     "01_subspace_similarity.ipynb": subspace_similarity,
     "02_delta_w_vs_w.ipynb": delta_w_vs_w,
     "03_rank_and_weight_types.ipynb": rank_and_weight_types,
     "04_your_own_adapters.ipynb": your_own_adapters,
     "05_planted_rank.ipynb": planted_rank,
+    "06_dynamics_and_full_finetuning.ipynb": dynamics_and_full_finetuning,
 }
 
 

@@ -429,13 +429,17 @@ def test_linear_probe_is_trained_once_per_probe_setting(tiny_bert_dir, one_threa
 
 def test_reuse_copies_only_identically_trained_points(tiny_bert_dir, tmp_path, one_thread):
     # The main job's Table 5 {q, v} point is the sweep's qv_r4 training: copied from the sweep, it is bitwise the
-    # adapter a fresh training gives; a run whose training differs (here the lr) must train its own.
-    sweep = _tiny_cfg(tiny_bert_dir, ranks=(2, 4), linear_probe=False)
+    # adapter a fresh training gives; a run whose training differs (here the lr) must train its own. The sweep
+    # keeps training snapshots, as the main job's does; Table 5 asks for none and gets none.
+    sweep = _tiny_cfg(tiny_bert_dir, ranks=(2, 4), linear_probe=False, snapshot_steps=(0, 2))
     run_sweep(sweep, tmp_path / "sweep", progress=False)
     table5 = _tiny_cfg(tiny_bert_dir, targets=("q", "q,v"), ranks=(4,), linear_probe=False)
     got = run_sweep(table5, tmp_path / "t5", progress=False, reuse=[tmp_path / "sweep"])
     assert got.trained == ("q_r4_s0",)  # qv_r4_s0 was finished (copied) before training began
-    assert _snapshot(tmp_path / "t5" / "qv_r4_s0") == _snapshot(tmp_path / "sweep" / "qv_r4_s0")
+    source = _snapshot(tmp_path / "sweep" / "qv_r4_s0")
+    assert any(k.startswith("snapshots/") for k in source)
+    assert _snapshot(tmp_path / "t5" / "qv_r4_s0") == {k: v for k, v in source.items()
+                                                         if not k.startswith("snapshots/")}
     fresh = run_sweep(table5, tmp_path / "fresh", progress=False)
     assert fresh.trained == ("q_r4_s0", "qv_r4_s0")
     _assert_same_tensors(_tensors(tmp_path / "fresh"), _tensors(tmp_path / "t5"))
@@ -458,6 +462,13 @@ def test_same_training_ignores_only_the_grid_fields():
                        ("task", {"fingerprint": "u"})):
         assert not same_training(base, {**base, key: value})
     assert not same_training(base, {"grid": []})  # not a run manifest
+    # snapshots and full fine-tuning do not change a LoRA point: a run without snapshots reuses one with them, a
+    # run with snapshots only a source with the same steps
+    snap = {**base, "config": {**base["config"], "snapshot_steps": [0, 25], "method": ["lora", "full"],
+                               "full_lr": 3e-4}}
+    assert same_training(base, snap) and same_training(snap, snap)
+    assert not same_training(snap, base)
+    assert not same_training(snap, {**snap, "config": {**snap["config"], "snapshot_steps": [0, 50]}})
 
 
 def test_the_probe_trained_in_the_worker_pool_is_the_one_process_probe(tiny_bert_dir, tmp_path, one_thread,

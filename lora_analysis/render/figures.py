@@ -40,6 +40,8 @@ from matplotlib.figure import Figure
 
 from lora.errors import UserError
 from lora.fsio import atomic_path, write_text
+from lora.rundir import FULL_PREFIX
+from lora_analysis.render.beyond_figures import dynamics_plot, full_spectrum_plot
 from lora_analysis.tables.aggregate import (
     QUALITY_COLUMNS,
     TABLE7_COLUMNS,
@@ -410,6 +412,11 @@ def table6_plot(quality: pd.DataFrame) -> Figure:
     metric = str(agg["metric_name"].iloc[0])
     fig, axes = _new_figure(1, 1, width=5.0, height=3.4)
     ax = axes[0, 0]
+    full = agg[agg["weight_set"].str.startswith(FULL_PREFIX)]  # full fine-tuning: no rank, a line across
+    for ws, sub in full.groupby("weight_set", sort=True):
+        ax.axhline(float(sub["mean"].iloc[0]), color="C3", ls=":", lw=1.2,
+                   label=f"full fine-tuning {{{ws[len(FULL_PREFIX):]}}}")
+    agg = agg[~agg["weight_set"].str.startswith(FULL_PREFIX)]
     for ws, sub in agg.groupby("weight_set", sort=True):
         ax.errorbar(sub["rank"], sub["mean"], yerr=sub["std"].fillna(0.0), marker="o", capsize=3,
                     label=_set_label(ws))
@@ -671,6 +678,11 @@ _FIGURES: list[tuple[str, Callable[[Mapping[str, pd.DataFrame]], Figure]]] = [
     ("spectra", lambda t: spectra(t.get("spectra"), t.get("singular_values"))),
     ("init_control", lambda t: init_control(t.get("phi"))),
 ]
+# Beyond Section 7 (training snapshots, full fine-tuning): drawn where the tables hold their rows
+_BEYOND_FIGURES: list[tuple[str, Callable[[Mapping[str, pd.DataFrame]], Figure]]] = [
+    ("dynamics", lambda t: dynamics_plot(t.get("dynamics"))),
+    ("full_spectrum", lambda t: full_spectrum_plot(t.get("full_singular_values"), t.get("full_spectra"))),
+]
 
 _TABLES: list[tuple[str, str, Callable[[Mapping[str, pd.DataFrame]], pd.DataFrame]]] = [
     ("table5", "Table 5: validation metric per weight set at one parameter budget", lambda t: table5(t.get("quality"))),
@@ -679,6 +691,7 @@ _TABLES: list[tuple[str, str, Callable[[Mapping[str, pd.DataFrame]], pd.DataFram
 ]
 
 FIGURE_NAMES = tuple(name for name, _ in _FIGURES)
+BEYOND_FIGURE_NAMES = tuple(name for name, _ in _BEYOND_FIGURES)
 
 
 def render_all(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, *, quiet: bool = True) -> list[Path]:
@@ -692,7 +705,8 @@ def render_all(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, *, quiet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    jobs = [("figure", n, f) for n, f in _FIGURES] + [("table", n, (title, f)) for n, title, f in _TABLES]
+    jobs = [("figure", n, f) for n, f in [*_FIGURES, *_BEYOND_FIGURES]]
+    jobs += [("table", n, (title, f)) for n, title, f in _TABLES]
     for kind, name, job in tqdm(jobs, desc="figures", disable=quiet, unit="fig"):
         try:
             if kind == "figure":
@@ -709,9 +723,9 @@ def render_all(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, *, quiet
 def draw(name: str, tables: Mapping[str, pd.DataFrame]) -> Figure | None:
     """The figure ``name`` (one of :data:`FIGURE_NAMES`) from ``tables``, or ``None`` with the reason printed when
     the tables lack its rows (for notebooks and scripts that run on any adapter directory)."""
-    makers = dict(_FIGURES)
+    makers = dict([*_FIGURES, *_BEYOND_FIGURES])
     if name not in makers:
-        raise UserError(f"figure {name!r}: unknown; known: {', '.join(FIGURE_NAMES)}")
+        raise UserError(f"figure {name!r}: unknown; known: {', '.join(FIGURE_NAMES + BEYOND_FIGURE_NAMES)}")
     try:
         return makers[name](tables)
     except MissingRows as exc:

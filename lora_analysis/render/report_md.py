@@ -163,15 +163,24 @@ def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[s
 
 def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike, *,
                  setup: Mapping[str, str] | None = None, validation: str | None = None,
-                 layer: int | None = None) -> list[Path]:
+                 layer: int | None = None, beyond=None) -> list[Path]:
     """Evaluate every claim on ``tables``; write ``<out_dir>/REPORT.md`` and ``<out_dir>/report.json`` atomically.
 
     Figures already in ``out_dir`` (from :func:`lora_analysis.render.figures.render_all`) are linked from the report.
+    ``beyond`` (:class:`lora_analysis.tables.beyond.Beyond`) adds the sections "When does the structure form?" and
+    "LoRA against full fine-tuning" and the ``"dynamics"`` / ``"full_finetune"`` objects, where the run has them.
     Returns both paths.
     """
+    from lora_analysis.render.report_beyond import beyond_report
+
     out = Path(out_dir)
     claims, context = evaluate_claims(tables, layer=layer)
     files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     text = render_report(claims, context, setup=setup, figure_files=files, validation=validation)
-    doc = {**report_json(claims, context), "setup": dict(setup or {})}
+    extra_lines, extra_doc = beyond_report(beyond, tables)
+    if extra_lines:  # before the list of figures, after the claims and the initialisation control
+        marker = "\n## Planted-rank validation" if "\n## Planted-rank validation" in text else "\n## Figures\n"
+        head, sep, tail = text.partition(marker)
+        text = head + "\n" + "\n".join(extra_lines) + sep + tail if sep else text + "\n" + "\n".join(extra_lines)
+    doc = {**report_json(claims, context), **extra_doc, "setup": dict(setup or {})}
     return [write_text(out / "REPORT.md", text), write_json(out / "report.json", doc)]

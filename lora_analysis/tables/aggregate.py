@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from lora.rundir import FULL_PREFIX
 from lora_analysis.tables.select import PAPER_TABLE7_RANKS, MissingRows, nearest_rank, require
 
 __all__ = [
@@ -176,11 +177,14 @@ def table5_rows(quality: pd.DataFrame | None) -> pd.DataFrame:
 
 
 def table6(quality: pd.DataFrame | None) -> pd.DataFrame:
-    """Table 6: validation metric (mean ± std over seeds) for each weight set and rank; one row per (set, rank)."""
+    """Table 6: validation metric (mean ± std over seeds) for each weight set and rank; one row per (set, rank).
+    Full fine-tuning of a swept weight set follows as weight set ``full:<set>``, rank 0 (:data:`lora.rundir.FULL_PREFIX`)."""
     rows = table6_rows(quality)
     if len(rows) == 0:
         raise MissingRows("quality: no weight set trained at two or more ranks (no Table 6 grid)")
-    out = seed_mean(rows, ["weight_set", "rank"])
+    q = _quality(quality)
+    full = q[q["weight_set"].astype(str).isin([FULL_PREFIX + ws for ws in set(rows["weight_set"])])]
+    out = seed_mean(pd.concat([rows, full]) if len(full) else rows, ["weight_set", "rank"])
     out.insert(2, "metric_name", rows["metric_name"].iloc[0])
     return out
 

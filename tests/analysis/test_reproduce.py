@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tiny_run import tiny_run
 
@@ -21,6 +23,10 @@ def test_plans_are_valid_train_configs():
         TrainConfig.from_dict({**plan.table5, "budget": 1000})
     assert reproduce.default_plan().sweep["ranks"] == (1, 2, 4, 8, 64)
     assert reproduce.default_plan().sweep["seeds"] == (0, 1, 2)
+    for plan in (reproduce.default_plan(), reproduce.quick_plan()):  # snapshots and full fine-tuning are exercised
+        cfg = TrainConfig.from_dict(plan.sweep)
+        assert cfg.method == ("lora", "full") and cfg.snapshot_steps[0] == 0
+        assert cfg.snapshot_steps[-1] == cfg.total_steps(10**6)  # the last step is snapshotted
 
 
 @pytest.mark.slow
@@ -38,6 +44,11 @@ def test_quick_end_to_end_resumes(runs, tmp_path):
     text = (out / "REPORT.md").read_text()
     assert "chatterbot" in text and "**Verdict:**" in text and "[figure3](figure3.png)" in text
     assert (runs / "analysis" / "fingerprint.json").is_file()  # the notebooks' cache
+    assert (runs / "qv_full_s0" / "delta_weights.safetensors").is_file() and (runs / "qv_r2_s0" / "snapshots").is_dir()
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["dynamics"]["steps"] == [0, 1, 3] and len(doc["full_finetune"]["claims"]) == 4
+    assert "## When does the structure form?" in text and "## LoRA against full fine-tuning" in text
+    assert (out / "dynamics.png").is_file() and (out / "full_spectrum.png").is_file()
 
 
 def test_bad_inputs_exit_2(tmp_path, capsys):
