@@ -164,7 +164,7 @@ def interpretation(cases: dict[str, dict]) -> list[str]:
             f"{s7.get('torch_threads', 1):.0f} torch thread(s)): the {s7.get('table7_rows', 0):.0f} Table 7 rows "
             f"took {s7.get('table7_s', float('nan')):.0f} s, almost all of it W's top-64 singular values by block "
             "Krylov (float32 products, float64 Rayleigh-Ritz). This synthetic W has a random bulk whose edge holds "
-            "σ_33 … σ_64 within 3 % of each other and of σ_65 …; resolving their sum to 1e-9 takes a Krylov "
+            "σ_33 … σ_64 within 3 % of each other and of σ_65 …; resolving their sum to 1e-8 takes a Krylov "
             "space of about 600-900 dimensions per W (a subspace iteration of the same cost resolved only the "
             "top 32). Drawing the seeded W took "
             f"{s7.get('w_generate_s', float('nan')):.0f} s (it stands in for reading W from disk); the remaining "

@@ -238,7 +238,7 @@ def _top_singular_values(W: Tensor, k: int, *, rtol: float, block: int, seed: in
     # Rayleigh–Ritz in float64 on the top k + block Ritz vectors
     _, evecs = torch.linalg.eigh(T[:dim, :dim])
     p = min(k + block, dim)
-    V, _ = torch.linalg.qr(K[:, :dim].to(torch.float64) @ evecs[:, -p:])
+    V, _ = torch.linalg.qr((K[:, :dim] @ evecs[:, -p:].to(torch.float32)).to(torch.float64))  # a float32 basis
     return torch.linalg.svdvals(W @ V)[:k]
 
 

@@ -311,7 +311,7 @@ def table7_tables(
     ``random_seed``, as :func:`table7_table` always did) are drawn once per W and k and shared by every rank and
     seed of that k, which gives the same numbers as drawing them per row. W's column needs only W's singular
     values: up to ``DENSE_SVDVALS_MAX`` they come from the shared SVD (which Figure 8 and the intruder count need
-    anyway), above it from :func:`~lora_analysis.metrics.linalg.top_singular_values` (block Krylov, to 1e-9).
+    anyway), above it from :func:`~lora_analysis.metrics.linalg.top_singular_values` (block Krylov, to 1e-8).
 
     Args:
         keys: per adapter, the module keys (default: all of each adapter's modules).
