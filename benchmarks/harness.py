@@ -79,7 +79,8 @@ class CaseResult:
             "met": self.met,
             "notes": self.notes,
         }
-        out.update({k: float(v) for k, v in self.extra.items()})
+        # numbers as floats; a nested record (e.g. section7's ``accuracy``) or a label as it is
+        out.update({k: v if isinstance(v, (dict, str)) else float(v) for k, v in self.extra.items()})
         return out
 
 

@@ -116,3 +116,17 @@ def test_headline_and_interpretation_name_the_load_and_auto_pack_cases():
     why = " ".join(interpretation({c.name: c.to_json() for c in (one, two, auto)}))
     assert "train_step_under_load" in why and "load average was 4.0" in why  # 3.00x > 2: a miss, explained
     assert "packed_sweep_auto" not in why  # 1.0 <= 1.05: met
+
+
+def test_section7_quick_mode_is_exact_against_the_dense_route(tmp_path):
+    """`--quick --cases section7_7b_shaped`: the reduced 7B-shaped case runs, claims no goal, and carries
+    ``ours_s`` and an ``accuracy`` record: every Table 7 column of layer 0's W_q within 1e-6 of the dense route."""
+    out_json = tmp_path / "b.json"
+    assert main(["--quick", "--cases", "section7_7b_shaped", "--json", str(out_json), "--no-report"]) == 0
+    (name, case), = json.loads(out_json.read_text())["cases"].items()
+    assert name.startswith("section7_7b_shaped[reduced") and case["met"] is None and case["ours_s"] > 0
+    acc = case["accuracy"]
+    assert acc["table7_w_rel_err"] < 1e-6 and acc["table7_max_rel_err"] < 1e-6
+    assert set(acc["table7_rel_err_by_column"]) >= {"delta", "weight", "random", "dw_norm", "amplification"}
+    assert acc["w_top_sv_max_rel_err"] < 1e-6
+    assert case["table7_rows"] == 2 * 2 * 4  # 2 layers x {q, v} x (2 ranks x 2 seeds)

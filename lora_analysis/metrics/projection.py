@@ -15,12 +15,19 @@ All functions are pure: tensors in, floats or frozen dataclasses out.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
-from lora_analysis.metrics.linalg import SVD, as_float64_matrix, top_singular, weight_and_delta_svd
+from lora_analysis.metrics.linalg import (
+    DENSE_SVDVALS_MAX,
+    SVD,
+    _top_singular_values,
+    as_float64_matrix,
+    factored_svd,
+)
 
 __all__ = [
     "RandomProjection",
@@ -30,6 +37,7 @@ __all__ = [
     "random_orthonormal",
     "sampled_random_projection",
     "table7_row",
+    "table7_rows",
 ]
 
 
@@ -97,16 +105,41 @@ def sampled_random_projection(W: Tensor, k: int, *, n: int = 32, seed: int = 0) 
     """Mean and spread of ``‖Uᵀ W V‖_F`` for ``n`` seeded random orthonormal pairs ``U (d_out, k)``, ``V (d_in, k)``.
 
     Its mean tends to :func:`expected_random_projection` (from below, by Jensen); the spread is what a single random
-    draw (the paper's one number) hides: about 18 % of the mean at k = 4 on a MiniLM query weight.
+    draw (the paper's one number) hides: about 18 % of the mean at k = 4 on a MiniLM query weight. Draw ``i`` is
+    the ``i``-th pair ``(U, V)`` of a generator seeded with ``seed`` (U first); all ``n`` projections of W come
+    from one GEMM ``W @ [V_1 … V_n]``.
     """
     W = as_float64_matrix(W, name="W (d_out, d_in)")
     if n < 2:
         raise ValueError(f"n={n}: need at least two draws for a spread")
+    us, vs = _random_pairs(W.shape[0], W.shape[1], k, n, seed)
+    return _null_from(W @ torch.cat(vs, 1), us)
+
+
+def _random_pairs(d_out: int, d_in: int, k: int, n: int, seed: int) -> tuple[list[Tensor], list[Tensor]]:
+    """``n`` seeded random orthonormal pairs ``(U_i (d_out, k), V_i (d_in, k))``, drawn U, V, U, V, …"""
     g = torch.Generator().manual_seed(int(seed))
-    draws = torch.tensor([_projection_norm(W, random_orthonormal(W.shape[0], k, generator=g),
-                                           random_orthonormal(W.shape[1], k, generator=g)) for _ in range(n)],
-                         dtype=torch.float64)
-    return RandomProjection(mean=float(draws.mean()), sd=float(draws.std()), n=n)
+    us, vs = [], []
+    for _ in range(n):
+        us.append(random_orthonormal(d_out, k, generator=g))
+        vs.append(random_orthonormal(d_in, k, generator=g))
+    return us, vs
+
+
+def _block_norms(WV: Tensor, us: Sequence[Tensor]) -> list[float]:
+    """``‖U_iᵀ (W V)_i‖_F`` for consecutive column blocks ``(W V)_i`` of ``WV``, one per ``U_i``."""
+    out, j = [], 0
+    for U in us:
+        k = U.shape[1]
+        out.append(float(torch.linalg.matrix_norm(U.T @ WV[:, j:j + k])))
+        j += k
+    return out
+
+
+def _null_from(WV: Tensor, us: Sequence[Tensor]) -> RandomProjection:
+    """The sampled null from ``WV = W @ [V_1 … V_n]`` and the draws' ``U_i``."""
+    draws = torch.tensor(_block_norms(WV, us), dtype=torch.float64)
+    return RandomProjection(mean=float(draws.mean()), sd=float(draws.std()), n=len(us))
 
 
 @dataclass(frozen=True)
@@ -166,37 +199,113 @@ def table7_row(
         top: subspace dimension ``k`` (default ``r``, as in the paper).
         random_seed: seed of the random orthonormal pair.
         w_svd: a precomputed SVD of ``W`` with at least ``k`` triplets (share one across ranks and seeds, e.g.
-            ``WeightSVDCache``); computed here if omitted.
+            ``WeightSVDCache``); only its singular values are used. Without it W's top-k singular values come from
+            :func:`~lora_analysis.metrics.linalg.top_singular_values`.
         null_draws: random pairs to sample for the null's mean and spread (0: only the analytic null).
 
     Example:
         ``ΔW = α·u vᵀ`` with ``(u, σ, v)`` a singular triplet of ``W`` gives ``delta == σ`` and
         ``amplification == α / σ``.
-    """
-    W, dw = weight_and_delta_svd(W, A, B, scaling=scaling)
-    k = dw.k if top is None else top
-    if not 0 < k <= dw.k:
-        raise ValueError(f"top={top} must be in 1..{dw.k} for A {tuple(A.shape)}, B {tuple(B.shape)}")
-    ws = top_singular(W, k=k) if w_svd is None else w_svd.truncate(k)
-    if ws.U.shape[0] != W.shape[0] or ws.V.shape[0] != W.shape[1]:
-        raise ValueError(f"w_svd (U {tuple(ws.U.shape)}, V {tuple(ws.V.shape)}) is not an SVD of W {tuple(W.shape)}")
-    g = torch.Generator().manual_seed(int(random_seed))
-    U_rand = random_orthonormal(W.shape[0], k, generator=g)
-    V_rand = random_orthonormal(W.shape[1], k, generator=g)
 
-    delta = _projection_norm(W, dw.U[:, :k], dw.V[:, :k])
-    dw_norm = float(torch.linalg.vector_norm(dw.S))  # ‖ΔW‖_F = ‖σ(ΔW)‖_2, exact from the factors
+    One row of :func:`table7_rows` (which batches every rank and seed that adapts one W).
+    """
+    if w_svd is not None and w_svd.U.shape[0] != W.shape[0]:
+        raise ValueError(f"w_svd (U {tuple(w_svd.U.shape)}, V {tuple(w_svd.V.shape)}) is not an SVD of W {tuple(W.shape)}")
+    return table7_rows(W, [(A, B, scaling, top)], random_seed=random_seed, null_draws=null_draws,
+                       w_values=None if w_svd is None else w_svd.S)[0]
+
+
+def table7_rows(
+    W: Tensor,
+    deltas: Sequence[tuple[Tensor, Tensor, float, int | None]],
+    *,
+    random_seed: int = 0,
+    null_draws: int = 0,
+    w_values: Tensor | None = None,
+    rtol: float = 1e-8,
+) -> list[Table7Row]:
+    """Table 7 rows for every ΔW that adapts one ``W`` (all ranks and seeds of one module), batched (Section 7.3).
+
+    For each ``(A, B, scaling, top)`` in ``deltas`` (``top`` None: the rank r) the row is exactly
+    :func:`table7_row`'s: with ``k = top`` and ``U_i, V_i`` ΔW_i's top-k singular vectors (from the factors),
+
+    * ``delta_i = ‖U_iᵀ (W V_i)‖_F``, all from one GEMM ``W @ [V_1 … V_n, V_rand(k) …, null draws …]``;
+    * ``weight = sqrt(σ_1² + … + σ_k²)`` of W, from W's singular *values* only (``w_values``, or
+      :func:`~lora_analysis.metrics.linalg.top_singular_values` to ``rtol``: dense for small W, block Krylov above);
+    * ``random``: the pair drawn by a generator seeded with ``random_seed`` (one pair per distinct k, shared by
+      every row of that k, as separate calls would draw it); the sampled null: ``null_draws`` pairs from a
+      generator seeded with ``random_seed + 1`` (:func:`sampled_random_projection`), drawn once per distinct k and
+      shared by every row of that k; the analytic null :func:`expected_random_projection`.
+
+    Cost for ``n`` rows on a ``d × d`` W: one ``d² · (Σ k_i + Σ_distinct k (1 + null_draws))`` GEMM, plus W's
+    singular values, instead of ``n`` separate projections and ``n`` SVDs of W.
+
+    Args:
+        W: ``(d_out, d_in)`` frozen weight.
+        deltas: ``(A (r, d_in), B (d_out, r), scaling, top)`` per row.
+        random_seed, null_draws: as :func:`table7_row`.
+        w_values: W's top singular values (at least ``max k``), e.g. ``WeightSVDCache``'s ``.S``.
+        rtol: tolerance of ``top_singular_values`` when ``w_values`` is not given (relative, on
+            ``σ_1² + … + σ_k²``; 1e-8 leaves a factor 100 to the 1e-6 that Table 7 is checked to).
+
+    Returns:
+        One :class:`Table7Row` per entry of ``deltas``, in order.
+    """
+    W = as_float64_matrix(W, name="W (d_out, d_in)")
+    d_out, d_in = W.shape
+    dws, ks = [], []
+    for A, B, scaling, top in deltas:
+        dw = factored_svd(A, B, scaling=scaling)
+        if dw.U.shape[0] != d_out or dw.V.shape[0] != d_in:
+            raise ValueError(f"ΔW ({dw.U.shape[0]}, {dw.V.shape[0]}) from A {tuple(A.shape)}, B {tuple(B.shape)} "
+                             f"does not match W {tuple(W.shape)}")
+        k = dw.k if top is None else top
+        if not 0 < k <= dw.k:
+            raise ValueError(f"top={top} must be in 1..{dw.k} for A {tuple(A.shape)}, B {tuple(B.shape)}")
+        dws.append(dw)  # all its triplets: ‖ΔW‖_F = ‖σ(ΔW)‖_2 needs every one
+        ks.append(k)
+    if not dws:
+        return []
+    k_max = max(ks)
+    if w_values is None:
+        w_values = _top_singular_values(W, k_max, rtol=rtol, block=32, seed=0, max_dim=None,
+                                        dense_max=DENSE_SVDVALS_MAX)  # W is checked above
+    elif w_values.shape[0] < k_max:
+        raise ValueError(f"w_values: cannot take the top {k_max} singular values of W {tuple(W.shape)}, "
+                         f"holding {w_values.shape[0]}")
+    distinct = sorted(set(ks))
+    rand = {k: _random_pairs(d_out, d_in, k, 1, random_seed) for k in distinct}
+    null = {k: _random_pairs(d_out, d_in, k, null_draws, random_seed + 1) for k in distinct} if null_draws else {}
+    # one GEMM: W @ [V_1 … V_n | V_rand(k) … | null V's of k …]
+    Vs = [dw.V[:, :k] for dw, k in zip(dws, ks, strict=True)] + [rand[k][1][0] for k in distinct] + [v for k in null for v in null[k][1]]
+    WV = W @ torch.cat(Vs, 1)
+    deltas_norms = _block_norms(WV, [dw.U[:, :k] for dw, k in zip(dws, ks, strict=True)])
+    j = sum(ks)
+    randoms = {}
+    for k in distinct:
+        randoms[k] = _block_norms(WV[:, j:j + k], rand[k][0])[0]
+        j += k
+    nulls = {}
+    for k in null:
+        nulls[k] = _null_from(WV[:, j:j + k * null_draws], null[k][0])
+        j += k * null_draws
+    w_norm = float(torch.linalg.matrix_norm(W))
+    return [_row(delta, float(torch.linalg.vector_norm(dw.S)), w_values, k, w_norm, randoms[k], nulls.get(k),
+                 d_out, d_in) for dw, k, delta in zip(dws, ks, deltas_norms, strict=True)]
+
+
+def _row(delta: float, dw_norm: float, w_values: Tensor, k: int, w_norm: float, random: float,
+         null: RandomProjection | None, d_out: int, d_in: int) -> Table7Row:
+    """One :class:`Table7Row` from its projections and norms (``dw_norm`` includes the scale s)."""
     if delta > 0:
         amplification = dw_norm / delta
     else:
         amplification = math.inf if dw_norm > 0 else math.nan
-    w_norm = float(torch.linalg.matrix_norm(W))
-    expected = expected_random_projection(w_norm, k, *W.shape)
-    null = sampled_random_projection(W, k, n=null_draws, seed=random_seed + 1) if null_draws else None
+    expected = expected_random_projection(w_norm, k, d_out, d_in)
     return Table7Row(
         delta=delta,
-        weight=float(torch.linalg.vector_norm(ws.S[:k])),  # == projection_norm(W, ws.U, ws.V)
-        random=_projection_norm(W, U_rand, V_rand),
+        weight=float(torch.linalg.vector_norm(w_values[:k])),  # == ‖U_kᵀ W V_k‖_F with W's own top-k pair
+        random=random,
         w_norm=w_norm,
         dw_norm=dw_norm,
         amplification=amplification,

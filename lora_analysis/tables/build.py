@@ -43,8 +43,13 @@ from lora.threads import torch_threads
 from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir, module_layer, weight_type
 from lora_analysis.load.base import BaseWeights
 from lora_analysis.metrics.dora import dora_summary
-from lora_analysis.metrics.linalg import WeightSVDCache, factored_svd, right_singular_vectors
-from lora_analysis.metrics.projection import table7_row
+from lora_analysis.metrics.linalg import (
+    DENSE_SVDVALS_MAX,
+    WeightSVDCache,
+    factored_svd,
+    right_singular_vectors,
+)
+from lora_analysis.metrics.projection import table7_rows
 from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
 from lora_analysis.metrics.subspace import (
     init_control,
@@ -69,6 +74,7 @@ __all__ = [
     "singular_values_table",
     "spectra_table",
     "table7_table",
+    "table7_tables",
     "torch_threads",
     "write_tables",
 ]
@@ -298,21 +304,61 @@ def table7_table(
 
     Beside them the random null (:func:`lora_analysis.metrics.projection.table7_row`): the analytic expectation,
     the mean and sd of ``null_draws`` random pairs, the margin ``delta / random_expected``, the z-score and the
-    amplification a same-norm ΔW in a random subspace would have.
+    amplification a same-norm ΔW in a random subspace would have. :func:`table7_tables` for several adapters.
 
     Raises:
         UserError: if ``top`` exceeds a module's rank.
     """
-    Ws, svd_of = _weights(adapter, base, keys)
-    rows = []
-    for key, W in Ws.items():
-        f = adapter.factors[key]
-        k = _top(adapter, key, W, top)
-        row = table7_row(W, f.A, f.B, scaling=f.scaling, top=k, random_seed=_module_seed(key, random_seed),
-                         w_svd=svd_of(key, W), null_draws=null_draws)
-        rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "d_out": int(W.shape[0]),
-                     "d_in": int(W.shape[1]), "top": row.rank, **{c: getattr(row, c) for c in COLUMNS["table7"][8:]}})
-    return pd.DataFrame(rows, columns=COLUMNS["table7"]) if rows else _empty("table7")
+    return table7_tables([adapter], base, keys=None if keys is None else [keys], top=top, random_seed=random_seed,
+                         null_draws=null_draws)
+
+
+def table7_tables(
+    adapters: Sequence[LoadedAdapter],
+    base: BaseWeights | Mapping[str, Tensor],
+    *,
+    keys: Sequence[Iterable[str]] | None = None,
+    top: int | None = None,
+    random_seed: int = 0,
+    null_draws: int = NULL_DRAWS,
+) -> pd.DataFrame:
+    """:func:`table7_table` of each adapter, concatenated in order, with every W's rows computed together.
+
+    All ranks and seeds that adapt one W are one :func:`~lora_analysis.metrics.projection.table7_rows` call: one
+    GEMM ``W @ [V_1 … V_n, random and null V's]``; the random pair and the sampled null (seeded per module by
+    ``random_seed``, as :func:`table7_table` always did) are drawn once per W and k and shared by every rank and
+    seed of that k, which gives the same numbers as drawing them per row. W's column needs only W's singular
+    values: up to ``DENSE_SVDVALS_MAX`` they come from the shared SVD (which Figure 8 and the intruder count need
+    anyway), above it from :func:`~lora_analysis.metrics.linalg.top_singular_values` (block Krylov, to 1e-8).
+
+    Args:
+        keys: per adapter, the module keys (default: all of each adapter's modules).
+    """
+    groups: dict[tuple[str, int], list[tuple[int, str, Tensor]]] = {}
+    order: list[tuple[int, str]] = []
+    svd_of_key = {}
+    for i, a in enumerate(adapters):
+        Ws, svd_of = _weights(a, base, None if keys is None else keys[i])
+        for key, W in Ws.items():
+            _top(a, key, W, top)  # checked before any work
+            groups.setdefault((key, id(W)), []).append((i, key, W))
+            svd_of_key[(key, id(W))] = svd_of
+            order.append((i, key))
+    rows: dict[tuple[int, str], dict] = {}
+    for (key, _), members in groups.items():
+        W = members[0][2]
+        w_values = svd_of_key[(key, id(W))](key, W).S if min(W.shape) <= DENSE_SVDVALS_MAX else None
+        deltas = [(f.A, f.B, f.scaling, f.rank if top is None else top)
+                  for f in (adapters[i].factors[key] for i, _, _ in members)]
+        got = table7_rows(W, deltas, random_seed=_module_seed(key, random_seed), null_draws=null_draws,
+                          w_values=w_values)
+        for (i, _, _), row in zip(members, got, strict=True):
+            a = adapters[i]
+            rows[(i, key)] = {**_ids(key), "rank": a.factors[key].rank, "seed": _seed(a), "d_out": int(W.shape[0]),
+                              "d_in": int(W.shape[1]), "top": row.rank,
+                              **{c: getattr(row, c) for c in COLUMNS["table7"][8:]}}
+    out = [rows[ik] for ik in order]
+    return pd.DataFrame(out, columns=COLUMNS["table7"]) if out else _empty("table7")
 
 
 def dora_table(
@@ -476,9 +522,10 @@ def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compa
         return [k for k in a.factors if layers is None or module_layer(k) in set(layers)]
 
     out: dict[str, list[pd.DataFrame]] = {k: [] for k in COLUMNS}
+    # every rank and seed that adapts one W in one batch (one GEMM per W; the null drawn once per W and k)
+    out["table7"].append(table7_tables(list(adapters.values()), bw, keys=[keys_of(a) for a in adapters.values()]))
     for a in adapters.values():
         keys = keys_of(a)
-        out["table7"].append(table7_table(a, bw, keys=keys))
         out["dora"].append(dora_table(a, bw, keys=keys))  # empty unless a is a DoRA adapter
         out["spectra"].append(spectra_table(a, bw if intruders else None, keys=keys))
         out["singular_values"].append(singular_values_table(a, keys=keys))

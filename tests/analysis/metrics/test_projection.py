@@ -81,7 +81,8 @@ def test_table7_shared_w_svd_gives_same_row():
     for r in (2, 8):
         A, B = torch.randn(r, 32, generator=g, dtype=F64), torch.randn(40, r, generator=g, dtype=F64)
         shared = table7_row(W, A, B, scaling=2.0, w_svd=cache.get("q", W))
-        assert shared == table7_row(W, A, B, scaling=2.0)
+        # W's column from the cached SVD's values or from svdvals: the same values up to rounding
+        assert shared.as_dict() == pytest.approx(table7_row(W, A, B, scaling=2.0).as_dict(), rel=1e-13, nan_ok=True)
     assert cache.computed == 1
 
 
@@ -153,3 +154,63 @@ def test_table7_row_carries_the_null():
     assert row.amplification_random == pytest.approx(row.dw_norm / row.random_expected)
     assert row.z == pytest.approx((row.delta - row.random_mean) / row.random_sd)
     assert math.isnan(table7_row(W, A, B, scaling=0.5).z)  # no draws: only the analytic null
+
+
+# ------------------------------------------------------------------------------------------- the batched path
+def _deltas(d_out: int, d_in: int, ranks=(2, 8), seeds=(0, 1)):
+    out = []
+    for r in ranks:
+        for s in seeds:
+            g = torch.Generator().manual_seed(100 * r + s)
+            out.append((torch.randn(r, d_in, generator=g, dtype=F64), torch.randn(d_out, r, generator=g, dtype=F64),
+                        0.5 * r, None))
+    return out
+
+
+def test_table7_rows_equal_one_table7_row_per_delta():
+    """One GEMM for every rank and seed, the random pair and null drawn once per k: the rows separate calls give."""
+    from lora_analysis.metrics.projection import table7_rows
+
+    W = _weight(60, 50, seed=8)
+    deltas = _deltas(60, 50) + [(*_deltas(60, 50, ranks=(8,), seeds=(3,))[0][:3], 4)]  # a top below the rank
+    rows = table7_rows(W, deltas, random_seed=11, null_draws=8)
+    assert [r.rank for r in rows] == [2, 2, 8, 8, 4]
+    for (A, B, s, top), row in zip(deltas, rows, strict=True):
+        one = table7_row(W, A, B, scaling=s, top=top, random_seed=11, null_draws=8)
+        assert row.as_dict() == pytest.approx(one.as_dict(), rel=1e-12)
+    assert rows[0].random == rows[1].random and rows[0].random_sd == rows[1].random_sd  # same k: same draws
+    assert rows[0].random != rows[2].random
+    assert table7_rows(W, []) == []
+
+
+def test_table7_rows_with_krylov_values_equal_the_dense_route():
+    """The fast path (W's top-k singular values by block Krylov, forced with dense_max=0; one batched GEMM) against
+    the dense route (a full SVD of W, one table7_row per ΔW): every Table 7 column within 1e-6 relative."""
+    from lora_analysis.metrics.linalg import top_singular_values
+    from lora_analysis.metrics.projection import table7_rows
+
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(500, 400, generator=g, dtype=F64) * 0.02  # a random bulk: clustered values at its edge
+    W += (torch.randn(500, 6, generator=g, dtype=F64) * torch.linspace(3, 1, 6, dtype=F64)) @ \
+        torch.randn(6, 400, generator=g, dtype=F64) / 20
+    deltas = _deltas(500, 400, ranks=(8, 64))
+    fast = table7_rows(W, deltas, random_seed=2, w_values=top_singular_values(W, 64, dense_max=0, block=16))
+    dense = top_singular(W)
+    for (A, B, s, top), row in zip(deltas, fast, strict=True):
+        ref = table7_row(W, A, B, scaling=s, top=top, random_seed=2, w_svd=dense)
+        for col, v in ref.as_dict().items():
+            if isinstance(v, float) and not math.isnan(v):
+                assert getattr(row, col) == pytest.approx(v, rel=1e-6), col
+
+
+def test_table7_rows_bad_input():
+    from lora_analysis.metrics.projection import table7_rows
+
+    W = _weight()
+    (A, B, s, _), = _deltas(40, 32, ranks=(4,), seeds=(0,))
+    with pytest.raises(ValueError, match="holding 2"):
+        table7_rows(W, [(A, B, s, None)], w_values=torch.ones(2, dtype=F64))
+    with pytest.raises(ValueError, match="top=6"):
+        table7_rows(W, [(A, B, s, 6)])
+    with pytest.raises(ValueError, match=r"does not match W \(40, 32\)"):
+        table7_rows(W, [(A[:, :30], B, s, None)])

@@ -29,6 +29,7 @@ from lora_analysis.tables.build import (
     singular_values_table,
     spectra_table,
     table7_table,
+    table7_tables,
     write_tables,
 )
 
@@ -142,6 +143,20 @@ def test_table7_table_matches_table7_row_and_dense_reference(tiny_run, base):
     assert set(table7_table(a, base, top=2)["top"]) == {2}
     with pytest.raises(UserError, match="--top"):
         table7_table(a, base, top=5)
+
+
+def test_table7_tables_batches_every_rank_and_seed_of_a_W(tiny_run, base):
+    """All adapters at once (one table7_rows call per W) give each adapter's table7_table, in adapter order."""
+    adapters = [load_run_adapter(tiny_run, rank=r, seed=s) for r in (2, 8) for s in (0, 1)]
+    keys = [[k for k in a.factors if ".layer.1." in k] for a in adapters]
+    t = table7_tables(adapters, base, keys=keys)
+    ref = pd.concat([table7_table(a, base, keys=k) for a, k in zip(adapters, keys, strict=True)], ignore_index=True)
+    assert list(t.columns) == COLUMNS["table7"] and len(t) == 4 * 2
+    pd.testing.assert_frame_equal(t, ref, rtol=1e-12)
+    assert list(zip(t["rank"], t["seed"], strict=True))[::2] == [(2, 0), (2, 1), (8, 0), (8, 1)]
+    # the null is drawn per module and k: both seeds of a rank share it
+    same_k = t[(t.module == KEY) & (t["rank"] == 8)]
+    assert same_k["random_sd"].nunique() == 1 and same_k["delta"].nunique() == 2
 
 
 def test_fig8_table(tiny_run, base):
