@@ -127,11 +127,11 @@ class LoadedAdapter:
         return f"LoadedAdapter({self.path}, r={self.rank}, seed={self.seed}, set={self.weight_set!r}, modules={len(self.factors)})"
 
 
-def _natural_key(key: str) -> list:
+def natural_key(key: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def _to64(where: str, key: str, name: str, t: Tensor) -> Tensor:
+def factor_as_float64(where: str, key: str, name: str, t: Tensor) -> Tensor:
     if not isinstance(t, Tensor) or t.ndim != 2 or 0 in t.shape:
         shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
         raise UserError(f"{where}: module {key}: {name} must be a non-empty matrix, got {shape}")
@@ -146,9 +146,9 @@ def _to64(where: str, key: str, name: str, t: Tensor) -> Tensor:
 def _from_adapter(adapter: Any, where: str) -> LoadedAdapter:
     """Convert a :class:`lora.adapter_io.Adapter` into a float64 :class:`LoadedAdapter`, checking every factor."""
     factors: dict[str, LoRAFactors] = {}
-    for key in sorted(adapter.factors, key=_natural_key):
+    for key in sorted(adapter.factors, key=natural_key):
         f = adapter.factors[key]
-        A, B = _to64(where, key, "lora_A", f.A), _to64(where, key, "lora_B", f.B)
+        A, B = factor_as_float64(where, key, "lora_A", f.A), factor_as_float64(where, key, "lora_B", f.B)
         if A.shape[0] != B.shape[1]:
             raise UserError(f"{where}: module {key}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B @ A")
         s = float(f.scaling)
@@ -163,7 +163,7 @@ def _from_adapter(adapter: Any, where: str) -> LoadedAdapter:
         for key, t in adapter.init_A.items():
             if key not in factors:
                 raise UserError(f"{where}: init.safetensors: {key!r} is not a module of this adapter")
-            a0 = _to64(where, key, "init A", t)
+            a0 = factor_as_float64(where, key, "init A", t)
             if a0.shape != factors[key].A.shape:
                 raise UserError(f"{where}: module {key}: init A {tuple(a0.shape)} differs from lora_A {tuple(factors[key].A.shape)}")
             init_A[key] = a0

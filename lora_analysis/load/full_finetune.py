@@ -17,7 +17,7 @@ from torch import Tensor
 from lora.errors import UserError
 from lora.full_ft import DELTA_NAME, DESCRIPTION_NAME
 from lora.rundir import read_json_object
-from lora_analysis.load.adapters import _natural_key, _to64
+from lora_analysis.load.adapters import factor_as_float64, natural_key
 
 __all__ = ["FullFinetune", "find_full_finetunes", "load_full_finetune"]
 
@@ -49,7 +49,7 @@ def find_full_finetunes(run_dir: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                   and (p / DESCRIPTION_NAME).is_file()), key=lambda p: _natural_key(p.name))
+                   and (p / DESCRIPTION_NAME).is_file()), key=lambda p: natural_key(p.name))
 
 
 def load_full_finetune(path: str | os.PathLike) -> FullFinetune:
@@ -78,10 +78,10 @@ def load_full_finetune(path: str | os.PathLike) -> FullFinetune:
         raise UserError(f"{weights}: holds no ΔW")
     listed = desc.get("modules")
     deltas = {}
-    for key in sorted(raw, key=_natural_key):
+    for key in sorted(raw, key=natural_key):
         if isinstance(listed, dict) and key not in listed:
             raise UserError(f"{weights}: module {key} is not listed in {DESCRIPTION_NAME}")
-        deltas[key] = _to64(str(weights), key, "ΔW", raw[key])
+        deltas[key] = factor_as_float64(str(weights), key, "ΔW", raw[key])
     val = None
     if (root / "metrics.json").is_file():
         m = read_json_object(root / "metrics.json")

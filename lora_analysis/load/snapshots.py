@@ -15,7 +15,7 @@ from pathlib import Path
 from lora.errors import UserError
 from lora.layers import LoRAFactors
 from lora.snapshots import PREFIX, SNAPSHOT_DIR, snapshot_name, step_of
-from lora_analysis.load.adapters import LoadedAdapter, _to64
+from lora_analysis.load.adapters import LoadedAdapter, factor_as_float64
 
 __all__ = ["load_snapshot", "snapshot_steps"]
 
@@ -52,7 +52,7 @@ def load_snapshot(adapter: LoadedAdapter, step: int) -> LoadedAdapter:
             name = f"{PREFIX}{key}.lora_{side}.weight"
             if name not in tensors:
                 raise UserError(f"{path}: lacks {name} (module {key} of the adapter)")
-            t = _to64(str(path), key, f"lora_{side}", tensors.pop(name))
+            t = factor_as_float64(str(path), key, f"lora_{side}", tensors.pop(name))
             want = f.A.shape if side == "A" else f.B.shape
             if t.shape != want:
                 raise UserError(f"{path}: module {key}: lora_{side} {tuple(t.shape)} differs from the adapter's "

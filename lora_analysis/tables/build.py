@@ -102,7 +102,7 @@ def _empty(name: str) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="float64") for c in COLUMNS[name]})
 
 
-def _frame(name: str, frames: list[pd.DataFrame]) -> pd.DataFrame:
+def concat_table(name: str, frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[COLUMNS[name]] if frames else _empty(name)
 
 
@@ -132,7 +132,7 @@ def _common_keys(a1: LoadedAdapter, a2: LoadedAdapter, keys: Iterable[str] | Non
     return shared
 
 
-def _module_seed(key: str, seed: int) -> int:
+def module_seed(key: str, seed: int) -> int:
     """A deterministic per-module seed, so each module's random baseline is an independent draw."""
     return (zlib.crc32(key.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
 
@@ -217,7 +217,7 @@ def phi_table(
         for q in quantities:
             if q in grids:
                 frames.append(_grid_frame(grids[q], {**meta, "quantity": q}))
-    return _frame("phi", frames)
+    return concat_table("phi", frames)
 
 
 def random_phi_table(
@@ -228,11 +228,11 @@ def random_phi_table(
     frames = []
     for key in adapter.factors if keys is None else keys:
         d = int(adapter.factors[key].A.shape[1])
-        grid = random_phi_sampled(min(r1, d), min(r2, d), d=d, seed=_module_seed(key, seed))
+        grid = random_phi_sampled(min(r1, d), min(r2, d), d=d, seed=module_seed(key, seed))
         meta = {"comparison": "random", "quantity": "A", **_ids(key), "r1": min(r1, d), "r2": min(r2, d),
                 "seed1": -1, "seed2": -1}
         frames.append(_grid_frame(grid, meta))
-    return _frame("phi", frames)
+    return concat_table("phi", frames)
 
 
 # ---------------------------------------------------------------------------------------------- W vs ΔW
@@ -275,10 +275,10 @@ def fig8_table(
         meta = {**_ids(key), "rank": f.rank, "seed": _seed(adapter)}
         frames.append(_grid_frame(phi_grid(ws.V, dw.V), {**meta, "source": "delta"}))
         if random:
-            g = torch.Generator().manual_seed(_module_seed(key, random_seed + f.rank))
+            g = torch.Generator().manual_seed(module_seed(key, random_seed + f.rank))
             A_rand = torch.randn(f.rank, W.shape[1], generator=g, dtype=torch.float64)
             frames.append(_grid_frame(phi_grid(ws.V, right_singular_vectors(A_rand)), {**meta, "source": "random"}))
-    return _frame("fig8", frames)
+    return concat_table("fig8", frames)
 
 
 def _top(adapter: LoadedAdapter, key: str, W: Tensor, top: int | None) -> int:
@@ -350,7 +350,7 @@ def table7_tables(
         w_values = svd_of_key[(key, id(W))](key, W).S if min(W.shape) <= DENSE_SVDVALS_MAX else None
         deltas = [(f.A, f.B, f.scaling, f.rank if top is None else top)
                   for f in (adapters[i].factors[key] for i, _, _ in members)]
-        got = table7_rows(W, deltas, random_seed=_module_seed(key, random_seed), null_draws=null_draws,
+        got = table7_rows(W, deltas, random_seed=module_seed(key, random_seed), null_draws=null_draws,
                           w_values=w_values)
         for (i, _, _), row in zip(members, got, strict=True):
             a = adapters[i]
@@ -428,7 +428,7 @@ def singular_values_table(adapter: LoadedAdapter, *, keys: Iterable[str] | None 
         for k, v in {**_ids(key), "rank": f.rank, "seed": _seed(adapter)}.items():
             df[k] = v
         frames.append(df)
-    return _frame("singular_values", frames)
+    return concat_table("singular_values", frames)
 
 
 # ---------------------------------------------------------------------------------------------- quality
@@ -564,7 +564,7 @@ def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compa
             out["fig8"].append(fig8_table(a, bw, keys=keys_of(a)))
     bar.update(1)
     bar.close()
-    tables = {name: _frame(name, frames) for name, frames in out.items() if name != "quality"}
+    tables = {name: concat_table(name, frames) for name, frames in out.items() if name != "quality"}
     tables["quality"] = quality_table(index.root)
     return tables
 

@@ -29,7 +29,7 @@ import pandas as pd
 from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir
 from lora_analysis.load.base import BaseWeights
 from lora_analysis.load.snapshots import load_snapshot, snapshot_steps
-from lora_analysis.tables.build import PAPER_RANK_PAIR, _frame, phi_table, spectra_table, table7_table
+from lora_analysis.tables.build import PAPER_RANK_PAIR, concat_table, phi_table, spectra_table, table7_table
 from lora_analysis.tables.select import PAPER_D, rank_pair
 
 __all__ = ["DYNAMICS_COLUMNS", "PHI_K", "common_steps", "dynamics_table", "snapshot_tables", "step_tables"]
@@ -74,7 +74,7 @@ def step_tables(adapters: Mapping[tuple[int, int], LoadedAdapter], base: BaseWei
         if base is not None:
             out["table7"].append(table7_table(a, base, null_draws=NULL_DRAWS))
         out["spectra"].append(spectra_table(a, None))
-    return {name: _frame(name, frames) for name, frames in out.items()}
+    return {name: concat_table(name, frames) for name, frames in out.items()}
 
 
 def common_steps(adapter_dirs: Sequence[os.PathLike]) -> list[int]:

@@ -39,7 +39,7 @@ from lora_analysis.metrics.spectra import (
     stable_rank,
 )
 from lora_analysis.metrics.subspace import phi_grid
-from lora_analysis.tables.build import COLUMNS, NULL_DRAWS, _module_seed
+from lora_analysis.tables.build import COLUMNS, NULL_DRAWS, module_seed
 from lora_analysis.tables.select import PAPER_TABLE7_RANKS, nearest_rank
 
 __all__ = ["FULL_COLUMNS", "dense_factors", "effective_ranks", "full_finetune_tables", "full_tables"]
@@ -89,7 +89,7 @@ def full_tables(full: FullFinetune, W0: Mapping[str, Tensor], lora: Mapping[int,
         A, B = dense_factors(delta)
         S = torch.linalg.svdvals(delta)
         ids = _ids(key, full.seed)
-        g = torch.Generator().manual_seed(_module_seed(key, null_seed))
+        g = torch.Generator().manual_seed(module_seed(key, null_seed))
         noise = torch.randn(delta.shape, generator=g, dtype=torch.float64)
         S_rand = torch.linalg.svdvals(noise)
         ws = svd_of(key, W)
@@ -113,7 +113,7 @@ def full_tables(full: FullFinetune, W0: Mapping[str, Tensor], lora: Mapping[int,
                                          "null": max(k, v_lora.shape[1]) / W.shape[1], "lora_intruders": n_lora,
                                          "full_intruders": n_full})
         for k in sorted(set(table7_ranks)):
-            row = table7_row(W, A, B, scaling=1.0, top=k, random_seed=_module_seed(key, null_seed), w_svd=ws,
+            row = table7_row(W, A, B, scaling=1.0, top=k, random_seed=module_seed(key, null_seed), w_svd=ws,
                              null_draws=NULL_DRAWS)
             rows["full_table7"].append({**{c: ids[c] for c in ("module", "weight_type", "layer")}, "rank": k,
                                         "seed": full.seed, "d_out": int(W.shape[0]), "d_in": int(W.shape[1]),

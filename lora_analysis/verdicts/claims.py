@@ -172,7 +172,7 @@ class Context:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _f(x: float | None, fmt: str = ".3f") -> str:
+def fmt_number(x: float | None, fmt: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(float(x), fmt)
 
 
@@ -218,7 +218,7 @@ def _units(frame: pd.DataFrame, seed_col: str = "seed", fallback: str = "module"
     return frame[fallback].to_numpy(), f"{fallback}s (one seed)"
 
 
-def _ci(values, frame: pd.DataFrame, *, statistic: Callable = np.mean, seed_col: str = "seed",
+def seed_bootstrap_ci(values, frame: pd.DataFrame, *, statistic: Callable = np.mean, seed_col: str = "seed",
         fallback: str = "module") -> Interval:
     units, what = _units(frame, seed_col, fallback)
     iv = bootstrap_ci(np.asarray(values, dtype=np.float64), units=units, statistic=statistic, level=LEVEL)
@@ -284,15 +284,15 @@ def _top(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
         kk = int((sub["phi"] > TOP_SHARED).sum())
         iv = binomial_ci(kk, len(sub), level=LEVEL)
         measures[f"fraction_{wt}"] = iv.as_dict()
-        details.append(f"ΔW_{wt}: φ(1,1) > {TOP_SHARED} in {kk} of {len(sub)} pairs [{_f(iv.lo, '.2f')}, "
-                       f"{_f(iv.hi, '.2f')}]; mean φ(1,1) {_f(float(sub['phi'].mean()))}")
+        details.append(f"ΔW_{wt}: φ(1,1) > {TOP_SHARED} in {kk} of {len(sub)} pairs [{fmt_number(iv.lo, '.2f')}, "
+                       f"{fmt_number(iv.hi, '.2f')}]; mean φ(1,1) {fmt_number(float(sub['phi'].mean()))}")
     for q in ("A", "A-A_init", "A_init"):
         other = rows_where(first, quantity=q)
         if len(other) and q != quantity:
             kk = int((other["phi"] > TOP_SHARED).sum())
             measures[f"shared_on_{q}"] = [kk, len(other)]
             details.append(f"on {q}: > {TOP_SHARED} in {kk} of {len(other)} pairs, mean φ(1,1) "
-                           f"{_f(float(other['phi'].mean()))}" + (" (the starting points alone)" if q == "A_init" else ""))
+                           f"{fmt_number(float(other['phi'].mean()))}" + (" (the starting points alone)" if q == "A_init" else ""))
     seeds = rows_where(phi, comparison="seed", quantity=quantity)
     seeds = seeds[(seeds["i"] == 1) & (seeds["j"] == 1)]
     if len(seeds):
@@ -300,10 +300,10 @@ def _top(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
         measures["independent_seeds"] = [ks, len(seeds)]
         details.append(f"empirical null, independent seeds at r={int(seeds['r1'].max())} (they share only the task): "
                        f"> {TOP_SHARED} in {ks} of {len(seeds)} pairs")
-    null = (f"two random directions in dimension d give E φ(1,1) = 1/d = {_f(None if d is None else 1 / d, '.4f')}; "
+    null = (f"two random directions in dimension d give E φ(1,1) = 1/d = {fmt_number(None if d is None else 1 / d, '.4f')}; "
             "independent seeds (sharing only the task) give the empirical null")
     ours = (f"φ_{quantity}(1,1) > {TOP_SHARED} in {k} of {n} (module, seed) pairs at r={r1} vs r={r2} "
-            f"[{LEVEL:.0%} CI {_f(ci.lo, '.2f')}–{_f(ci.hi, '.2f')}]")
+            f"[{LEVEL:.0%} CI {fmt_number(ci.lo, '.2f')}–{fmt_number(ci.hi, '.2f')}]")
     return _claim(cid, ours, verdict, rule, null, quantity, measures, details)
 
 
@@ -323,7 +323,7 @@ def _noise(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
     ratio = (obs / base).dropna().rename("ratio").reset_index().rename(columns={"seed1": "seed"})
     if len(ratio) == 0:
         return _not_measured(cid, rule, "no random baseline rows")
-    ci = _ci(ratio["ratio"], ratio)
+    ci = seed_bootstrap_ci(ratio["ratio"], ratio)
     verdict = three_way(ci, NOISE_RATIO, holds_above=False)
     wt_of = dict(zip(rows["module"], rows["weight_type"], strict=False))
     details = []
@@ -331,12 +331,12 @@ def _noise(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
                                 "pairs": len(ratio)}
     for wt in sorted({wt_of[m] for m in ratio["module"]}):
         sub = ratio[ratio["module"].map(wt_of) == wt]
-        iv = _ci(sub["ratio"], sub)
+        iv = seed_bootstrap_ci(sub["ratio"], sub)
         measures[f"ratio_{wt}"] = iv.as_dict()
         details.append(f"ΔW_{wt}: {iv.text('.2f')}× the random baseline")
     learned = rows_where(block, quantity="A").groupby(["module", "seed1"])["phi"].mean()
     if quantity != "A" and len(learned):
-        details.append(f"on A (the paper's): {_f(float((learned / base).mean()), '.2f')}× random")
+        details.append(f"on A (the paper's): {fmt_number(float((learned / base).mean()), '.2f')}× random")
     null = "two random subspaces give E φ(i, j) = max(i, j)/d (analytic); the ratio is 1 for noise"
     ours = f"φ_{quantity} over 2..{r1} at r={r1} vs r={r2}: {ci.text('.2f')}× the random baseline"
     return _claim(cid, ours, verdict, rule, null, quantity, measures, details)
@@ -367,14 +367,14 @@ def _intrinsic(phi: pd.DataFrame | None) -> Claim:
     ci = Interval(iv.estimate, iv.lo, iv.hi, iv.level, f"{iv.method} (resampling layers)")
     verdict = three_way(ci, 0.0)
     per_layer = wide.groupby("layer")[["q", "v"]].mean()
-    details = [f"layer {int(lay)}: ΔW_q {_f(row.q, '.2f')} vs ΔW_v {_f(row.v, '.2f')} shared directions above chance"
+    details = [f"layer {int(lay)}: ΔW_q {fmt_number(row.q, '.2f')} vs ΔW_v {fmt_number(row.v, '.2f')} shared directions above chance"
                for lay, row in per_layer.iterrows()]
     measures = {"rank": r, "k": k, "quantity": quantity, "q_minus_v": ci.as_dict(),
                 "shared_q": float(wide["q"].mean()), "shared_v": float(wide["v"].mean()),
                 "q_ahead_layers": [int((per_layer["q"] > per_layer["v"]).sum()), len(per_layer)]}
     null = (f"no difference (0); two random {k}-dimensional subspaces share k²/d directions by chance, "
             "subtracted from each")
-    ours = (f"r={r}, top {k}: ΔW_q shares {_f(float(wide['q'].mean()), '.2f')}, ΔW_v {_f(float(wide['v'].mean()), '.2f')} "
+    ours = (f"r={r}, top {k}: ΔW_q shares {fmt_number(float(wide['q'].mean()), '.2f')}, ΔW_v {fmt_number(float(wide['v'].mean()), '.2f')} "
             f"directions across seeds above chance; q − v {ci.text('.2f')}")
     return _claim(cid, ours, verdict, rule, null, quantity, measures, details)
 
@@ -386,10 +386,10 @@ def _t7_at(t7: pd.DataFrame, rank: int) -> pd.DataFrame:
 
 def _margin(t7: pd.DataFrame, rank: int) -> tuple[Interval, pd.DataFrame]:
     rows = _t7_at(t7, rank)
-    return _ci(np.log(rows["delta_over_random"].to_numpy()), rows, statistic=np.mean), rows
+    return seed_bootstrap_ci(np.log(rows["delta_over_random"].to_numpy()), rows, statistic=np.mean), rows
 
 
-def _exp(iv: Interval) -> Interval:
+def geometric_interval(iv: Interval) -> Interval:
     """An interval on log scale, back on the ratio scale (geometric mean)."""
     return Interval(math.exp(iv.estimate), math.exp(iv.lo), math.exp(iv.hi), iv.level, iv.method + ", geometric")
 
@@ -398,7 +398,7 @@ def _t7_ready(t7: pd.DataFrame | None) -> bool:
     return not _empty(t7) and "delta_over_random" in t7.columns and t7["delta_over_random"].notna().any()
 
 
-def _amplification(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim:
+def amplification_claim(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim:
     cid = "amplification"
     rule = (f"at r_small: holds if the margin ‖UᵀWV‖_F / E_random has its {LEVEL:.0%} interval above {MARGIN:g} and the "
             f"amplification above 1; does not hold if the margin's interval lies below {MARGIN:g} (ΔW not aligned with W "
@@ -406,8 +406,8 @@ def _amplification(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim
     if not _t7_ready(t7):
         return _not_measured(cid, rule, "no Table 7 rows with the random null")
     margin_log, rows = _margin(t7, r_small)
-    margin = _exp(margin_log)
-    amp = _exp(_ci(np.log(rows["amplification"].to_numpy()), rows))
+    margin = geometric_interval(margin_log)
+    amp = geometric_interval(seed_bootstrap_ci(np.log(rows["amplification"].to_numpy()), rows))
     if margin.lo > MARGIN:
         verdict = HOLDS if amp.lo > 1 else INCONCLUSIVE if amp.hi >= 1 else FAILS
     else:
@@ -422,17 +422,17 @@ def _amplification(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim
                                 "amplification_large": amp_l, "amplification_random_large": rand_l}
     for wt in sorted(set(rows["weight_type"])):
         sub = rows_where(rows, weight_type=wt)
-        m = _exp(_ci(np.log(sub["delta_over_random"].to_numpy()), sub))
+        m = geometric_interval(seed_bootstrap_ci(np.log(sub["delta_over_random"].to_numpy()), sub))
         a = float(np.exp(np.log(sub["amplification"]).mean()))
         measures[f"margin_{wt}"] = m.as_dict()
-        details.append(f"ΔW_{wt} at r={r_small}: projection / random {m.text('.2f')}; amplification {_f(a, '.2f')} "
-                       f"(a same-norm ΔW in a random subspace: {_f(float(np.exp(np.log(sub['amplification_random']).mean())), '.2f')})")
-    details.append(f"at r={r_large}: amplification {_f(amp_l, '.2f')} (random subspace: {_f(rand_l, '.2f')}); "
+        details.append(f"ΔW_{wt} at r={r_small}: projection / random {m.text('.2f')}; amplification {fmt_number(a, '.2f')} "
+                       f"(a same-norm ΔW in a random subspace: {fmt_number(float(np.exp(np.log(sub['amplification_random']).mean())), '.2f')})")
+    details.append(f"at r={r_large}: amplification {fmt_number(amp_l, '.2f')} (random subspace: {fmt_number(rand_l, '.2f')}); "
                    "smaller at high rank for any ΔW, by geometry")
     null = (f"a random k-dimensional pair gives E‖UᵀWV‖_F = k‖W‖_F/√(d_out d_in) (derived; sampled mean ± sd in "
-            f"table7.csv), so a same-norm ΔW in a random subspace has amplification {_f(rand_amp, '.1f')} at r={r_small}")
-    ours = (f"r={r_small}: amplification {amp.text('.2f')} (random subspace {_f(rand_amp, '.2f')}), projection / random "
-            f"{margin.text('.2f')}; r={r_large}: {_f(amp_l, '.2f')}")
+            f"table7.csv), so a same-norm ΔW in a random subspace has amplification {fmt_number(rand_amp, '.1f')} at r={r_small}")
+    ours = (f"r={r_small}: amplification {amp.text('.2f')} (random subspace {fmt_number(rand_amp, '.2f')}), projection / random "
+            f"{margin.text('.2f')}; r={r_large}: {fmt_number(amp_l, '.2f')}")
     return _claim(cid, ours, verdict, rule, null, "table7", measures, details)
 
 
@@ -447,7 +447,7 @@ def _projection(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim:
     measures: dict[str, Any] = {}
     for r in sorted({r_small, r_large}):
         m_log, rows = _margin(t7, r)
-        m = _exp(m_log)
+        m = geometric_interval(m_log)
         below_w = bool((rows["delta"] < rows["weight"]).all())
         outcome = three_way(m, MARGIN) if below_w else FAILS
         outcomes.append(outcome)
@@ -456,10 +456,10 @@ def _projection(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim:
         parts.append(f"r={r}: {m.text('.2f')}× random")
         for wt in sorted(set(rows["weight_type"])):
             sub = rows_where(rows, weight_type=wt)
-            mw = _exp(_ci(np.log(sub["delta_over_random"].to_numpy()), sub))
+            mw = geometric_interval(seed_bootstrap_ci(np.log(sub["delta_over_random"].to_numpy()), sub))
             details.append(f"ΔW_{wt} projection / random: {mw.text('.2f')} at k={r} (mean ‖UᵀWV‖_F: random "
-                           f"{_f(float(sub['random_expected'].mean()), '.3f')}, ΔW {_f(float(sub['delta'].mean()), '.3f')}, "
-                           f"W {_f(float(sub['weight'].mean()), '.2f')}; z {_f(float(sub['z'].mean()), '.1f')})")
+                           f"{fmt_number(float(sub['random_expected'].mean()), '.3f')}, ΔW {fmt_number(float(sub['delta'].mean()), '.3f')}, "
+                           f"W {fmt_number(float(sub['weight'].mean()), '.2f')}; z {fmt_number(float(sub['z'].mean()), '.1f')})")
     if all(o == HOLDS for o in outcomes):
         verdict = HOLDS
     elif all(o == FAILS for o in outcomes):
@@ -487,12 +487,12 @@ def _fig8(fig8: pd.DataFrame | None) -> Claim:
     ratio = (delta / rnd).dropna().rename("ratio").reset_index()
     if len(ratio) == 0:
         return _not_measured(cid, rule, "no Figure 8 rows with both ΔW and random A")
-    ci = _ci(ratio["ratio"], ratio)
+    ci = seed_bootstrap_ci(ratio["ratio"], ratio)
     verdict = three_way(ci, FIG8_RATIO, holds_above=False)
     peak, peak_r = float(rows_where(fig8, source="delta")["phi"].max()), float(rows_where(fig8, source="random")["phi"].max())
     measures = {"ratio_to_random": ci.as_dict(), "max_phi": peak, "max_phi_random": peak_r, "cells": len(ratio)}
     null = "a random A of the same rank against the same top directions of W (the random panel of Figure 8)"
-    ours = f"overlap with W's top directions {ci.text('.2f')}× a random A's; max φ {_f(peak)} (random A: {_f(peak_r)})"
+    ours = f"overlap with W's top directions {ci.text('.2f')}× a random A's; max φ {fmt_number(peak)} (random A: {fmt_number(peak_r)})"
     details = ["a negative claim: ΔW unrelated to W passes it; ΔW on W's top directions fails it"]
     return _claim(cid, ours, verdict, rule, null, "fig8", measures, details)
 
@@ -526,13 +526,13 @@ def _flat(quality: pd.DataFrame | None) -> Claim:
     verdict = within(ci, FLAT_SLOPE) if not math.isnan(ci.estimate) else INCONCLUSIVE
     means = rows.groupby("rank")["val_metric"].mean()
     metric = str(rows["metric_name"].iloc[0])
-    by_rank = ", ".join(f"r={int(r)}: {_f(m, '.4f')}" for r, m in means.items())
+    by_rank = ", ".join(f"r={int(r)}: {fmt_number(m, '.4f')}" for r, m in means.items())
     measures = {"weight_set": ws, "metric": metric, "slope_per_doubling": ci.as_dict(),
                 "means": {int(r): float(m) for r, m in means.items()}, "seeds": int(rows["seed"].nunique())}
-    details = [f"{{{ws}}} {metric}: {by_rank}; range {_f(float(means.max() - means.min()), '.4f')}"]
+    details = [f"{{{ws}}} {metric}: {by_rank}; range {fmt_number(float(means.max() - means.min()), '.4f')}"]
     probe = rows_where(quality, weight_set="linear probe")
     if len(probe):
-        details.append(f"frozen linear probe: {_f(float(probe['val_metric'].mean()), '.4f')}")
+        details.append(f"frozen linear probe: {fmt_number(float(probe['val_metric'].mean()), '.4f')}")
     null = "no effect of r: slope 0; 'flat' is an equivalence claim, so it holds only when the interval is narrow"
     ours = f"{{{ws}}} {metric} per doubling of r: {ci.text('+.4f')}"
     return _claim(cid, ours, verdict, rule, null, "quality", measures, details)
@@ -563,12 +563,12 @@ def _best_sets(quality: pd.DataFrame | None) -> Claim:
     else:  # one seed: nothing to resample, no spread to judge against
         p = float(best in TABLE5_BEST)
         verdict = INCONCLUSIVE
-    ranking = "; ".join(f"{{{s}}}: {_f(m, '.4f')}" for s, m in means.sort_values(ascending=False).items())
+    ranking = "; ".join(f"{{{s}}}: {fmt_number(m, '.4f')}" for s, m in means.sort_values(ascending=False).items())
     good = [s for s in TABLE5_BEST if s in sets]
     measures = {"best": best, "p_best_in_paper_sets": p, "seeds": len(seeds),
                 "means": {s: float(m) for s, m in means.items()}, "chance": len(good) / len(sets)}
     null = f"with no real difference each of the {len(sets)} sets is best by chance: {len(good)}/{len(sets)}"
-    ours = (f"best {{{best}}} ({_f(float(means.max()), '.4f')}); {{W_q, W_v}} or all four best in {p:.0%} of seed "
+    ours = (f"best {{{best}}} ({fmt_number(float(means.max()), '.4f')}); {{W_q, W_v}} or all four best in {p:.0%} of seed "
             "resamples")
     return _claim(cid, ours, verdict, rule, null, "quality", measures, [f"ranking: {ranking}"])
 
@@ -621,7 +621,7 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
     t7_ranks = sorted({int(r) for r in t7["rank"]}) if _t7_ready(t7) else []
     # One rank only (e.g. a folder of same-rank peft adapters): both claims are measured at that rank.
     ts, tl = (nearest_rank(t7_ranks, PAPER_TABLE7_RANKS[0]), t7_ranks[-1]) if t7_ranks else (0, 0)
-    claims = [_top(phi, r1, r2), _noise(phi, r1, r2), _intrinsic(phi), _amplification(t7, ts, tl),
+    claims = [_top(phi, r1, r2), _noise(phi, r1, r2), _intrinsic(phi), amplification_claim(t7, ts, tl),
               _projection(t7, ts, tl), _fig8(tables.get("fig8")), _flat(tables.get("quality")),
               _best_sets(tables.get("quality"))]
     scaled = None  # the rank pair nearest the paper's r/d (8 and 64 of d = 12,288), where it differs
@@ -635,7 +635,7 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
         st = (nearest_rank(t7_ranks, PAPER_TABLE7_RANKS[0] * d / PAPER_D),
               nearest_rank(t7_ranks, PAPER_TABLE7_RANKS[1] * d / PAPER_D))
         if st != (ts, tl) and st[0] != st[1]:
-            claims[3] = _with_scaled(claims[3], _amplification(t7, *st), st, d)
+            claims[3] = _with_scaled(claims[3], amplification_claim(t7, *st), st, d)
             claims[4] = _with_scaled(claims[4], _projection(t7, *st), st, d)
     seeds = tuple(sorted({int(s) for s in t7["seed"]})) if not _empty(t7) else ()
     context = Context(layer=chosen, layers=tuple(sorted(layers)), r_small=r1 or None, r_large=r2 or None, d=d,
@@ -651,12 +651,12 @@ def claims_table(tables: Mapping[str, pd.DataFrame], *, keys: Sequence[str] | No
     return pd.DataFrame(rows)
 
 
-def _plain(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     """JSON-safe: NaN/Inf -> None, numpy scalars -> Python, tuples -> lists."""
     if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -666,7 +666,7 @@ def _plain(x: Any) -> Any:
 
 def report_json(claims: Sequence[Claim], context: Context) -> dict[str, Any]:
     """The machine-readable report: ``{"claims": [{"id", "verdict", "measures", "rule", ...}], "context", ...}``."""
-    return _plain({
+    return json_safe({
         "format": "lora-structure-report/1",
         "verdicts": list(VERDICTS),
         "context": asdict(context),

@@ -33,9 +33,9 @@ from lora_analysis.verdicts.claims import (
     LEVEL,
     NOT_MEASURED,
     TITLES,
-    _ci,
-    _plain,
     evaluate_claims,
+    json_safe,
+    seed_bootstrap_ci,
     three_way,
     within,
 )
@@ -159,7 +159,7 @@ def top_overlap_trend(dynamics: pd.DataFrame | None) -> Trend:
     a = rows[rows["step"] == first].set_index(["module", "seed1"])["value"]
     b = rows[rows["step"] == last].set_index(["module", "seed1"])["value"]
     change = (b - a).dropna().rename("change").reset_index().rename(columns={"seed1": "seed"})
-    ci = _ci(change["change"], change)
+    ci = seed_bootstrap_ci(change["change"], change)
     verdict = {HOLDS: GROWS, FAILS: SHRINKS}.get(three_way(ci, 0.0), INCONCLUSIVE)
     if verdict == INCONCLUSIVE and within(ci, FLAT_PHI) == HOLDS:
         verdict = FLAT
@@ -176,7 +176,7 @@ def dynamics_json(trajectories: Sequence[Trajectory], trend: Trend, dynamics: pd
         for (q, comp, wt, layer, step), sub in g:
             means.append({"quantity": q, "comparison": comp, "weight_type": wt, "layer": int(layer), "step": int(step),
                           "mean": float(sub["value"].mean()), "null": float(sub["null"].mean()), "n": len(sub)})
-    return _plain({
+    return json_safe({
         "steps": sorted({int(s) for s in dynamics["step"]}) if len(dynamics) else [],
         "claims": [{"id": t.id, "title": t.title, "steps": list(t.steps), "verdicts": list(t.verdicts),
                     "ours": list(t.ours), "settled_at": t.settled_at, "final": t.final} for t in trajectories],

@@ -35,11 +35,11 @@ from lora_analysis.verdicts.claims import (
     MARGIN,
     NOT_MEASURED,
     Claim,
-    _amplification,
-    _ci,
-    _exp,
-    _f,
-    _plain,
+    amplification_claim,
+    fmt_number,
+    geometric_interval,
+    json_safe,
+    seed_bootstrap_ci,
     three_way,
 )
 
@@ -88,7 +88,7 @@ def _low_rank(spectra: pd.DataFrame | None) -> Claim:
     if _empty(spectra):
         return _missing(cid, rule, "no full fine-tuning ΔW")
     ratio = spectra.assign(ratio=spectra["entropy_rank"] / spectra["random_entropy_rank"])
-    ci = _ci(ratio["ratio"], ratio)
+    ci = seed_bootstrap_ci(ratio["ratio"], ratio)
     verdict = three_way(ci, LOW_RANK_RATIO, holds_above=False)
     details, measures = [], {"ratio_to_random": ci.as_dict(), "modules": len(ratio)}
     per_layer = ratio.groupby(["weight_type", "layer"])[["entropy_rank", "energy_rank_90", "random_entropy_rank",
@@ -96,14 +96,14 @@ def _low_rank(spectra: pd.DataFrame | None) -> Claim:
     measures["per_layer"] = [{"weight_type": wt, "layer": int(lay), **{c: float(v) for c, v in row.items()}}
                              for (wt, lay), row in per_layer.iterrows()]
     for (wt, lay), row in per_layer.iterrows():
-        details.append(f"ΔW_{wt} layer {int(lay)}: entropy rank {_f(row.entropy_rank, '.1f')}, 90 %-energy rank "
-                       f"{_f(row.energy_rank_90, '.1f')}, stable rank {_f(row.stable_rank, '.2f')} (Gaussian: entropy "
-                       f"rank {_f(row.random_entropy_rank, '.1f')})")
+        details.append(f"ΔW_{wt} layer {int(lay)}: entropy rank {fmt_number(row.entropy_rank, '.1f')}, 90 %-energy rank "
+                       f"{fmt_number(row.energy_rank_90, '.1f')}, stable rank {fmt_number(row.stable_rank, '.2f')} (Gaussian: entropy "
+                       f"rank {fmt_number(row.random_entropy_rank, '.1f')})")
     d = int(spectra["d_in"].iloc[0])
     null = (f"a Gaussian matrix of the same shape (no low-rank structure): entropy effective rank "
-            f"{_f(float(spectra['random_entropy_rank'].mean()), '.1f')} of at most {min(d, int(spectra['d_out'].iloc[0]))}")
-    ours = (f"full ΔW entropy effective rank {_f(float(spectra['entropy_rank'].mean()), '.1f')} (90 %-energy rank "
-            f"{_f(float(spectra['energy_rank_90'].mean()), '.1f')}): {ci.text('.3f')} of a Gaussian's")
+            f"{fmt_number(float(spectra['random_entropy_rank'].mean()), '.1f')} of at most {min(d, int(spectra['d_out'].iloc[0]))}")
+    ours = (f"full ΔW entropy effective rank {fmt_number(float(spectra['entropy_rank'].mean()), '.1f')} (90 %-energy rank "
+            f"{fmt_number(float(spectra['energy_rank_90'].mean()), '.1f')}): {ci.text('.3f')} of a Gaussian's")
     return _make(cid, ours, verdict, rule, null, "full_spectra", measures, details)
 
 
@@ -116,16 +116,16 @@ def _captures(vs: pd.DataFrame | None) -> Claim:
         return _missing(cid, rule, "no LoRA adapter of a full fine-tuning run's seed")
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
-    ci = _exp(_ci(np.log(np.maximum(rows["phi"].to_numpy(), 1e-300) / rows["null"].to_numpy()), rows))
+    ci = geometric_interval(seed_bootstrap_ci(np.log(np.maximum(rows["phi"].to_numpy(), 1e-300) / rows["null"].to_numpy()), rows))
     verdict = three_way(ci, MARGIN)
     details = []
     measures: dict[str, Any] = {"rank": r, "ratio_to_random": ci.as_dict(), "mean_phi": float(rows["phi"].mean()),
                                 "null": float(rows["null"].mean()), "pairs": len(rows)}
     for rr, sub in vs.groupby("rank"):
         for wt, s2 in sub.groupby("weight_type"):
-            details.append(f"r={int(rr)}, ΔW_{wt}: φ(r, r) {_f(float(s2['phi'].mean()))} (random {_f(float(s2['null'].mean()), '.4f')})")
-    ours = (f"LoRA r={r} captures φ = {_f(float(rows['phi'].mean()))} of full fine-tuning's top-{r} subspace, "
-            f"{ci.text('.2f')}× the random {_f(float(rows['null'].mean()), '.4f')}")
+            details.append(f"r={int(rr)}, ΔW_{wt}: φ(r, r) {fmt_number(float(s2['phi'].mean()))} (random {fmt_number(float(s2['null'].mean()), '.4f')})")
+    ours = (f"LoRA r={r} captures φ = {fmt_number(float(rows['phi'].mean()))} of full fine-tuning's top-{r} subspace, "
+            f"{ci.text('.2f')}× the random {fmt_number(float(rows['null'].mean()), '.4f')}")
     null = "two random r-dimensional subspaces of dimension d: E φ(r, r) = r/d"
     return _make(cid, ours, verdict, rule, null, "full_vs_lora", measures, details)
 
@@ -136,12 +136,12 @@ def _full_amp(t7: pd.DataFrame | None, lora_t7: pd.DataFrame | None) -> Claim:
         return _missing(cid, "Table 7's amplification rule on the full ΔW", "no full fine-tuning ΔW")
     ks = sorted({int(k) for k in t7["rank"]})
     ts = nearest_rank(ks, PAPER_TABLE7_RANKS[0])
-    base = _amplification(t7, ts, ks[-1])
+    base = amplification_claim(t7, ts, ks[-1])
     details = list(base.details)
     if not _empty(lora_t7) and ts in set(int(x) for x in lora_t7["rank"]):
         lr = lora_t7[lora_t7["rank"] == ts]
-        details.append(f"LoRA r={ts} for comparison: amplification {_f(float(np.exp(np.log(lr['amplification']).mean())), '.2f')}, "
-                       f"projection / random {_f(float(np.exp(np.log(lr['delta_over_random']).mean())), '.2f')}")
+        details.append(f"LoRA r={ts} for comparison: amplification {fmt_number(float(np.exp(np.log(lr['amplification']).mean())), '.2f')}, "
+                       f"projection / random {fmt_number(float(np.exp(np.log(lr['delta_over_random']).mean())), '.2f')}")
     return replace(base, id=cid, title=TITLES[cid], paper=PAPER[cid], figures=FIGURES[cid], details=tuple(details),
                    ours=base.ours.replace("r=", "k="))
 
@@ -156,14 +156,14 @@ def _intruders(vs: pd.DataFrame | None) -> Claim:
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
     diff = rows.assign(diff=rows["lora_intruders"] - rows["full_intruders"])
-    ci = _ci(diff["diff"], diff)
+    ci = seed_bootstrap_ci(diff["diff"], diff)
     verdict = three_way(ci, 0.0)
     if verdict == INCONCLUSIVE and ci.lo == ci.hi == 0.0:
         verdict = INCONCLUSIVE  # no intruder on either side: nothing to tell apart
     measures = {"rank": r, "difference": ci.as_dict(), "lora_mean": float(rows["lora_intruders"].mean()),
                 "full_mean": float(rows["full_intruders"].mean())}
-    ours = (f"LoRA r={r}: {_f(float(rows['lora_intruders'].mean()), '.2f')} intruders per matrix, full fine-tuning "
-            f"{_f(float(rows['full_intruders'].mean()), '.2f')}; difference {ci.text('.2f')}")
+    ours = (f"LoRA r={r}: {fmt_number(float(rows['lora_intruders'].mean()), '.2f')} intruders per matrix, full fine-tuning "
+            f"{fmt_number(float(rows['full_intruders'].mean()), '.2f')}; difference {ci.text('.2f')}")
     return _make(cid, ours, verdict, rule, "no difference (0)", "full_vs_lora", measures)
 
 
@@ -197,7 +197,7 @@ def full_claims_table(full: Mapping[str, pd.DataFrame], tables: Mapping[str, pd.
 
 def full_json(claims: list[Claim], quality: Mapping[str, Any]) -> dict[str, Any]:
     """``report.json``'s ``"full_finetune"`` object."""
-    return _plain({"claims": [{"id": c.id, "title": c.title, "verdict": c.verdict, "measures": dict(c.measures),
+    return json_safe({"claims": [{"id": c.id, "title": c.title, "verdict": c.verdict, "measures": dict(c.measures),
                                "rule": c.rule, "null": c.null, "ours": c.ours, "details": list(c.details)}
                               for c in claims],
                    "quality": dict(quality)})

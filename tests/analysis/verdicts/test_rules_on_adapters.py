@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from lora.layers import LoRAFactors
 from lora_analysis.load.adapters import LoadedAdapter
-from lora_analysis.tables.build import _frame, fig8_table, phi_table, table7_table
+from lora_analysis.tables.build import concat_table, fig8_table, phi_table, table7_table
 from lora_analysis.verdicts import claims as C
 
 LAYERS = (0, 1, 2, 3)
@@ -73,9 +73,9 @@ def _verdicts(weights, make) -> dict[str, C.Claim]:
     phi += [phi_table(adapters[(64, a)], adapters[(64, b)], comparison="seed", quantities=("A", "dW", "expected_random"))
             for a, b in itertools.combinations(SEEDS, 2)]
     tables = {
-        "phi": _frame("phi", phi),
-        "table7": _frame("table7", [table7_table(a, weights, null_draws=8) for a in adapters.values()]),
-        "fig8": _frame("fig8", [fig8_table(a, weights) for (r, s), a in adapters.items() if s == 0]),
+        "phi": concat_table("phi", phi),
+        "table7": concat_table("table7", [table7_table(a, weights, null_draws=8) for a in adapters.values()]),
+        "fig8": concat_table("fig8", [fig8_table(a, weights) for (r, s), a in adapters.items() if s == 0]),
     }
     claims, _ = C.evaluate_claims(tables)
     return {c.id: c for c in claims}
