@@ -58,8 +58,12 @@ def dynamics_plot(dynamics: pd.DataFrame | None) -> Figure:
             rows = rows[rows["r1"] == rows["r1"].min()]
             title += f", r={int(rows['r1'].min())}"
         elif comp == "rank":
-            rows = rows[(rows["r1"] == rows["r1"].min()) & (rows["r2"] == rows["r2"].max())]
-            title += f", r={int(rows['r1'].min())} vs {int(rows['r2'].max())}"
+            # one rank pair, the widest present: the largest r2, then its smallest r1 (the pairs of a run need not
+            # include (min r1, max r2): the paper's literal pair and the r/d-scaled one differ)
+            r2 = rows["r2"].max()
+            r1 = rows.loc[rows["r2"] == r2, "r1"].min()
+            rows = rows[(rows["r1"] == r1) & (rows["r2"] == r2)]
+            title += f", r={int(r1)} vs {int(r2)}"
         band = rows.groupby("step")["null"].agg(["min", "max"])
         ax.fill_between(band.index, band["min"], band["max"], color="0.8", alpha=0.8, lw=0, label="random null")
         ax.plot(band.index, band["max"], color="0.6", lw=0.6)

@@ -37,6 +37,19 @@ def test_dynamics_plot_one_panel_per_quantity_with_a_null_band():
     plt.close(fig)
 
 
+def test_dynamics_plot_with_rank_pairs_that_do_not_span_min_and_max():
+    # the default run's pairs: the paper's literal (8, 64) and an r/d-scaled (1, 4); (1, 64) is not among them
+    d = _dynamics()
+    other = d[d["comparison"] == "rank"].assign(r1=1, r2=4, value=0.5)
+    d = pd.concat([d.assign(r1=d["r1"].where(d["comparison"] != "rank", 8),
+                            r2=d["r2"].where(d["comparison"] != "rank", 64)), other], ignore_index=True)
+    fig = dynamics_plot(d)
+    (ax,) = [ax for ax in fig.axes if ax.get_visible() and "vs" in ax.get_title()]
+    assert "r=8 vs 64" in ax.get_title() and len(ax.lines) == 1 + 4
+    assert all(max(line.get_ydata()) < 0.5 for line in ax.lines[1:])  # the (1, 4) rows are not mixed in
+    plt.close(fig)
+
+
 def test_full_spectrum_plot_and_missing_rows(tmp_path):
     sv = pd.DataFrame([{"module": f"l{layer}.{wt}", "weight_type": wt, "layer": layer, "seed": 0, "index": i,
                         "sigma": 1.0 / i} for layer in (0, 1) for wt in ("q", "v") for i in range(1, 6)],
