@@ -14,7 +14,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from lora_analysis.tables.select import MissingRows
+from lora_analysis.tables.select import MissingRows, phi_rank_pair
 
 __all__ = ["DYNAMICS_PANELS", "dynamics_plot", "full_spectrum_plot"]
 
@@ -58,10 +58,9 @@ def dynamics_plot(dynamics: pd.DataFrame | None) -> Figure:
             rows = rows[rows["r1"] == rows["r1"].min()]
             title += f", r={int(rows['r1'].min())}"
         elif comp == "rank":
-            # one rank pair, the widest present: the largest r2, then its smallest r1 (the pairs of a run need not
-            # include (min r1, max r2): the paper's literal pair and the r/d-scaled one differ)
-            r2 = rows["r2"].max()
-            r1 = rows.loc[rows["r2"] == r2, "r1"].min()
+            # one rank pair, as Figure 3 picks it (the pairs of a run need not include (min r1, max r2): the
+            # paper's literal pair and the r/d-scaled one differ)
+            r1, r2 = phi_rank_pair(rows)
             rows = rows[(rows["r1"] == r1) & (rows["r2"] == r2)]
             title += f", r={int(r1)} vs {int(r2)}"
         band = rows.groupby("step")["null"].agg(["min", "max"])

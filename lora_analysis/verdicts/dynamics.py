@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from lora_analysis.tables.select import phi_rank_pair
 from lora_analysis.verdicts.claims import (
     CLAIM_IDS,
     FAILS,
@@ -153,7 +154,7 @@ def top_overlap_trend(dynamics: pd.DataFrame | None) -> Trend:
     if len(rows) == 0 or rows["step"].nunique() < 2:
         return Trend(NOT_MEASURED, quantity, None, None, None, None, None, 0, TREND_RULE,
                      "needs a rank comparison at two or more trained snapshots")
-    r1, r2 = int(rows["r1"].min()), int(rows["r2"].max())  # the paper's literal pair: nearest 8 and 64
+    r1, r2 = phi_rank_pair(rows)  # the pair Figure 3 shows: nearest 8 and 64 among the pairs present
     rows = rows[(rows["r1"] == r1) & (rows["r2"] == r2)]
     first, last = int(rows["step"].min()), int(rows["step"].max())
     a = rows[rows["step"] == first].set_index(["module", "seed1"])["value"]

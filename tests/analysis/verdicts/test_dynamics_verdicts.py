@@ -65,6 +65,14 @@ def test_trend_grows_shrinks_flat_and_inconclusive():
     assert V.top_overlap_trend(exact[exact["step"] == 10]).verdict == NOT_MEASURED  # one step: no trend
 
 
+def test_trend_uses_one_rank_pair_when_the_pairs_do_not_span_min_and_max():
+    # the default run compares the paper's literal (8, 64) and an r/d-scaled (1, 2); (1, 64) is not a pair
+    literal = _trend_frame({"q": 0.2, "v": 0.3}, {"q": 0.6, "v": 0.7})
+    scaled = _trend_frame({"q": 0.9, "v": 0.9}, {"q": 0.1, "v": 0.1}).assign(r1=1, r2=2)
+    trend = V.top_overlap_trend(pd.concat([literal, scaled], ignore_index=True))
+    assert trend.verdict == V.GROWS and trend.mean_first < 0.3  # the (8, 64) rows alone, not mixed with (1, 2)
+
+
 def test_dynamics_table_from_step_tables():
     """Each step's synthetic tables give one φ(1, 1) row per (module, pair) with the analytic null 1/d."""
     kw = dict(layers=(0, 1), ranks=(2, 8), seeds=(0, 1))
