@@ -14,7 +14,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from lora_analysis.tables.select import MissingRows, phi_rank_pair
+from lora_analysis.tables.select import PAPER_TABLE7_RANKS, MissingRows, nearest_rank, phi_rank_pair
 
 __all__ = ["DYNAMICS_PANELS", "dynamics_plot", "full_spectrum_plot"]
 
@@ -37,7 +37,8 @@ def _theme() -> None:
 
 def dynamics_plot(dynamics: pd.DataFrame | None) -> Figure:
     """Each quantity against the step: one line per layer and weight type (mean over seeds and pairs), the random
-    null as a grey band. For Table 7 and the effective rank the smallest rank of the run is shown.
+    null as a grey band. Table 7's quantities are shown at the rank nearest the paper's r = 4, the effective rank
+    at the largest rank, the rank comparisons for the pair Figure 3 shows.
 
     Raises:
         MissingRows: without snapshot rows.
@@ -55,8 +56,12 @@ def dynamics_plot(dynamics: pd.DataFrame | None) -> Figure:
     for ax, (q, comp, title) in zip(axes.ravel(), panels, strict=False):
         rows = dynamics[(dynamics["quantity"] == q) & (dynamics["comparison"] == comp)]
         if comp == "adapter":
-            rows = rows[rows["r1"] == rows["r1"].min()]
-            title += f", r={int(rows['r1'].min())}"
+            # Table 7's quantities at the rank nearest the paper's r = 4; the effective rank at the largest rank
+            # (a rank-1 ΔW has effective rank 1 at every step: nothing to see)
+            present = sorted({int(r) for r in rows["r1"]})
+            r = present[-1] if q == "entropy_rank" else nearest_rank(present, PAPER_TABLE7_RANKS[0])
+            rows = rows[rows["r1"] == r]
+            title += f", r={r}"
         elif comp == "rank":
             # one rank pair, as Figure 3 picks it (the pairs of a run need not include (min r1, max r2): the
             # paper's literal pair and the r/d-scaled one differ)

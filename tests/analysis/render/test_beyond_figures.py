@@ -32,6 +32,7 @@ def test_dynamics_plot_one_panel_per_quantity_with_a_null_band():
     fig = dynamics_plot(_dynamics())
     shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert len(shown) == 2 and any("r=2 vs 8" in ax.get_title() for ax in shown)
+    assert any(ax.get_title().endswith("r=2") for ax in shown)  # Table 7 at the rank nearest 4 of those present
     assert all(len(ax.collections) >= 1 for ax in shown)  # the random-null band
     assert all(len(ax.lines) == 1 + 4 for ax in shown)  # the band's edge + 2 layers × {q, v}
     plt.close(fig)
