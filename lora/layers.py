@@ -328,7 +328,34 @@ class LoRAFusedQKV(LoRAModule):
         return f"slices={self.slices}, r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
 
 
-class LoRAConv1D(LoRAModule):
+class _LoRAOnStoredTranspose(LoRAModule):
+    """One LoRA on a module that stores its frozen weight transposed, ``base.weight = W0ᵀ`` of shape
+    ``(d_in, d_out)`` (GPT-2's ``Conv1D``, ``nn.Embedding``): ``A`` ``(r, d_in)`` and ``B`` ``(d_out, r)`` as for
+    :class:`LoRALinear`; :meth:`merge` adds ``ΔWᵀ`` to the stored weight. Subclasses set ``base``, ``lora_A``,
+    ``lora_B``, ``scaling`` and ``merged``, and define ``forward``."""
+
+    def factors(self) -> dict[str, LoRAFactors]:
+        return {"": LoRAFactors(self.lora_A.detach(), self.lora_B.detach(), self.scaling)}
+
+    def base_weights(self) -> dict[str, Tensor]:
+        w = self.base.weight.detach().T  # (d_out, d_in), a view of the stored weight
+        return {"": w - self.factors()[""].delta_weight().to(w.dtype) if self.merged else w}
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W0 <- W0 + ΔW`` (the stored ``(d_in, d_out)`` weight gets ``ΔWᵀ``)."""
+        if not self.merged:
+            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, +1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, -1.0)
+            self.merged = False
+
+
+class LoRAConv1D(_LoRAOnStoredTranspose):
     """LoRA on a whole GPT-2 ``Conv1D`` (``c_proj``, ``c_fc``): ``y = x W + b + s · B (A dropout(x))``.
 
     ``Conv1D`` stores ``W`` as ``(d_in, d_out)`` and computes ``y = x @ W + b``, so in ``nn.Linear`` orientation the
@@ -377,31 +404,11 @@ class LoRAConv1D(LoRAModule):
         # (..., d_in) -> (..., r) -> (..., d_out); the same branch as LoRALinear's, never the dense ΔW.
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
-    def factors(self) -> dict[str, LoRAFactors]:
-        return {"": LoRAFactors(self.lora_A.detach(), self.lora_B.detach(), self.scaling)}
-
-    def base_weights(self) -> dict[str, Tensor]:
-        w = self.base.weight.detach().T  # (d_out, d_in)
-        return {"": w - self.factors()[""].delta_weight().to(w.dtype) if self.merged else w}
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """``W0 <- W0 + ΔW`` (the stored ``(d_in, d_out)`` weight gets ``ΔWᵀ``)."""
-        if not self.merged:
-            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, +1.0)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, -1.0)
-            self.merged = False
-
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-class LoRAEmbedding(LoRAModule):
+class LoRAEmbedding(_LoRAOnStoredTranspose):
     """LoRA on ``nn.Embedding``: ``E[x] + s · (B A)ᵀ[x]``.
 
     The embedding table ``E`` is ``(num_embeddings, dim)``; as a map from one-hot ``x`` it is ``W0 = Eᵀ`` of
@@ -442,25 +449,6 @@ class LoRAEmbedding(LoRAModule):
         b = self.base
         after_A = F.embedding(x, self.lora_A.T, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
         return y + F.linear(after_A, self.lora_B) * self.scaling
-
-    def factors(self) -> dict[str, LoRAFactors]:
-        return {"": LoRAFactors(self.lora_A.detach(), self.lora_B.detach(), self.scaling)}
-
-    def base_weights(self) -> dict[str, Tensor]:
-        w = self.base.weight.detach().T
-        return {"": w - self.factors()[""].delta_weight().to(w.dtype) if self.merged else w}
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, +1.0)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            _add_rounded_once(self.base.weight, self.factors()[""].delta_weight().T, -1.0)
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
