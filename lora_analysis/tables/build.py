@@ -65,6 +65,7 @@ __all__ = [
     "PAPER_FIG8_RANKS",
     "PAPER_RANK_PAIR",
     "analyse_run",
+    "compared_rank_pairs",
     "dora_table",
     "fig8_table",
     "module_phi_grids",
@@ -440,6 +441,18 @@ def quality_table(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- a whole run
+def compared_rank_pairs(adapters: Mapping[tuple[int, int], LoadedAdapter],
+                        ranks_compared: tuple[int, int] = PAPER_RANK_PAIR) -> list[tuple[int, int]]:
+    """The ``(r_small, r_large)`` pairs a run's rank comparison uses (``adapters``: ``{(rank, seed): adapter}``,
+    two ranks or more): the paper's literal pair (nearest 8 vs 64), then, if different, the pair nearest its r/d
+    (8 and 64 of GPT-3's d = 12,288, scaled to this model's d_in)."""
+    present_r = sorted({r for r, _ in adapters})
+    d = int(next(iter(next(iter(adapters.values())).factors.values())).A.shape[1])
+    pairs = [rank_pair(present_r, small=ranks_compared[0], large=ranks_compared[1])]
+    scaled = rank_pair(present_r, small=ranks_compared[0] * d / PAPER_D, large=ranks_compared[1] * d / PAPER_D)
+    return pairs + ([scaled] if scaled not in pairs else [])
+
+
 def analyse_run(
     run_dir: str | os.PathLike,
     *,
@@ -534,11 +547,7 @@ def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compa
     present_r = sorted({r for r, _ in adapters})
     present_s = sorted({s for _, s in adapters})
     if len(present_r) >= 2:
-        # the paper's literal pair (8 vs 64), and the pair nearest its r/d (8 and 64 of d = 12,288)
-        d = int(next(iter(next(iter(adapters.values())).factors.values())).A.shape[1])
-        pairs = [rank_pair(present_r, small=ranks_compared[0], large=ranks_compared[1])]
-        scaled = rank_pair(present_r, small=ranks_compared[0] * d / PAPER_D, large=ranks_compared[1] * d / PAPER_D)
-        pairs += [scaled] if scaled not in pairs else []
+        pairs = compared_rank_pairs(adapters, ranks_compared)
         for r_small, r_large in pairs:
             for s in present_s:
                 if (r_small, s) in adapters and (r_large, s) in adapters:

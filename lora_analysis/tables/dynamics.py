@@ -29,8 +29,14 @@ import pandas as pd
 from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir
 from lora_analysis.load.base import BaseWeights
 from lora_analysis.load.snapshots import load_snapshot, snapshot_steps
-from lora_analysis.tables.build import PAPER_RANK_PAIR, concat_table, phi_table, spectra_table, table7_table
-from lora_analysis.tables.select import PAPER_D, rank_pair
+from lora_analysis.tables.build import (
+    PAPER_RANK_PAIR,
+    compared_rank_pairs,
+    concat_table,
+    phi_table,
+    spectra_table,
+    table7_table,
+)
 
 __all__ = ["DYNAMICS_COLUMNS", "PHI_K", "common_steps", "dynamics_table", "snapshot_tables", "step_tables"]
 
@@ -56,11 +62,7 @@ def step_tables(adapters: Mapping[tuple[int, int], LoadedAdapter], base: BaseWei
     present_r = sorted({r for r, _ in adapters})
     present_s = sorted({s for _, s in adapters})
     if len(present_r) >= 2:
-        d = int(next(iter(next(iter(adapters.values())).factors.values())).A.shape[1])
-        pairs = [rank_pair(present_r, small=ranks_compared[0], large=ranks_compared[1])]
-        scaled = rank_pair(present_r, small=ranks_compared[0] * d / PAPER_D, large=ranks_compared[1] * d / PAPER_D)
-        pairs += [scaled] if scaled not in pairs else []
-        for (r1, r2), s in itertools.product(pairs, present_s):
+        for (r1, r2), s in itertools.product(compared_rank_pairs(adapters, ranks_compared), present_s):
             if (r1, s) in adapters and (r2, s) in adapters:
                 out["phi"].append(phi_table(adapters[(r1, s)], adapters[(r2, s)], comparison="rank",
                                             quantities=quantities))
