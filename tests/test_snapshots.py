@@ -18,19 +18,6 @@ from lora.snapshots import SNAPSHOT_DIR, snapshot_name, step_of
 from lora.train import main, run_sweep
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory, minilm_path):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    d = tmp_path_factory.mktemp("tiny_bert_snap")
-    BertModel(cfg).save_pretrained(d)
-    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
-    return str(d)
-
-
 def _cfg(model_dir, **kw) -> TrainConfig:
     base = dict(model=model_dir, steps=4, batch_size=8, max_length=12, ranks=(2, 4), seeds=(0,),
                 linear_probe=False, snapshot_steps=(0, 2, 4))

@@ -30,20 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "4", "--batch-size", "8", "--max-length", "12", "--quiet", "--threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory, minilm_path):
-    """A 2-layer d=32 BERT with the real MiniLM tokenizer, saved like any local model directory."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    d = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(cfg).save_pretrained(d)
-    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(d)
-    return str(d)
-
-
 @pytest.fixture
 def one_thread():
     before = torch.get_num_threads()
