@@ -176,7 +176,7 @@ def fmt_number(x: float | None, fmt: str = ".3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(float(x), fmt)
 
 
-def _empty(table: pd.DataFrame | None) -> bool:
+def no_rows(table: pd.DataFrame | None) -> bool:
     return table is None or len(table) == 0
 
 
@@ -250,9 +250,9 @@ def _rank_rows(phi: pd.DataFrame, r1: int, r2: int) -> pd.DataFrame:
 
 def _d_of(phi: pd.DataFrame | None, t7: pd.DataFrame | None) -> int | None:
     """The input dimension d_in, from Table 7 rows or from the analytic φ baseline (E φ(1, 1) = 1/d)."""
-    if not _empty(t7) and "d_in" in t7.columns:
+    if not no_rows(t7) and "d_in" in t7.columns:
         return int(t7["d_in"].iloc[0])
-    if not _empty(phi):
+    if not no_rows(phi):
         base = phi[(phi["quantity"] == "expected_random") & (phi["i"] == 1) & (phi["j"] == 1)]["phi"]
         if len(base):
             return int(round(1.0 / float(base.iloc[0])))
@@ -264,8 +264,8 @@ def _top(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
     cid = "top_direction_shared"
     rule = (f"fraction of (module, seed) pairs with φ(1, 1) > {TOP_SHARED}: holds if its {LEVEL:.0%} exact interval "
             f"lies above {TOP_SHARED}, does not hold if below, else inconclusive")
-    rows = _rank_rows(phi, r1, r2) if not _empty(phi) else None
-    if _empty(rows):
+    rows = _rank_rows(phi, r1, r2) if not no_rows(phi) else None
+    if no_rows(rows):
         return _not_measured(cid, rule, f"no rank comparison r={r1} vs r={r2} (needs two ranks at one seed)")
     quantity = _phi_quantity(rows)
     first = rows[(rows["i"] == 1) & (rows["j"] == 1)]
@@ -311,8 +311,8 @@ def _noise(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
     cid = "other_directions_noise"
     rule = (f"mean φ(i, j) over 2 ≤ i, j ≤ r_small divided by the random baseline max(i, j)/d, per (module, seed): "
             f"holds if the mean's {LEVEL:.0%} interval lies within {NOISE_RATIO:g}× chance, does not hold if above")
-    rows = _rank_rows(phi, r1, r2) if not _empty(phi) else None
-    if _empty(rows):
+    rows = _rank_rows(phi, r1, r2) if not no_rows(phi) else None
+    if no_rows(rows):
         return _not_measured(cid, rule, f"no rank comparison r={r1} vs r={r2}")
     if r1 < 2:
         return _not_measured(cid, rule, f"r_small = {r1} has no direction after the first")
@@ -346,8 +346,8 @@ def _intrinsic(phi: pd.DataFrame | None) -> Claim:
     cid = "q_higher_rank_than_v"
     rule = (f"per layer and seed pair at r_large, shared directions above chance k·φ(k, k) − k²/d (k = {SHARED_K}) "
             f"of ΔW_q minus ΔW_v: holds if the mean's {LEVEL:.0%} interval lies above 0, does not hold if below")
-    seed = rows_where(phi, comparison="seed") if not _empty(phi) else None
-    if _empty(seed):
+    seed = rows_where(phi, comparison="seed") if not no_rows(phi) else None
+    if no_rows(seed):
         return _not_measured(cid, rule, "no seed comparison (needs two seeds at the largest rank)")
     r = int(seed["r1"].max())
     seed = rows_where(seed, r1=r, r2=r)
@@ -395,7 +395,7 @@ def geometric_interval(iv: Interval) -> Interval:
 
 
 def _t7_ready(t7: pd.DataFrame | None) -> bool:
-    return not _empty(t7) and "delta_over_random" in t7.columns and t7["delta_over_random"].notna().any()
+    return not no_rows(t7) and "delta_over_random" in t7.columns and t7["delta_over_random"].notna().any()
 
 
 def amplification_claim(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim:
@@ -479,7 +479,7 @@ def _fig8(fig8: pd.DataFrame | None) -> Claim:
     rule = (f"mean φ(W's top-i, ΔW's top-j) over the Figure 8 grid divided by the same for a random A of that rank, per "
             f"(module, rank, seed): holds if the {LEVEL:.0%} interval lies within {FIG8_RATIO:g}× random, does not hold "
             "if above")
-    if _empty(fig8) or len(rows_where(fig8, source="random")) == 0:
+    if no_rows(fig8) or len(rows_where(fig8, source="random")) == 0:
         return _not_measured(cid, rule, "no Figure 8 rows with a random A")
     keys = ["module", "rank", "seed"]
     delta = rows_where(fig8, source="delta").groupby(keys)["phi"].mean()
@@ -609,14 +609,14 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
     layers: set[int] = set()
     for name in ("phi", "fig8", "table7"):
         t = tables.get(name)
-        if not _empty(t):
+        if not no_rows(t):
             layers |= {int(x) for x in t["layer"]}
     try:
         chosen = middle_layer(sorted(layers), layer) if layers else None
     except MissingRows:
         chosen = None
     d = _d_of(phi, t7)
-    pair = _rank_pair_of(phi, PAPER_RANK_SMALL, PAPER_RANK_LARGE) if not _empty(phi) else None
+    pair = _rank_pair_of(phi, PAPER_RANK_SMALL, PAPER_RANK_LARGE) if not no_rows(phi) else None
     r1, r2 = pair if pair else (0, 0)
     t7_ranks = sorted({int(r) for r in t7["rank"]}) if _t7_ready(t7) else []
     # One rank only (e.g. a folder of same-rank peft adapters): both claims are measured at that rank.
@@ -625,7 +625,7 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
               _projection(t7, ts, tl), _fig8(tables.get("fig8")), _flat(tables.get("quality")),
               _best_sets(tables.get("quality"))]
     scaled = None  # the rank pair nearest the paper's r/d (8 and 64 of d = 12,288), where it differs
-    if d and not _empty(phi):
+    if d and not no_rows(phi):
         sp = _rank_pair_of(phi, PAPER_RANK_SMALL * d / PAPER_D, PAPER_RANK_LARGE * d / PAPER_D)
         if sp and sp != (r1, r2) and sp[0] != sp[1]:
             scaled = sp
@@ -637,7 +637,7 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
         if st != (ts, tl) and st[0] != st[1]:
             claims[3] = _with_scaled(claims[3], amplification_claim(t7, *st), st, d)
             claims[4] = _with_scaled(claims[4], _projection(t7, *st), st, d)
-    seeds = tuple(sorted({int(s) for s in t7["seed"]})) if not _empty(t7) else ()
+    seeds = tuple(sorted({int(s) for s in t7["seed"]})) if not no_rows(t7) else ()
     context = Context(layer=chosen, layers=tuple(sorted(layers)), r_small=r1 or None, r_large=r2 or None, d=d,
                       scaled_ranks=scaled, seeds=seeds)
     return claims, context

@@ -39,6 +39,7 @@ from lora_analysis.verdicts.claims import (
     fmt_number,
     geometric_interval,
     json_safe,
+    no_rows,
     seed_bootstrap_ci,
     three_way,
 )
@@ -67,10 +68,6 @@ FIGURES = {"full_low_rank": ("full_spectrum",), "lora_captures_full_subspace": (
            "lora_more_intruders": ()}
 
 
-def _empty(t: pd.DataFrame | None) -> bool:
-    return t is None or len(t) == 0
-
-
 def _make(cid: str, ours: str, verdict: str, rule: str, null: str, quantity: str, measures: dict,
           details=()) -> Claim:
     return Claim(cid, TITLES[cid], PAPER[cid], ours, verdict, rule, null, quantity, measures, tuple(details),
@@ -85,7 +82,7 @@ def _low_rank(spectra: pd.DataFrame | None) -> Claim:
     cid = "full_low_rank"
     rule = (f"entropy effective rank of the full ΔW / that of a same-shape Gaussian, per (module, seed): holds if the "
             f"mean's {LEVEL:.0%} interval lies below {LOW_RANK_RATIO:g}, does not hold if above, else inconclusive")
-    if _empty(spectra):
+    if no_rows(spectra):
         return _missing(cid, rule, "no full fine-tuning ΔW")
     ratio = spectra.assign(ratio=spectra["entropy_rank"] / spectra["random_entropy_rank"])
     ci = seed_bootstrap_ci(ratio["ratio"], ratio)
@@ -112,7 +109,7 @@ def _captures(vs: pd.DataFrame | None) -> Claim:
     rule = (f"φ(full ΔW's top-r, LoRA r's ΔW, r, r) at the rank nearest {PAPER_RANK_SMALL} divided by the random null "
             f"r/d, per (module, seed), geometric mean: holds if its {LEVEL:.0%} interval lies above {MARGIN:g}, does "
             f"not hold if below, else inconclusive")
-    if _empty(vs):
+    if no_rows(vs):
         return _missing(cid, rule, "no LoRA adapter of a full fine-tuning run's seed")
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
@@ -132,13 +129,13 @@ def _captures(vs: pd.DataFrame | None) -> Claim:
 
 def _full_amp(t7: pd.DataFrame | None, lora_t7: pd.DataFrame | None) -> Claim:
     cid = "full_amplification"
-    if _empty(t7):
+    if no_rows(t7):
         return _missing(cid, "Table 7's amplification rule on the full ΔW", "no full fine-tuning ΔW")
     ks = sorted({int(k) for k in t7["rank"]})
     ts = nearest_rank(ks, PAPER_TABLE7_RANKS[0])
     base = amplification_claim(t7, ts, ks[-1])
     details = list(base.details)
-    if not _empty(lora_t7) and ts in set(int(x) for x in lora_t7["rank"]):
+    if not no_rows(lora_t7) and ts in set(int(x) for x in lora_t7["rank"]):
         lr = lora_t7[lora_t7["rank"] == ts]
         details.append(f"LoRA r={ts} for comparison: amplification {fmt_number(float(np.exp(np.log(lr['amplification']).mean())), '.2f')}, "
                        f"projection / random {fmt_number(float(np.exp(np.log(lr['delta_over_random']).mean())), '.2f')}")
@@ -151,7 +148,7 @@ def _intruders(vs: pd.DataFrame | None) -> Claim:
     rule = (f"intruder dimensions among the top 10 of W0 + ΔW, LoRA at the rank nearest {PAPER_RANK_SMALL} minus full "
             f"fine-tuning, per (module, seed): holds if the mean's {LEVEL:.0%} interval lies above 0, does not hold if "
             "below, else inconclusive")
-    if _empty(vs):
+    if no_rows(vs):
         return _missing(cid, rule, "no LoRA adapter of a full fine-tuning run's seed")
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
@@ -169,7 +166,7 @@ def _intruders(vs: pd.DataFrame | None) -> Claim:
 
 def full_quality(quality: pd.DataFrame | None) -> dict[str, Any]:
     """Validation metric of full fine-tuning beside LoRA's per rank (mean and sd over seeds); ``{}`` without rows."""
-    if _empty(quality):
+    if no_rows(quality):
         return {}
     full = quality[quality["weight_set"].astype(str).str.startswith(FULL_PREFIX)]
     if len(full) == 0:
