@@ -79,3 +79,56 @@ def test_shape_mismatch_is_refused(planted):
     full = FullFinetune(path=Path("full"), seed=0, weight_set="q", deltas={KEY: delta[:, :10]})
     with pytest.raises(ValueError, match="ΔW"):
         full_tables(full, {KEY: W0}, {})
+
+
+def _through_the_tables(make_delta, make_lora) -> dict:
+    """F1 and F2 (lora_analysis.verdicts.full_finetune) on full_tables of 4 layers × {q, v} × 3 seeds."""
+    from lora_analysis.verdicts.full_finetune import evaluate_full_claims
+
+    g = torch.Generator().manual_seed(7)
+    spectra, vs = [], []
+    for seed in range(3):
+        for layer in range(4):
+            for wt in ("query", "value"):
+                key = f"encoder.layer.{layer}.attention.self.{wt}"
+                W0 = torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5
+                delta = make_delta(g)
+                full = FullFinetune(path=Path("full"), seed=seed, weight_set="q,v", deltas={key: delta})
+                A, B = make_lora(g, delta)
+                lora = LoadedAdapter(path=Path("lora"), rank=8, seed=seed, weight_set="q,v", alpha=8.0,
+                                     base_model=None, factors={key: LoRAFactors(A, B, 1.0)}, init_A=None)
+                t = full_tables(full, {key: W0}, {8: lora})
+                spectra.append(t["full_spectra"])
+                vs.append(t["full_vs_lora"])
+    import pandas as pd
+
+    tables = {"full_spectra": pd.concat(spectra, ignore_index=True), "full_vs_lora": pd.concat(vs, ignore_index=True)}
+    return {c.id: c.verdict for c in evaluate_full_claims(tables)}
+
+
+def test_a_random_full_delta_fails_and_a_planted_one_passes_f1_and_f2():
+    """The referee's test: a Gaussian ΔW, and a LoRA with random factors, must not pass 'low rank' or 'LoRA finds
+    full fine-tuning's directions'; a rank-4 ΔW (plus 1 % noise) that LoRA's r=8 contains must pass both."""
+    from lora_analysis.verdicts.claims import FAILS, HOLDS
+
+    def gaussian(g):
+        return torch.randn(D, D, generator=g, dtype=torch.float64)
+
+    def random_lora(g, delta):
+        return torch.randn(8, D, generator=g, dtype=torch.float64), torch.randn(D, 8, generator=g, dtype=torch.float64)
+
+    verdicts = _through_the_tables(gaussian, random_lora)
+    assert verdicts["full_low_rank"] == FAILS and verdicts["lora_captures_full_subspace"] == FAILS
+
+    def planted(g):
+        U = torch.linalg.qr(torch.randn(D, 4, generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(D, 4, generator=g, dtype=torch.float64))[0]
+        return U @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)) @ V.T + 0.01 * gaussian(g)
+
+    def containing_lora(g, delta):  # A spans ΔW's top-4 right singular directions and 4 random ones
+        V = torch.linalg.svd(delta).Vh[:4]
+        A = torch.cat([V, torch.randn(4, D, generator=g, dtype=torch.float64)])
+        return A, torch.randn(D, 8, generator=g, dtype=torch.float64)
+
+    verdicts = _through_the_tables(planted, containing_lora)
+    assert verdicts["full_low_rank"] == HOLDS and verdicts["lora_captures_full_subspace"] == HOLDS
