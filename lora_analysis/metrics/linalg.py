@@ -165,9 +165,10 @@ def top_singular_values(
 
     For ``min(d_out, d_in) <= dense_max``: ``torch.linalg.svdvals`` (exact, cheap at that size). Above it, block
     Krylov on ``G = WᵀW`` (on the smaller side of W): ``K = [X, G X, G² X, …]`` with ``block`` columns per step,
-    each block orthogonalised against all before it twice (classical Gram–Schmidt, then QR). The products
-    ``W X`` and ``Wᵀ (W X)`` run in float32 (half the cost; they only have to find the subspace), the Rayleigh
-    quotient ``T = (W K)ᵀ (W K)`` is accumulated in float64 from them, and the iteration stops when the Ky Fan sum
+    each block orthogonalised against all before it twice (classical Gram–Schmidt, then QR). ``G X`` is one
+    pass over W in float32 (``Σ_i W_iᵀ (W_i X)`` over row blocks ``W_i``, each reused from cache: half the memory
+    traffic of ``Wᵀ (W X)``, and half the arithmetic of float64; the products only have to find the subspace), the
+    projected matrix ``T = Kᵀ G K`` is kept in float64, and the iteration stops when the Ky Fan sum
     ``Σ_{i≤k} θ_i`` of T's top-k eigenvalues (checked at dimensions about 12 % apart) changes by less than
     ``rtol`` (relative) and the geometric tail estimate ``δ·ρ/(1−ρ)`` (``ρ`` the ratio of the last two changes)
     is below it too. Then a float64
@@ -205,22 +206,25 @@ def _top_singular_values(W: Tensor, k: int, *, rtol: float, block: int, seed: in
         return torch.linalg.svdvals(W)[:k]
     if W.shape[0] < W.shape[1]:
         W = W.T  # work with G = WᵀW of size min(d_out, d_in): same singular values
-    m, n = W.shape
+    n = W.shape[1]
     limit = n if max_dim is None else max(min(int(max_dim), n), k + block)
-    W32 = W.to(torch.float32)
+    W32 = W.to(torch.float32).contiguous()  # (m, n) row-major: the Gram pass streams its row blocks
     g = torch.Generator().manual_seed(int(seed))
-    K = torch.empty(n, limit, dtype=torch.float32)  # orthonormal Krylov basis, filled block by block
-    Z = torch.empty(m, limit, dtype=torch.float32)  # W @ K
-    T = torch.empty(limit, limit, dtype=torch.float64)  # (W K)ᵀ (W K) = Kᵀ G K
-    X, _ = torch.linalg.qr(torch.randn(n, block, generator=g, dtype=torch.float32))
+    # Row layout (one basis vector per row): every product below is a wide GEMM on contiguous rows.
+    K = torch.empty(limit, n, dtype=torch.float32)  # orthonormal Krylov basis, filled block by block
+    GK = torch.empty(limit, n, dtype=torch.float32)  # (G K)ᵀ
+    T = torch.empty(limit, limit, dtype=torch.float64)  # Kᵀ G K
+    X = torch.linalg.qr(torch.randn(n, block, generator=g, dtype=torch.float32))[0].T
     sums: list[float] = []
     dim, next_check = 0, 2 * k
     while True:
-        b = X.shape[1]
-        K[:, dim:dim + b] = X
-        torch.mm(W32, X, out=Z[:, dim:dim + b])
-        T[:dim + b, dim:dim + b] = Z[:, :dim + b].T @ Z[:, dim:dim + b]
-        T[dim:dim + b, :dim] = T[:dim, dim:dim + b].T
+        b = X.shape[0]
+        K[dim:dim + b] = X
+        GX = _gram_rows(W32, X, out=GK[dim:dim + b])
+        C = GX @ K[:dim + b].T  # (G X)ᵀ K: the new columns of T and the first Gram–Schmidt pass below
+        T[dim:dim + b, :dim + b] = C
+        T[:dim, dim:dim + b] = C[:, :dim].T
+        T[dim:dim + b, dim:dim + b] = (C[:, dim:] + C[:, dim:].T) / 2
         dim += b
         if dim >= next_check:  # the Ky Fan sum at dimensions ~12 % apart: eigvalsh is O(dim³), the checks add ~1/8
             sums.append(float(torch.linalg.eigvalsh(T[:dim, :dim])[-k:].sum()))
@@ -230,16 +234,31 @@ def _top_singular_values(W: Tensor, k: int, *, rtol: float, block: int, seed: in
         b = min(block, limit - dim)
         if b <= 0:
             break
-        Y = W32.T @ Z[:, dim - X.shape[1]:dim]  # G X
-        Kd = K[:, :dim]
-        for _ in range(2):  # CGS2: one pass of Gram–Schmidt loses orthogonality in float32
-            Y = Y - Kd @ (Kd.T @ Y)
-        X, _ = torch.linalg.qr(Y[:, :b])
+        Kd = K[:dim]
+        Y = GX[:b] - C[:b] @ Kd  # CGS2: a second pass, as one pass loses orthogonality in float32
+        Y = Y - (Y @ Kd.T) @ Kd
+        X = torch.linalg.qr(Y.T)[0].T
     # Rayleigh–Ritz in float64 on the top k + block Ritz vectors
     _, evecs = torch.linalg.eigh(T[:dim, :dim])
     p = min(k + block, dim)
-    V, _ = torch.linalg.qr((K[:, :dim] @ evecs[:, -p:].to(torch.float32)).to(torch.float64))  # a float32 basis
+    V, _ = torch.linalg.qr((K[:dim].T @ evecs[:, -p:].to(torch.float32)).to(torch.float64))  # a float32 basis
     return torch.linalg.svdvals(W @ V)[:k]
+
+
+_GRAM_ROWS = 256  # rows of W per step of the Gram pass: 4 MiB of float32 at d = 4096, still in cache for Wᵢᵀ
+
+
+def _gram_rows(W: Tensor, X: Tensor, *, out: Tensor) -> Tensor:
+    """``out = X Wᵀ W`` (``X (b, n)`` rows, ``W (m, n)``): ``(G Xᵀ)ᵀ`` for ``G = WᵀW`` in one pass over W.
+
+    ``Σ_i (X W_iᵀ) W_i`` over row blocks ``W_i``: each block is read from memory once and reused from cache for
+    the second product, where ``(X Wᵀ) W`` would stream all of W twice (at the narrow blocks of a Krylov
+    iteration a GEMM is bound by memory, so this is ~1.3–1.5× faster)."""
+    out.zero_()
+    for i in range(0, W.shape[0], _GRAM_ROWS):
+        Wi = W[i:i + _GRAM_ROWS]
+        out.addmm_(X @ Wi.T, Wi)
+    return out
 
 
 def _krylov_converged(sums: list[float], rtol: float) -> bool:
