@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["THREADS_PER_PROCESS", "default_workers", "torch_threads"]
+__all__ = ["THREADS_PER_PROCESS", "analysis_workers", "default_workers", "torch_threads"]
 
 THREADS_PER_PROCESS = 1
 
@@ -25,6 +25,14 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def analysis_workers(n: int | None = None) -> int:
+    """Threads that analyse independent weight matrices at once: ``n``, or the cores available divided by
+    torch's intra-op threads, so that the two together fill the cores without oversubscribing them."""
+    if n is not None:
+        return max(1, int(n))
+    return max(1, default_workers() // max(1, torch.get_num_threads()))
 
 
 @contextlib.contextmanager

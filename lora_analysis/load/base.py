@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from lora.errors import UserError
 from lora_analysis.load.adapters import LoadedAdapter
 from lora_analysis.metrics.linalg import WeightSVDCache
 
-__all__ = ["BaseWeights"]
+__all__ = ["BaseWeights", "CheckpointWeights"]
 
 
 class BaseWeights:
@@ -152,3 +152,74 @@ class BaseWeights:
         svd = self.svd.get(key, W)
         self._svd_memo[key] = (W, svd)
         return svd
+
+
+class CheckpointWeights(Mapping):
+    """``{module key: W}`` read lazily from a checkpoint's safetensors file(s): a 7B base never sits in memory whole.
+
+    ``W`` of module ``key`` is the tensor ``key + ".weight"`` as stored (``nn.Linear`` layout ``(d_out, d_in)``,
+    its own dtype: bf16 stays bf16 until the analysis upcasts it), read from the file that holds it each time it is
+    asked for (memory-mapped, so one W costs its own bytes). Pass it as ``base`` to
+    :func:`lora_analysis.tables.build.table7_tables`, which reads each W once, when its turn comes.
+
+    For what this does not rebuild (GPT-2's transposed ``Conv1D``, a fused ``c_attn`` slice ``:q``, PiSSA/OLoRA
+    residuals) use :class:`BaseWeights`, which loads the model through transformers.
+
+    Args:
+        path: a ``.safetensors`` file, or a directory holding ``model.safetensors`` or the shards listed in
+            ``model.safetensors.index.json``.
+
+    Raises:
+        UserError: naming the path if it holds no safetensors checkpoint or the index is unreadable.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import json
+
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.is_dir():
+            index = path / "model.safetensors.index.json"
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    raise UserError(f"{index}: not a safetensors index ({exc})") from None
+                files = {name: path / shard for name, shard in weight_map.items()}
+            elif (path / "model.safetensors").is_file():
+                files = self._names(path / "model.safetensors", safe_open)
+            else:
+                raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        elif path.is_file():
+            files = self._names(path, safe_open)
+        else:
+            raise UserError(f"{path}: no such checkpoint file or directory")
+        self.path = path
+        self._files = {name[: -len(".weight")]: f for name, f in files.items() if name.endswith(".weight")}
+
+    @staticmethod
+    def _names(file: Path, safe_open) -> dict[str, Path]:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return dict.fromkeys(f.keys(), file)
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise UserError(f"{file}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self._files.get(key)
+        if file is None:
+            raise KeyError(key)
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(key + ".weight")
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor to answer
+        return key in self._files
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)

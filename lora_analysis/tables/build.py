@@ -39,13 +39,14 @@ from torch import Tensor
 from lora import rundir
 from lora.errors import UserError
 from lora.fsio import atomic_path
-from lora.threads import torch_threads
+from lora.threads import analysis_workers, torch_threads
 from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir, module_layer, weight_type
 from lora_analysis.load.base import BaseWeights
 from lora_analysis.metrics.dora import dora_summary
 from lora_analysis.metrics.linalg import (
     DENSE_SVDVALS_MAX,
     WeightSVDCache,
+    as_float64_matrix,
     factored_svd,
     right_singular_vectors,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "compared_rank_pairs",
     "dora_table",
     "fig8_table",
+    "map_workers",
     "module_phi_grids",
     "phi_table",
     "quality_table",
@@ -189,6 +191,7 @@ def phi_table(
     comparison: str,
     keys: Iterable[str] | None = None,
     quantities: Sequence[str] = ("A", "A-A_init", "A_init", "B", "dW", "expected_random"),
+    workers: int | None = None,
 ) -> pd.DataFrame:
     """φ grids between two adapters for every module they share (Section 7.2, Figures 3, 4, 6, 7).
 
@@ -202,6 +205,7 @@ def phi_table(
         a1, a2: the adapters; rows have ``r1 = a1``'s module rank, ``r2 = a2``'s.
         comparison: ``"rank"`` or ``"seed"`` (written to the table).
         keys: module keys to compare (default: all shared keys).
+        workers: modules compared at once (threads; default and meaning as in :func:`table7_tables`).
 
     Raises:
         UserError: if the adapters share no module, or a module's factors act on different dimensions.
@@ -209,16 +213,28 @@ def phi_table(
     shared = _common_keys(a1, a2, keys)
     if not shared:
         raise UserError(f"{a1.path} and {a2.path}: no module in common to compare")
-    frames = []
-    for key in shared:
+
+    def frames_of(key: str) -> list[pd.DataFrame]:
         f1, f2 = a1.factors[key], a2.factors[key]
         meta = {"comparison": comparison, **_ids(key), "r1": f1.rank, "r2": f2.rank, "seed1": _seed(a1),
                 "seed2": _seed(a2)}
         grids = module_phi_grids(a1, a2, key, quantities=quantities)
-        for q in quantities:
-            if q in grids:
-                frames.append(_grid_frame(grids[q], {**meta, "quantity": q}))
-    return concat_table("phi", frames)
+        return [_grid_frame(grids[q], {**meta, "quantity": q}) for q in quantities if q in grids]
+
+    return concat_table("phi", list(itertools.chain.from_iterable(map_workers(frames_of, shared, workers))))
+
+
+def map_workers(fn, jobs: Sequence, workers: int | None) -> list:
+    """``[fn(job) for job in jobs]``, computed by up to ``workers`` threads (:func:`lora.threads.analysis_workers`)
+    when there is more than one job; results in the order of ``jobs``. Threads, not processes: torch releases the
+    GIL inside its kernels, and the adapters and weights are shared instead of pickled."""
+    n = min(analysis_workers(workers), len(jobs))
+    if n <= 1:
+        return [fn(job) for job in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(fn, jobs))
 
 
 def random_phi_table(
@@ -282,12 +298,13 @@ def fig8_table(
     return concat_table("fig8", frames)
 
 
-def _top(adapter: LoadedAdapter, key: str, W: Tensor, top: int | None) -> int:
-    """The subspace dimension k for a module: ``top``, or its rank; ``UserError`` if it exceeds either."""
+def _top(adapter: LoadedAdapter, key: str, shape: tuple[int, int], top: int | None) -> int:
+    """The subspace dimension k for a module of W's ``shape``: ``top``, or its rank; ``UserError`` if it exceeds
+    either."""
     r = adapter.factors[key].rank
     k = r if top is None else top
-    if not 0 < k <= min(r, *W.shape):
-        raise UserError(f"--top: {top} must be in 1..{min(r, *W.shape)} for module {key} of {adapter.path}")
+    if not 0 < k <= min(r, *shape):
+        raise UserError(f"--top: {top} must be in 1..{min(r, *shape)} for module {key} of {adapter.path}")
     return k
 
 
@@ -322,6 +339,7 @@ def table7_tables(
     top: int | None = None,
     random_seed: int = 0,
     null_draws: int = NULL_DRAWS,
+    workers: int | None = None,
 ) -> pd.DataFrame:
     """:func:`table7_table` of each adapter, concatenated in order, with every W's rows computed together.
 
@@ -330,34 +348,56 @@ def table7_tables(
     ``random_seed``, as :func:`table7_table` always did) are drawn once per W and k and shared by every rank and
     seed of that k, which gives the same numbers as drawing them per row. W's column needs only W's singular
     values: up to ``DENSE_SVDVALS_MAX`` they come from the shared SVD (which Figure 8 and the intruder count need
-    anyway), above it from :func:`~lora_analysis.metrics.linalg.top_singular_values` (block Krylov, to 1e-8).
+    anyway), above it from :func:`~lora_analysis.metrics.linalg.top_singular_values` (block Krylov).
 
     Args:
         keys: per adapter, the module keys (default: all of each adapter's modules).
+        workers: W matrices computed at once, each in its own thread running torch's ops on the threads the
+            process already has (default: the cores available divided by those threads). The numbers do not
+            depend on it: each W's rows are computed by the same operations in the same order. With a plain
+            mapping as ``base``, W is read from it (and upcast) only when its turn comes, so a 7B base streams
+            through memory ``workers`` matrices at a time (a lazy mapping over a safetensors file reads each W
+            once).
     """
-    groups: dict[tuple[str, int], list[tuple[int, str, Tensor]]] = {}
+    lazy = not isinstance(base, BaseWeights)
+    groups: dict[tuple[str, int | None], list[tuple[int, str]]] = {}
     order: list[tuple[int, str]] = []
-    svd_of_key = {}
     for i, a in enumerate(adapters):
-        Ws, svd_of = _weights(a, base, None if keys is None else keys[i])
-        for key, W in Ws.items():
-            _top(a, key, W, top)  # checked before any work
-            groups.setdefault((key, id(W)), []).append((i, key, W))
-            svd_of_key[(key, id(W))] = svd_of
+        ks = list(a.factors) if keys is None else list(keys[i])
+        if lazy:
+            missing = [k for k in ks if k not in base]
+            if missing:
+                raise UserError(f"{a.path}: module {missing[0]}: no base weight given")
+            ident = dict.fromkeys(ks)  # one base: the key names the W
+        else:
+            ident = {k: id(W) for k, W in base.weights(a, ks).items()}  # cached there: identity tells bases apart
+        for key in ks:
+            f = a.factors[key]
+            _top(a, key, (f.B.shape[0], f.A.shape[1]), top)  # checked before any work
+            groups.setdefault((key, ident[key]), []).append((i, key))
             order.append((i, key))
-    rows: dict[tuple[int, str], dict] = {}
-    for (key, _), members in groups.items():
-        W = members[0][2]
-        w_values = svd_of_key[(key, id(W))](key, W).S if min(W.shape) <= DENSE_SVDVALS_MAX else None
+
+    def rows_of(key: str, members: list[tuple[int, str]]) -> list[tuple[tuple[int, str], dict]]:
+        if lazy:
+            W = as_float64_matrix(base[key], name=f"base weight of {key}")
+            w_values = None  # table7_rows: svdvals up to DENSE_SVDVALS_MAX, block Krylov above
+        else:
+            W = base.weights(adapters[members[0][0]], [key])[key]
+            w_values = base.w_svd(key, W).S if min(W.shape) <= DENSE_SVDVALS_MAX else None
         deltas = [(f.A, f.B, f.scaling, f.rank if top is None else top)
-                  for f in (adapters[i].factors[key] for i, _, _ in members)]
+                  for f in (adapters[i].factors[key] for i, _ in members)]
         got = table7_rows(W, deltas, random_seed=module_seed(key, random_seed), null_draws=null_draws,
                           w_values=w_values)
-        for (i, _, _), row in zip(members, got, strict=True):
+        out = []
+        for (i, _), row in zip(members, got, strict=True):
             a = adapters[i]
-            rows[(i, key)] = {**_ids(key), "rank": a.factors[key].rank, "seed": _seed(a), "d_out": int(W.shape[0]),
-                              "d_in": int(W.shape[1]), "top": row.rank,
-                              **{c: getattr(row, c) for c in COLUMNS["table7"][8:]}}
+            out.append(((i, key), {**_ids(key), "rank": a.factors[key].rank, "seed": _seed(a),
+                                   "d_out": int(W.shape[0]), "d_in": int(W.shape[1]), "top": row.rank,
+                                   **{c: getattr(row, c) for c in COLUMNS["table7"][8:]}}))
+        return out
+
+    jobs = [(key, members) for (key, _), members in groups.items()]
+    rows = dict(itertools.chain.from_iterable(map_workers(lambda job: rows_of(*job), jobs, workers)))
     out = [rows[ik] for ik in order]
     return pd.DataFrame(out, columns=COLUMNS["table7"]) if out else _empty("table7")
 
@@ -383,7 +423,7 @@ def dora_table(
     rows = []
     for key, W in Ws.items():
         f = adapter.factors[key]
-        k = _top(adapter, key, W, top)
+        k = _top(adapter, key, tuple(W.shape), top)
         d = dora_summary(W, f.A, f.B, adapter.magnitude[key], scaling=f.scaling, top=k,
                          reference_norms=torch.linalg.vector_norm(originals[key], dim=1))
         rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "d_out": int(W.shape[0]),

@@ -14,7 +14,7 @@ from tiny_models import D, make_adapter, tiny_bert_model
 
 from lora.errors import UserError
 from lora_analysis.load.adapters import load_run_adapter
-from lora_analysis.load.base import BaseWeights
+from lora_analysis.load.base import BaseWeights, CheckpointWeights
 from lora_analysis.metrics.linalg import factored_svd
 from lora_analysis.metrics.projection import table7_row
 from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
@@ -157,6 +157,44 @@ def test_table7_tables_batches_every_rank_and_seed_of_a_W(tiny_run, base):
     # the null is drawn per module and k: both seeds of a rank share it
     same_k = t[(t.module == KEY) & (t["rank"] == 8)]
     assert same_k["random_sd"].nunique() == 1 and same_k["delta"].nunique() == 2
+
+
+def test_table7_and_phi_tables_do_not_depend_on_workers(tiny_run, base):
+    """Threads over W matrices (table7_tables) and over modules (phi_table) give bitwise the one-thread tables."""
+    adapters = [load_run_adapter(tiny_run, rank=r, seed=s) for r in (2, 8) for s in (0, 1)]
+    one = table7_tables(adapters, base, workers=1)
+    pd.testing.assert_frame_equal(table7_tables(adapters, base, workers=2), one, check_exact=True)
+    pd.testing.assert_frame_equal(phi_table(adapters[0], adapters[2], comparison="rank", workers=2),
+                                  phi_table(adapters[0], adapters[2], comparison="rank", workers=1), check_exact=True)
+
+
+def test_table7_tables_on_a_lazy_checkpoint(tiny_run, base, tmp_path, monkeypatch):
+    """A safetensors checkpoint read one W at a time (CheckpointWeights, the 7B route) gives the tables of the
+    loaded base model; asking which modules it holds reads no tensor; a missing or unreadable path is one error."""
+    from safetensors.torch import save_file
+
+    adapters = [load_run_adapter(tiny_run, rank=r, seed=0) for r in (2, 8)]
+    Ws = base.weights(adapters[0])
+    save_file({f"{k}.weight": W.to(torch.float32).contiguous() for k, W in Ws.items()}, str(tmp_path / "model.safetensors"))
+    ckpt = CheckpointWeights(tmp_path)
+    assert set(ckpt) == set(Ws) and len(ckpt) == len(Ws) and "nope" not in ckpt
+    reads = []
+    real = CheckpointWeights.__getitem__
+    monkeypatch.setattr(CheckpointWeights, "__getitem__", lambda self, k: reads.append(k) or real(self, k))
+    assert all(k in ckpt for k in Ws) and not reads  # membership reads no tensor
+    got = table7_tables(adapters, ckpt, workers=2)
+    assert sorted(reads) == sorted(Ws)  # each W read once, for every rank that adapts it
+    pd.testing.assert_frame_equal(got, table7_tables(adapters, base), rtol=1e-12)
+    with pytest.raises(UserError, match="missing: no such checkpoint"):
+        CheckpointWeights(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: no model.safetensors or model.safetensors.index.json"):
+        CheckpointWeights(tmp_path / "empty")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="bad.safetensors: not a readable safetensors file"):
+        CheckpointWeights(tmp_path / "bad.safetensors")
+    with pytest.raises(UserError, match="no base weight given"):
+        table7_tables(adapters, {})
 
 
 def test_fig8_table(tiny_run, base):
