@@ -150,20 +150,33 @@ def _write_adapters(root: Path, *, n_layers: int, d: int, ranks, seeds) -> list[
     return dirs
 
 
+def _write_base(path: Path, *, n_layers: int, d: int) -> None:
+    """The seeded W_q, W_v of every layer (:func:`base_weight`) as one bf16 safetensors checkpoint, named as in
+    LLaMA's (``model.layers.L.self_attn.{q,v}_proj.weight``) and stored in bf16 as LLaMA-7B's are."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.layers.{layer}.self_attn.{kind}_proj.weight": base_weight(layer, kind, d).to(torch.bfloat16)
+               for layer in range(n_layers) for kind in ("q", "v")}
+    save_file(tensors, str(path))
+
+
 def section7_case(
-    *, n_layers: int = 32, d: int = 4096, ranks=(8, 64), seeds=(0, 1), check_exact: bool = True, budget_s: float = 30.0
+    *, n_layers: int = 32, d: int = 4096, ranks=(8, 64), seeds=(0, 1), check_exact: bool = True, budget_s: float = 30.0,
+    workers: int | None = None,
 ) -> CaseResult:
     """Full Section 7 analysis of a 7B-shaped adapter set, timed end to end (wall time and peak RSS).
 
-    Four PEFT-layout adapters (``ranks`` × ``seeds``, q and v of ``n_layers`` layers, d × d) are written to a
-    temporary directory; the timed part loads them through the analysis loader
-    (:func:`lora_analysis.load.adapters.load_adapter_dir`), then layer by layer: W_q, W_v (seeded, generated in
-    memory: a 7B base does not fit beside the rest on this machine), the Table 7 rows of every rank and seed that
-    adapt that W in one call (:func:`lora_analysis.metrics.projection.table7_rows`: one GEMM
-    ``W @ [V_1 … V_4, V_rand]`` and W's top-64 singular *values* by block Krylov, to ``rtol = 1e-8``; the
-    analytic random null; the sampled null is off here, as before: 32 pairs at k = 64 would be 2,048 more
-    columns per W), and the φ grids r8 vs r64 (each seed) and seed 0 vs seed 1 at r64
-    (:func:`lora_analysis.tables.build.phi_table`, A and B sides and the random expectation).
+    Untimed setup: four PEFT-layout adapters (``ranks`` × ``seeds``, q and v of ``n_layers`` layers, d × d) and a
+    bf16 safetensors checkpoint of the seeded W_q, W_v (:func:`base_weight`) in a temporary directory. The timed
+    part is what a user runs: load the adapters (:func:`lora_analysis.load.adapters.load_adapter_dir`); Table 7 of
+    all four (:func:`lora_analysis.tables.build.table7_tables` on a
+    :class:`~lora_analysis.load.base.CheckpointWeights` base, which reads each W from the checkpoint when its turn
+    comes; every rank and seed that adapts one W in one :func:`~lora_analysis.metrics.projection.table7_rows`
+    call: one float64 GEMM ``W @ [V_1 … V_4, V_rand]`` and W's top-64 singular *values* by block Krylov; the
+    analytic random null, the sampled null off: 32 pairs at k = 64 would be 2,048 more columns per W; ``workers``
+    W matrices at once, default the cores available); then the φ grids r8 vs r64 (each seed) and seed 0 vs
+    seed 1 at r64 per layer (:func:`lora_analysis.tables.build.phi_table`, A and B sides and the random
+    expectation).
 
     The peer is the goal itself (``budget_s``): ``ratio = wall / budget``. With ``check_exact``, layer 0's W_q
     also goes the dense route (untimed): a full float64 ``torch.linalg.svd`` of W and one
@@ -171,13 +184,21 @@ def section7_case(
     relative error of each Table 7 column against it (``table7_w_rel_err``: W's column) and of W's top-64
     singular values.
     """
+    from lora.threads import analysis_workers
     from lora_analysis.load.adapters import load_adapter_dir
-    from lora_analysis.metrics.projection import table7_row, table7_rows
-    from lora_analysis.tables.build import phi_table
+    from lora_analysis.load.base import CheckpointWeights
+    from lora_analysis.metrics.linalg import top_singular_values
+    from lora_analysis.metrics.projection import table7_row
+    from lora_analysis.tables.build import module_seed, phi_table, table7_tables
 
     k = max(ranks)
+    n_workers = analysis_workers(workers)
     with tempfile.TemporaryDirectory(prefix="bench-s7-") as tmp:
+        t1 = time.perf_counter()
         dirs = _write_adapters(Path(tmp), n_layers=n_layers, d=d, ranks=ranks, seeds=seeds)
+        ckpt = Path(tmp) / "model.safetensors"
+        _write_base(ckpt, n_layers=n_layers, d=d)
+        t_setup = time.perf_counter() - t1
         rss0 = _rss_mib()
         exact_hwm = _reset_peak()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -185,62 +206,51 @@ def section7_case(
         for p in dirs:
             a = load_adapter_dir(p)
             adapters[(a.rank, a.seed)] = a
+        base = CheckpointWeights(tmp)
         t_load = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        table = table7_tables(list(adapters.values()), base, null_draws=0, workers=n_workers)
+        t_t7 = time.perf_counter() - t1
+        t1 = time.perf_counter()
         r_small, r_large = min(ranks), max(ranks)
-        rows, phis = 0, 0
-        t_t7 = t_gen = 0.0
-        first_rows = None
-        for layer in range(n_layers):
-            keys = [f"model.layers.{layer}.self_attn.q_proj", f"model.layers.{layer}.self_attn.v_proj"]
-            for key in keys:
-                t1 = time.perf_counter()
-                W = base_weight(layer, "q" if "q_proj" in key else "v", d)  # stands in for loading W
-                t_gen += time.perf_counter() - t1
-                t1 = time.perf_counter()
-                fs = [a.factors[key] for a in adapters.values()]
-                got = table7_rows(W, [(f.A, f.B, f.scaling, f.rank) for f in fs])  # every rank and seed at once
-                t_t7 += time.perf_counter() - t1
-                rows += len(got)
-                if first_rows is None:
-                    first_rows = got
-                del W
-            for s in seeds:
-                phi_table(adapters[(r_small, s)], adapters[(r_large, s)], comparison="rank", keys=keys,
-                          quantities=("A", "B", "expected_random"))
-                phis += 1
-            phi_table(adapters[(r_large, seeds[0])], adapters[(r_large, seeds[1])], comparison="seed", keys=keys,
-                      quantities=("A", "B", "expected_random"))
-            phis += 1
+        pairs = [(adapters[(r_small, s)], adapters[(r_large, s)], "rank") for s in seeds]
+        pairs.append((adapters[(r_large, seeds[0])], adapters[(r_large, seeds[1])], "seed"))
+        for a1, a2, comparison in pairs:  # every module of the pair: a layer comparison per layer
+            phi_table(a1, a2, comparison=comparison, quantities=("A", "B", "expected_random"), workers=n_workers)
+        phis = len(pairs) * n_layers
+        t_phi = time.perf_counter() - t1
         wall = time.perf_counter() - t0
         cpu = time.process_time() - c0  # CPU seconds of all threads: with the wall time, how loaded the machine was
         peak = _hwm_mib() if exact_hwm else _peak_rss_mib()
+        rows = len(table)
         extra = {"cpu_s": cpu, "peak_rss_mib": peak, "rss_before_mib": rss0, "load_s": t_load, "table7_s": t_t7,
-                 "w_generate_s": t_gen, "table7_rows": rows, "phi_layer_comparisons": phis,
-                 "torch_threads": torch.get_num_threads()}
+                 "phi_s": t_phi, "setup_s": t_setup, "table7_rows": rows, "phi_layer_comparisons": phis,
+                 "torch_threads": torch.get_num_threads(), "workers": n_workers}
         notes = (f"{n_layers} layers x {{q,v}}, d={d}, r in {list(ranks)}, seeds {list(seeds)}: {rows} Table 7 rows "
-                 f"({t_t7:.1f} s: per W one GEMM for every rank and seed and W's top-{k} singular values by block "
-                 f"Krylov; sampled null off), {phis} layer comparisons (phi on A and B + random expectation); "
-                 f"generating the seeded W in memory, standing in for loading it: {t_gen:.1f} s; loading the "
-                 f"{len(dirs)} adapters: {t_load:.1f} s; peak RSS {peak:.0f} MiB (process, incl. {rss0:.0f} MiB "
-                 f"before); torch threads {torch.get_num_threads()}; process CPU time {cpu:.0f} s")
+                 f"({t_t7:.1f} s, {n_workers} W at once x {torch.get_num_threads()} torch thread(s): per W read "
+                 f"from the bf16 checkpoint, one float64 GEMM for every rank and seed, and W's top-{k} singular "
+                 f"values by block Krylov; sampled null off), {phis} layer comparisons ({t_phi:.1f} s: phi on A "
+                 f"and B + random expectation); loading the {len(dirs)} adapters: {t_load:.1f} s; peak RSS "
+                 f"{peak:.0f} MiB (process, incl. {rss0:.0f} MiB before); process CPU time {cpu:.0f} s; untimed "
+                 f"setup (writing the adapters and the {2 * n_layers}-matrix checkpoint): {t_setup:.0f} s")
         if check_exact:
             key = "model.layers.0.self_attn.q_proj"
-            W = base_weight(0, "q", d)
+            W = base[key].to(torch.float64)
             t1 = time.perf_counter()
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
             t_exact = time.perf_counter() - t1
             dense = SVD(U, S, Vh.T)
-            from lora_analysis.metrics.linalg import top_singular_values
-
-            fast_sv = top_singular_values(W, k)
+            fast_sv = top_singular_values(W, k, rtol=1e-7)
             cols = ("delta", "weight", "random", "w_norm", "dw_norm", "amplification", "random_expected",
                     "delta_over_random", "amplification_random")
             errs = dict.fromkeys(cols, 0.0)
-            for a, fast in zip(adapters.values(), first_rows, strict=True):
+            for a in adapters.values():
                 f = a.factors[key]
-                ref = table7_row(W, f.A, f.B, scaling=f.scaling, top=f.rank, w_svd=dense)
+                fast = table[(table["module"] == key) & (table["rank"] == a.rank) & (table["seed"] == a.seed)]
+                ref = table7_row(W, f.A, f.B, scaling=f.scaling, top=f.rank, w_svd=dense,
+                                 random_seed=module_seed(key, 0))
                 for c in cols:
-                    errs[c] = max(errs[c], abs(getattr(fast, c) - getattr(ref, c)) / abs(getattr(ref, c)))
+                    errs[c] = max(errs[c], abs(float(fast[c].iloc[0]) - getattr(ref, c)) / abs(getattr(ref, c)))
             accuracy = {"layer": key, "table7_w_rel_err": errs["weight"], "table7_max_rel_err": max(errs.values()),
                         "table7_rel_err_by_column": errs,
                         "w_top_sv_max_rel_err": float(((fast_sv - S[:k]).abs() / S[:k]).max()),

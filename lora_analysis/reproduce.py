@@ -128,12 +128,19 @@ def _validation(out: Path, *, quiet: bool) -> str:
 
 
 def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *, quiet: bool = False,
-              train: bool = True, workers: int | None = None, threads: int = THREADS_PER_PROCESS) -> list[Path]:
+              train: bool = True, workers: int | None = None, threads: int = THREADS_PER_PROCESS,
+              timings: dict[str, float] | None = None) -> list[Path]:
     """Train or resume ``plan`` into ``runs``, analyse, render into ``out`` and write ``out/REPORT.md``.
+
+    Args:
+        timings: if given, filled with the wall seconds of each stage (``train_s``, ``validation_s``,
+            ``analysis_s``) and the layout (``workers``, ``threads``), as ``benchmarks`` records the main job.
 
     Returns:
         The files written into ``out``.
     """
+    import time
+
     from tqdm import tqdm  # plain text bars: tqdm.auto warns without ipywidgets in a notebook
 
     from lora_analysis.figures import analyse_and_render
@@ -143,22 +150,28 @@ def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *
     if runs.exists() and not runs.is_dir():
         raise UserError(f"--runs {runs}: is a file, expected a run directory")
     check_output_dir("--out", out)
+    clock = {} if timings is None else timings
+    clock.update(workers=workers or default_workers(), threads=threads)
     stages = tqdm(total=3, desc="reproduce", disable=quiet, unit="stage", position=0)
+    t0 = time.perf_counter()
     if train:
         stages.set_postfix_str("train")
         train_grid(plan, runs, progress=not quiet, workers=workers, threads=threads)
     check_run_dir(runs, option="--runs")
     stages.update(1)
+    t1 = time.perf_counter()
     validation = None
     if plan.validation:
         stages.set_postfix_str("planted-rank validation")
         out.mkdir(parents=True, exist_ok=True)
         validation = _validation(out, quiet=quiet)
     stages.update(1)
+    t2 = time.perf_counter()
     stages.set_postfix_str("analyse, render, report")
     written = analyse_and_render(runs, out, quiet=quiet, validation=validation)
     stages.update(1)
     stages.close()
+    clock.update(train_s=t1 - t0, validation_s=t2 - t1, analysis_s=time.perf_counter() - t2)
     return written
 
 
