@@ -170,6 +170,16 @@ def headline(results: Sequence[CaseResult]) -> list[str]:
     return lines
 
 
+def _step_ratios(cases: dict[str, dict]) -> str:
+    """" The step is already at …x the frozen-base floor and …x peft's time (r = 8 / 64)." from this run's records."""
+    floor = [cases.get(f"train_step_vs_frozen_base[r={r}]") for r in (8, 64)]
+    peft = [cases.get(f"train_step_vs_peft[r={r}]") for r in (8, 64)]
+    if not all(floor) or not all(peft):
+        return ""
+    return (f" The step is already at {floor[0]['ratio']:.2f}x / {floor[1]['ratio']:.2f}x the frozen-base floor and "
+            f"{peft[0]['ratio']:.2f}x / {peft[1]['ratio']:.2f}x peft's time (r = 8 / 64, this run).")
+
+
 def interpretation(cases: dict[str, dict]) -> list[str]:
     """Why a goal was missed, for the cases present (``cases``: the JSON records by name). Figures come from the
     records; the causes were established by profiling (see the notes in each case module)."""
@@ -219,13 +229,14 @@ def interpretation(cases: dict[str, dict]) -> list[str]:
         out.append(
             f"`main_job` ({main['ours_s'] / 60:.1f} min against 12 min, {main.get('workers', 1):.0f} workers x "
             f"{main.get('threads', 1):.0f} torch thread): training took {main.get('train_s', float('nan')) / 60:.1f} "
-            f"min of it. Its {main.get('trained_points', 0):.0f} runs spent {main.get('train_worker_s', 0) / 60:.0f} "
+            f"min of it. Its {main.get('trained_points', 0):.0f} runs (the trainings and the linear probe) spent {main.get('train_worker_s', 0) / 60:.0f} "
             f"worker-minutes fitting and evaluating, which is {main.get('train_floor_s', 0) / 60:.1f} min on "
             f"{main.get('workers', 1):.0f} workers even with perfect packing. Training is compute-bound: 200 steps "
             "per run of forward and backward through all six layers (q and v are adapted in every layer, so the "
             "backward reaches layer 0), about 0.3 s per step on one core, 75 % of it in float32 GEMMs running "
-            "near this core's peak (profiled). The step is already at 1.03-1.04x the frozen-base floor and at "
-            "0.95x peft. Reaching 12 minutes would take a smaller grid or fewer steps, and that would change the "
+            "near this core's peak (profiled)."
+            + _step_ratios(cases)
+            + " Reaching 12 minutes would take a smaller grid or fewer steps, and that would change the "
             "results the README and REPORT.md report. So the grid stays, and the miss is recorded.")
     auto = [(n, c) for n, c in cases.items() if n.startswith("packed_sweep_auto") and c.get("met") is False]
     if auto:

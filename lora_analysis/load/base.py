@@ -186,6 +186,8 @@ class CheckpointWeights(Mapping):
                     weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 except (OSError, ValueError, KeyError, TypeError) as exc:
                     raise UserError(f"{index}: not a safetensors index ({exc})") from None
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise UserError(f"{index}: weight_map is not a {{tensor name: shard file}} mapping")
                 files = {name: path / shard for name, shard in weight_map.items()}
             elif (path / "model.safetensors").is_file():
                 files = self._names(path / "model.safetensors", safe_open)

@@ -185,6 +185,18 @@ def test_table7_tables_on_a_lazy_checkpoint(tiny_run, base, tmp_path, monkeypatc
     got = table7_tables(adapters, ckpt, workers=2)
     assert sorted(reads) == sorted(Ws)  # each W read once, for every rank that adapts it
     pd.testing.assert_frame_equal(got, table7_tables(adapters, base), rtol=1e-12)
+    shards = tmp_path / "sharded"  # the hub layout of a large model: shards and an index naming them
+    shards.mkdir()
+    names = sorted(Ws)
+    for i, part in enumerate((names[::2], names[1::2])):
+        save_file({f"{k}.weight": Ws[k].contiguous() for k in part}, str(shards / f"model-0000{i + 1}.safetensors"))
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        f"{k}.weight": f"model-0000{1 + j % 2}.safetensors" for j, k in enumerate(names)}}))
+    sharded = CheckpointWeights(shards)
+    assert sorted(sharded) == names and all(torch.equal(sharded[k], Ws[k]) for k in names)
+    (shards / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}')
+    with pytest.raises(UserError, match="index.json: weight_map is not a"):
+        CheckpointWeights(shards)
     with pytest.raises(UserError, match="missing: no such checkpoint"):
         CheckpointWeights(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
