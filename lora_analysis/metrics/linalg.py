@@ -297,8 +297,11 @@ class WeightSVDCache:
     """
 
     def __init__(self) -> None:
+        import threading
+
         self._entries: dict[tuple[str, str], SVD] = {}
         self.computed = 0  # number of SVDs actually computed (for tests and logs)
+        self._lock = threading.Lock()  # the analysis tables fill one cache from several threads
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -307,8 +310,11 @@ class WeightSVDCache:
         """Top-``k`` SVD of ``W`` (all triplets if ``k`` is None), computed on first use of ``(key, W)``."""
         entry = (key, weight_fingerprint(W))
         if entry not in self._entries:
-            self._entries[entry] = top_singular(W)
-            self.computed += 1
+            svd = top_singular(W)  # outside the lock: threads decompose different weights at once
+            with self._lock:
+                if entry not in self._entries:
+                    self._entries[entry] = svd
+                    self.computed += 1
         full = self._entries[entry]
         return full if k is None else full.truncate(k)
 
