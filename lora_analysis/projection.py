@@ -16,7 +16,7 @@ from lora.fsio import write_json
 from lora.threads import torch_threads
 from lora_analysis.cli import check_output_file, entry_point, new_parser, select_modules
 from lora_analysis.load import adapters
-from lora_analysis.load.base import BaseWeights
+from lora_analysis.load.base import BaseWeights, CheckpointWeights
 from lora_analysis.tables.build import dora_table, table7_table
 
 __all__ = ["build_parser", "main"]
@@ -56,6 +56,11 @@ def build_parser():
     p.add_argument("--base", metavar="PATH",
                    help="base model directory (or hub id) to read W from, instead of the adapter's "
                         "base_model_name_or_path (needed for loralib checkpoints, or a moved base)")
+    p.add_argument("--lazy-base", action="store_true",
+                   help="read each W from --base's safetensors file(s) when its turn comes (a .safetensors file, or "
+                        "a directory with model.safetensors or model.safetensors.index.json), instead of loading "
+                        "the model: for bases too big for memory, such as 7B. Linear layers as stored; GPT-2 "
+                        "Conv1D, fused c_attn slices and PiSSA/OLoRA need the model loaded")
     p.add_argument("--alpha", type=float, metavar="A", help="LoRA alpha of a loralib checkpoint (loralib does not store it)")
     p.add_argument("--enable-lora", metavar="SLICES", help=ENABLE_LORA_HELP)
     p.add_argument("--top", type=int, metavar="K",
@@ -106,7 +111,10 @@ def _run(argv=None) -> int:
     found = _adapters(args)
     if len(found) > 1 and not args.quiet:
         print(f"{args.adapter}: {len(found)} named adapters: {', '.join(a.path.name for a in found)}")
-    base = BaseWeights(args.base)  # shared: W and its SVD are read once for adapters on one base
+    if args.lazy_base and args.base is None:
+        raise UserError("--lazy-base: needs --base (the checkpoint's safetensors file or directory)")
+    # shared: W (and, loaded, its SVD) is read once for adapters on one base
+    base = CheckpointWeights(args.base) if args.lazy_base else BaseWeights(args.base)
     docs = {}
     for adapter in found:
         keys = select_modules(adapter.module_keys, args.modules, where=str(adapter.path))

@@ -217,6 +217,27 @@ class CheckpointWeights(Mapping):
         with safe_open(str(file), framework="pt") as f:
             return f.get_tensor(key + ".weight")
 
+    def check_adapter(self, adapter: LoadedAdapter) -> None:
+        """``UserError`` (one line naming the adapter) unless the stored tensors are the ``W0`` that ``adapter``'s
+        ΔW is added to: not for GPT-2's ``Conv1D`` (``fan_in_fan_out``: stored transposed), a slice of a fused
+        weight (``c_attn:q``) or an init that adapts a residual of the stored weight (PiSSA, OLoRA); those need
+        the model loaded (:class:`BaseWeights`, the CLI's ``--base`` without ``--lazy-base``)."""
+        from lora.init_residual import base_changing_init
+
+        where = str(adapter.path)
+        route = "load the base model instead (--base DIR without --lazy-base; BaseWeights in Python)"
+        if adapter.config.get("fan_in_fan_out"):
+            raise UserError(f"{where}: fan_in_fan_out (GPT-2 Conv1D) weights are stored transposed and a lazy "
+                            f"checkpoint reads tensors as stored: {route}")
+        fused = next((k for k in adapter.factors if ":" in k), None)
+        if fused is not None:
+            raise UserError(f"{where}: module {fused} is a slice of a fused weight, which a lazy checkpoint does "
+                            f"not cut: {route}")
+        init = base_changing_init(adapter.config, where)
+        if init is not None:
+            raise UserError(f"{where}: init_lora_weights={init!r} adapts a residual of the stored weight, which a "
+                            f"lazy checkpoint does not rebuild: {route}")
+
     def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor to answer
         return key in self._files
 

@@ -41,7 +41,7 @@ from lora.errors import UserError
 from lora.fsio import atomic_path
 from lora.threads import analysis_workers, torch_threads
 from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir, module_layer, weight_type
-from lora_analysis.load.base import BaseWeights
+from lora_analysis.load.base import BaseWeights, CheckpointWeights
 from lora_analysis.metrics.dora import dora_summary
 from lora_analysis.metrics.linalg import (
     DENSE_SVDVALS_MAX,
@@ -258,6 +258,8 @@ def _weights(adapter: LoadedAdapter, base: BaseWeights | Mapping[str, Tensor], k
     keys = list(adapter.factors) if keys is None else list(keys)
     if isinstance(base, BaseWeights):
         return base.weights(adapter, keys), base.w_svd
+    if isinstance(base, CheckpointWeights):
+        base.check_adapter(adapter)
     missing = [k for k in keys if k not in base]
     if missing:
         raise UserError(f"{adapter.path}: module {missing[0]}: no base weight given")
@@ -365,6 +367,8 @@ def table7_tables(
     for i, a in enumerate(adapters):
         ks = list(a.factors) if keys is None else list(keys[i])
         if lazy:
+            if isinstance(base, CheckpointWeights):
+                base.check_adapter(a)
             missing = [k for k in ks if k not in base]
             if missing:
                 raise UserError(f"{a.path}: module {missing[0]}: no base weight given")

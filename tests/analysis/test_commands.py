@@ -440,3 +440,37 @@ def test_projection_refuses_a_base_it_cannot_rebuild_but_phi_still_works(tmp_pat
                 "path_initial_model_for_weight_conversion")
     rc, _, err = _call(subspace, ["--a1", ad, "--a2", ad, "--quiet", "--json", tmp_path / "phi.json"], capsys)
     assert rc == 0, err
+
+
+def test_projection_lazy_base_reads_the_checkpoint_and_refuses_what_it_cannot_rebuild(run, trained, tmp_path, capsys):
+    """--lazy-base reads each W from a safetensors checkpoint (the 7B route) and gives the loaded base's Table 7;
+    without --base, on a missing checkpoint, or for a GPT-2 Conv1D adapter (W stored transposed) it is one line."""
+    from safetensors.torch import save_file
+
+    from lora_analysis.load.adapters import load_adapter_dir
+    from lora_analysis.load.base import BaseWeights
+
+    ad = run / "qv_r4_s0"
+    Ws = BaseWeights(trained / "tiny").weights(load_adapter_dir(ad))
+    save_file({f"{k}.weight": W.to(torch.float32).contiguous() for k, W in Ws.items()}, str(tmp_path / "w.safetensors"))
+    docs = []
+    for extra in (["--base", trained / "tiny"], ["--base", tmp_path / "w.safetensors", "--lazy-base"]):
+        js = tmp_path / f"t{len(docs)}.json"
+        rc, _, err = _call(projection, ["--adapter", ad, "--quiet", "--json", js, *extra], capsys)
+        assert rc == 0, err
+        docs.append(json.loads(js.read_text())["modules"])
+    assert docs[0].keys() == docs[1].keys() and len(docs[0]) == len(Ws)
+    for key, row in docs[0].items():
+        for col in ("delta", "weight", "random", "w_norm", "amplification"):
+            assert docs[1][key][col] == pytest.approx(row[col], rel=1e-12), (key, col)
+    _assert_bad(projection, ["--adapter", ad, "--lazy-base"], capsys, tmp_path, "--lazy-base", "needs --base")
+    _assert_bad(projection, ["--adapter", ad, "--lazy-base", "--base", tmp_path / "nope"], capsys, tmp_path,
+                "nope", "no such checkpoint")
+    pytest.importorskip("peft")
+    from peft_adapters import peft_adapter, save_bases
+
+    bases = save_bases(tmp_path / "bases")
+    gpt = peft_adapter(bases["gpt2"], tmp_path / "gpt", r=4, lora_alpha=8, target_modules=["c_proj"],
+                       fan_in_fan_out=True)
+    _assert_bad(projection, ["--adapter", gpt, "--lazy-base", "--base", bases["gpt2"]], capsys, tmp_path,
+                str(gpt), "fan_in_fan_out", "without --lazy-base")
