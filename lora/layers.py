@@ -127,6 +127,19 @@ class LoRAModule(nn.Module):
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if name.startswith("lora_")]
 
+    def _init_factors(self, base: nn.Module, weight: Tensor, *, d_out: int, d_in: int, r: int, alpha: float,
+                      init: InitScheme, use_rslora: bool, generator: torch.Generator | None) -> None:
+        """One adapted matrix: ``base``, ``r``, ``alpha``, ``scaling``, ``lora_A (r, d_in)`` drawn by ``init`` and
+        ``lora_B (d_out, r) = 0`` on ``weight``'s device and dtype, not merged."""
+        self.base = base
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scaling = lora_scaling(r, alpha, use_rslora=use_rslora)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, **factory))
+        init_lora_A_(self.lora_A, init, generator=generator)
+        self.merged = False
+
     def merge(self) -> None:
         raise NotImplementedError
 
@@ -178,15 +191,9 @@ class LoRALinear(LoRAModule):
         d_out, d_in = base.weight.shape
         if not 0 < r <= min(d_out, d_in):
             raise ValueError(f"rank {r} must be in 1..{min(d_out, d_in)} for a ({d_out}, {d_in}) weight")
-        self.base = base
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scaling = lora_scaling(r, alpha, use_rslora=use_rslora)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, **factory))
-        init_lora_A_(self.lora_A, init, generator=generator)
+        self._init_factors(base, base.weight, d_out=d_out, d_in=d_in, r=r, alpha=alpha, init=init,
+                           use_rslora=use_rslora, generator=generator)
         self.lora_dropout = _dropout(dropout)
-        self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -332,7 +339,7 @@ class _LoRAOnStoredTranspose(LoRAModule):
     """One LoRA on a module that stores its frozen weight transposed, ``base.weight = W0ᵀ`` of shape
     ``(d_in, d_out)`` (GPT-2's ``Conv1D``, ``nn.Embedding``): ``A`` ``(r, d_in)`` and ``B`` ``(d_out, r)`` as for
     :class:`LoRALinear`; :meth:`merge` adds ``ΔWᵀ`` to the stored weight. Subclasses set ``base``, ``lora_A``,
-    ``lora_B``, ``scaling`` and ``merged``, and define ``forward``."""
+    ``lora_B``, ``scaling`` and ``merged`` (:meth:`LoRAModule._init_factors`), and define ``forward``."""
 
     def factors(self) -> dict[str, LoRAFactors]:
         return {"": LoRAFactors(self.lora_A.detach(), self.lora_B.detach(), self.scaling)}
@@ -387,15 +394,9 @@ class LoRAConv1D(_LoRAOnStoredTranspose):
         d_in, d_out = weight.shape
         if not 0 < r <= min(d_out, d_in):
             raise ValueError(f"rank {r} must be in 1..{min(d_out, d_in)} for a ({d_out}, {d_in}) weight")
-        self.base = base
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scaling = lora_scaling(r, alpha, use_rslora=use_rslora)
-        factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, **factory))
-        init_lora_A_(self.lora_A, init, generator=generator)
+        self._init_factors(base, weight, d_out=d_out, d_in=d_in, r=r, alpha=alpha, init=init,
+                           use_rslora=use_rslora, generator=generator)
         self.lora_dropout = _dropout(dropout)
-        self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -433,14 +434,9 @@ class LoRAEmbedding(_LoRAOnStoredTranspose):
         num, dim = base.weight.shape
         if not 0 < r <= min(num, dim):
             raise ValueError(f"rank {r} must be in 1..{min(num, dim)} for a ({num}, {dim}) embedding")
-        self.base = base
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
-        self.scaling = lora_scaling(r, alpha, use_rslora=use_rslora)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, num, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(dim, r, **factory))
-        init_lora_A_(self.lora_A, init, generator=generator)
-        self.merged = False
+        # as a map from one-hot ids, W0 = Eᵀ is (dim, num): A (r, num), B (dim, r)
+        self._init_factors(base, base.weight, d_out=dim, d_in=num, r=r, alpha=alpha, init=init,
+                           use_rslora=use_rslora, generator=generator)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
