@@ -253,16 +253,22 @@ def random_phi_table(
 
 
 # ---------------------------------------------------------------------------------------------- W vs ΔW
-def _weights(adapter: LoadedAdapter, base: BaseWeights | Mapping[str, Tensor], keys: Iterable[str] | None):
-    """``({key: W float64}, svd_of(key, W) -> full thin SVD of W)`` from shared base weights or a plain dict."""
-    keys = list(adapter.factors) if keys is None else list(keys)
-    if isinstance(base, BaseWeights):
-        return base.weights(adapter, keys), base.w_svd
+def _check_mapping(adapter: LoadedAdapter, base: Mapping[str, Tensor], keys: list[str]) -> None:
+    """``UserError`` if a plain-mapping ``base`` lacks one of ``keys``, or (a lazy checkpoint) stores W in a form
+    it does not rebuild for ``adapter`` (:meth:`~lora_analysis.load.base.CheckpointWeights.check_adapter`)."""
     if isinstance(base, CheckpointWeights):
         base.check_adapter(adapter)
     missing = [k for k in keys if k not in base]
     if missing:
         raise UserError(f"{adapter.path}: module {missing[0]}: no base weight given")
+
+
+def _weights(adapter: LoadedAdapter, base: BaseWeights | Mapping[str, Tensor], keys: Iterable[str] | None):
+    """``({key: W float64}, svd_of(key, W) -> full thin SVD of W)`` from shared base weights or a plain dict."""
+    keys = list(adapter.factors) if keys is None else list(keys)
+    if isinstance(base, BaseWeights):
+        return base.weights(adapter, keys), base.w_svd
+    _check_mapping(adapter, base, keys)
     return {k: base[k].to(torch.float64) for k in keys}, WeightSVDCache().get
 
 
@@ -367,11 +373,7 @@ def table7_tables(
     for i, a in enumerate(adapters):
         ks = list(a.factors) if keys is None else list(keys[i])
         if lazy:
-            if isinstance(base, CheckpointWeights):
-                base.check_adapter(a)
-            missing = [k for k in ks if k not in base]
-            if missing:
-                raise UserError(f"{a.path}: module {missing[0]}: no base weight given")
+            _check_mapping(a, base, ks)
             ident = dict.fromkeys(ks)  # one base: the key names the W
         else:
             ident = {k: id(W) for k, W in base.weights(a, ks).items()}  # cached there: identity tells bases apart
