@@ -41,6 +41,7 @@ __all__ = [
     "quality_weight_set",
     "read_json_object",
     "read_manifest",
+    "split_quality_weight_set",
     "write_summary",
 ]
 
@@ -63,6 +64,15 @@ def quality_weight_set(point: Mapping[str, Any]) -> str:
     for full fine-tuning (so no LoRA rank sweep or budget mixes it in)."""
     ws = str(point["weight_set"])
     return FULL_PREFIX + ws if point.get("method", "lora") == "full" else ws
+
+
+def split_quality_weight_set(written: str) -> dict[str, str]:
+    """``{"weight_set", "method"}`` of a weight set as summary.csv writes it: ``"full:q,v"`` is full fine-tuning of
+    ``q,v``, anything else a LoRA weight set."""
+    written = str(written)
+    if written.startswith(FULL_PREFIX):
+        return {"weight_set": written[len(FULL_PREFIX):], "method": "full"}
+    return {"weight_set": written, "method": "lora"}
 
 
 def default_run_dir() -> Path:
@@ -101,12 +111,15 @@ def _number(path: Path, row: int, column: str, value: Any, cast=float):
         raise UserError(f"{path}: row {row}: column {column} is not a number ({value!r})") from None
 
 
-def quality_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+def quality_rows(run_dir: str | os.PathLike, *, manifest: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Tables 5 and 6 data of a run: one dict per grid point, plus the frozen linear probe.
 
     Read from ``summary.csv`` or, where it is missing, each adapter's ``metrics.json``. The linear-probe
-    baseline (``weight_set="linear probe"``, rank 0) comes from ``manifest.json``. Keys: weight_set, rank, seed,
-    alpha, trainable_params, val_metric, metric_name, wall_s. A folder of adapters without training metrics
+    baseline (``weight_set="linear probe"``, rank 0) comes from ``manifest.json`` (``manifest``, where the caller
+    has read it already). Keys: weight_set, method (``lora``, ``full`` for full fine-tuning, ``probe`` for the
+    linear probe), rank, seed, alpha, trainable_params, val_metric, metric_name, wall_s. The ``full:`` prefix that
+    summary.csv writes in ``weight_set`` (:func:`quality_weight_set`) is the file's business: rows carry the
+    method in its own key and the plain weight set. A folder of adapters without training metrics
     gives ``[]``.
     """
     root = Path(run_dir)
@@ -123,7 +136,7 @@ def quality_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             raise UserError(f"{summary}: missing columns {sorted(needed - set(records[0]))}")
         for n, r in enumerate(records, start=2):
             rows.append({
-                "weight_set": r["weight_set"], "rank": _number(summary, n, "rank", r["rank"], int),
+                **split_quality_weight_set(r["weight_set"]), "rank": _number(summary, n, "rank", r["rank"], int),
                 "seed": _number(summary, n, "seed", r["seed"], int), "alpha": _number(summary, n, "alpha", r["alpha"]),
                 "trainable_params": _number(summary, n, "trainable_params", r["trainable_params"], int),
                 "val_metric": _number(summary, n, "val_metric", r["val_metric"]), "metric_name": r["metric"],
@@ -134,17 +147,19 @@ def quality_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             m = read_json_object(d / METRICS)
             p = m.get("point") or {}
             try:
-                rows.append({"weight_set": quality_weight_set(p), "rank": int(p["rank"]), "seed": int(p["seed"]),
+                rows.append({"weight_set": str(p["weight_set"]), "method": str(p.get("method", "lora")),
+                             "rank": int(p["rank"]), "seed": int(p["seed"]),
                              "alpha": float(p["alpha"]), "trainable_params": int(m["trainable_params"]),
                              "val_metric": float(m["val_metric"]), "metric_name": m["metric"],
                              "wall_s": float(m["wall_time_s"])})
             except (KeyError, TypeError, ValueError) as exc:
                 raise UserError(f"{d / METRICS}: missing or bad field {exc}") from None
-    manifest = read_manifest(root) or {}
+    if manifest is None:
+        manifest = read_manifest(root) or {}
     probe = manifest.get("linear_probe") or {}
     if isinstance(probe, dict) and "val_metric" in probe:
         where = root / MANIFEST
-        rows.append({"weight_set": "linear probe", "rank": 0, "seed": _number(where, 0, "seed", probe.get("seed", 0), int),
+        rows.append({"weight_set": "linear probe", "method": "probe", "rank": 0, "seed": _number(where, 0, "seed", probe.get("seed", 0), int),
                      "alpha": 0.0, "trainable_params": _number(where, 0, "trainable_params",
                                                                probe.get("trainable_params", 0), int),
                      "val_metric": _number(where, 0, "val_metric", probe["val_metric"]),

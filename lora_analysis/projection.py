@@ -118,6 +118,11 @@ def _run(argv=None) -> int:
     docs = {}
     for adapter in found:
         keys = select_modules(adapter.module_keys, args.modules, where=str(adapter.path))
+        for key in keys if args.top is not None else ():  # the flag is checked here: the tables name no option
+            f = adapter.factors[key]
+            most = min(f.rank, f.B.shape[0], f.A.shape[1])
+            if args.top > most:
+                raise UserError(f"--top: {args.top} must be in 1..{most} for module {key} of {adapter.path}")
         with torch_threads(1):  # small matrices: one thread is fastest
             table = table7_table(adapter, base, keys=keys, top=args.top)
             dora = dora_table(adapter, base, keys=keys, top=args.top)  # empty unless DoRA

@@ -1,17 +1,17 @@
 """The main job: train (or resume) the Section 7 grid, analyse it, draw every figure, write REPORT.md.
 
-``python -m lora_analysis.reproduce`` (console script ``lora-reproduce``) runs four stages:
+``python -m lora_analysis.reproduce`` (console script ``lora-reproduce``) runs three stages:
 
 1. **Train or resume** with :func:`lora.train.run_sweep` (finished grid points are skipped):
    - ``<runs>``: ranks 1 2 4 8 64 × seeds 0 1 2 on {W_q, W_v} (Table 6, Figures 3, 4, 6–8, Table 7), each adapter
      with snapshots at steps 0 25 50 100 200, and one full fine-tuning of {W_q, W_v} per seed (``qv_full_s<seed>``);
    - ``<runs>/table5``: the Table 5 weight sets {q} {k} {v} {o} {q,k} {q,v} {q,k,v,o} at one budget of LoRA
      parameters, the {W_q} r = 8 budget (so r = 8, 4, 2 for one, two, four weight types, as the paper).
-2. **Analyse** every adapter (:func:`lora_analysis.tables.cache.load_tables`), and run the quick planted-rank
-   validation (:mod:`lora_analysis.groundtruth.planted`) as a ground-truth check of the metrics.
-3. **Render** every figure and table into ``<out>`` (:func:`lora_analysis.render.figures.render_all`), the tidy
-   tables into ``<out>/tables``.
-4. **Judge and report**: ``<out>/REPORT.md`` and ``<out>/report.json`` (:mod:`lora_analysis.verdicts`).
+2. **Validate** the metrics against a planted ground truth: the quick planted-rank validation
+   (:mod:`lora_analysis.groundtruth.planted`).
+3. **Analyse, judge, render** through the pipeline (:func:`lora_analysis.pipeline.analyse_and_render`): every
+   table, every verdict, every figure into ``<out>``, the tidy tables into ``<out>/tables``, ``<out>/REPORT.md``
+   and ``<out>/report.json``.
 
 ``--quick`` is a smoke test of the same pipeline on a tiny grid (ranks 2 4, seeds 0 1, a few steps with
 snapshots at 0 1 3, full fine-tuning per seed, no validation) into ``runs/quick`` and ``figures/quick`` unless
@@ -143,8 +143,8 @@ def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *
 
     from tqdm import tqdm  # plain text bars: tqdm.auto warns without ipywidgets in a notebook
 
-    from lora_analysis.figures import analyse_and_render
-    from lora_analysis.tables.cache import check_run_dir
+    from lora_analysis.load.run import check_run_dir
+    from lora_analysis.pipeline import analyse_and_render
 
     runs, out = Path(runs), Path(out)
     if runs.exists() and not runs.is_dir():

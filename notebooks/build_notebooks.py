@@ -37,11 +37,13 @@ RUN_DIR = os.path.join("..", default_run_dir())
 
 SETUP = """\
 %matplotlib inline
+from lora_analysis import pipeline
+from lora_analysis.load.run import Run
 from lora_analysis.render import figures
-from lora_analysis.tables.cache import load_tables
 from lora_analysis.verdicts.claims import claims_table
 
-tables = load_tables(RUN_DIR, cache=True)  # analysed once per run, then read from RUN_DIR/analysis/
+analysis = pipeline.analyse(Run.open(RUN_DIR), cache=True)  # analysed once per run, then read from RUN_DIR/analysis/
+tables = analysis.tables
 """
 
 
@@ -141,19 +143,20 @@ def your_own_adapters() -> nbformat.NotebookNode:
             "Figure 3, two seeds at one rank give Figure 4, and so on; the rest say what is missing."),
         _params(PARAMETERS + '\nADAPTER_DIR = RUN_DIR  # your folder of adapters\n'
                              'OUT_DIR = "../figures/your_adapters"  # where the figures and REPORT.md go\n'),
-        new_code_cell("%matplotlib inline\nfrom lora_analysis.render import figures, report_md\n"
-                      "from lora_analysis.tables.cache import load_tables\n"
+        new_code_cell("%matplotlib inline\nfrom lora_analysis import pipeline\n"
+                      "from lora_analysis.load.run import Run\n"
+                      "from lora_analysis.render import figures\n"
                       "from lora_analysis.verdicts.claims import claims_table\n\n"
                       "# cache the analysis only in our own run directories, never in someone else's adapters\n"
-                      "tables = load_tables(ADAPTER_DIR, cache=ADAPTER_DIR == RUN_DIR)\n"
+                      "analysis = pipeline.analyse(Run.open(ADAPTER_DIR), cache=ADAPTER_DIR == RUN_DIR)\n"
+                      "tables = analysis.tables\n"
                       "{name: len(table) for name, table in tables.items()}"),
         new_code_cell('figures.draw("figure3", tables);'),
         new_code_cell('figures.draw("figure4", tables);'),
         new_code_cell('figures.draw("figure8", tables);'),
         new_code_cell('figures.tabulate("table7", tables)'),
         new_markdown_cell("## Every figure, the tables and REPORT.md, written to `OUT_DIR`"),
-        new_code_cell("written = figures.render_all(tables, OUT_DIR)\n"
-                      "report_files = report_md.write_report(tables, OUT_DIR, setup=report_md.setup_from_run(ADAPTER_DIR))\n"
+        new_code_cell("written = pipeline.render(analysis, pipeline.judge(analysis), OUT_DIR)  # figures, REPORT.md\n"
                       "claims_table(tables)"),
     ])
 
@@ -191,28 +194,28 @@ def dynamics_and_full_finetuning() -> nbformat.NotebookNode:
             "update has a low intrinsic rank; here it is measured, and LoRA's subspace is compared with it (random "
             "null: $E[\\phi(r, r)] = r/d$)."),
         _params(),
-        new_code_cell("%matplotlib inline\nfrom lora_analysis.render import figures\n"
-                      "from lora_analysis.tables.beyond import load_beyond\n"
-                      "from lora_analysis.tables.cache import load_tables\n"
+        new_code_cell("%matplotlib inline\nfrom lora_analysis import pipeline\n"
+                      "from lora_analysis.load.run import Run\n"
+                      "from lora_analysis.render import figures\n"
                       "from lora_analysis.tables.full_finetune import effective_ranks\n"
                       "from lora_analysis.verdicts.dynamics import top_overlap_trend, trajectories_table\n"
                       "from lora_analysis.verdicts.full_finetune import full_claims_table, full_quality\n\n"
-                      "tables = load_tables(RUN_DIR, cache=True)\n"
-                      "beyond = load_beyond(RUN_DIR)  # the snapshots' and the full fine-tuning's tables\n"
-                      "tables = {**tables, **beyond.tables()}"),
+                      "# every table, the snapshots' and full fine-tuning's included; cached in RUN_DIR/analysis/\n"
+                      "analysis = pipeline.analyse(Run.open(RUN_DIR), cache=True)\n"
+                      "tables = analysis.tables"),
         new_markdown_cell("## Each quantity against the training step (one line per layer; grey: the random null)"),
         new_code_cell('figures.draw("dynamics", tables);'),
         new_markdown_cell("## When does each claim's verdict settle?"),
-        new_code_cell("trajectories_table(beyond.per_step)"),
+        new_code_cell("trajectories_table(analysis.per_step)"),
         new_markdown_cell("## Does the top-direction overlap grow, shrink, or stay flat with training?"),
-        new_code_cell("print(top_overlap_trend(beyond.dynamics).text())"),
+        new_code_cell("print(top_overlap_trend(analysis.dynamics).text())"),
         new_markdown_cell("## Full fine-tuning's $\\Delta W$: spectrum and effective ranks, layer by layer"),
         new_code_cell('figures.draw("full_spectrum", tables);'),
-        new_code_cell('effective_ranks(beyond.full.get("full_spectra"))'),
+        new_code_cell('effective_ranks(tables.get("full_spectra"))'),
         new_code_cell('figures.tabulate("table6", tables)'),
         new_markdown_cell("## Validation accuracy beside LoRA's, and LoRA against full fine-tuning"),
         new_code_cell("full_quality(tables[\"quality\"])"),
-        new_code_cell("full_claims_table(beyond.full, tables)"),
+        new_code_cell("full_claims_table(analysis.full, tables)"),
     ])
 
 

@@ -126,3 +126,34 @@ def test_every_folder_says_what_it_may_import():
     for folder in sorted(p for p in (ROOT / "lora_analysis").iterdir() if p.is_dir() and p.name in LAYERS):
         doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text(encoding="utf-8"))) or ""
         assert "import" in doc.lower(), folder.name
+
+
+RUN_DIRECTORY_CODE = ("lora.rundir", "lora_analysis.load")
+
+
+def test_verdicts_and_render_read_no_run_directory(graph):
+    """Verdicts and renderers take tables and claims: they never open a run, a manifest or a base model."""
+    leaks = [(m, t) for m, targets in graph.items() if _layer(m) in (LAYERS["verdicts"], LAYERS["render"])
+             for t in targets if t.startswith(RUN_DIRECTORY_CODE)]
+    assert not leaks, leaks
+
+
+def _string_literals(path: Path) -> list[tuple[int, str]]:
+    """Every string literal of ``path`` but docstrings, with its line (f-strings' constant parts included)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def test_flag_names_only_in_commands():
+    """Options (``--top``, ``--runs``, ...) are the commands' business: metrics, tables, verdicts and renderers
+    raise errors about values, and the command that parsed the flag names it."""
+    flagged = [(name, line, text) for name, path in _modules().items()
+               if name.startswith("lora_analysis.") and _layer(name) in (LAYERS["metrics"], LAYERS["tables"],
+                                                                        LAYERS["verdicts"], LAYERS["render"])
+               for line, text in _string_literals(path) if re.search(r"(^|[\s(])--[a-z]", text)]
+    assert not flagged, flagged
+    assert re.search(r"(^|[\s(])--[a-z]", "pass --top 3") and not re.search(r"(^|[\s(])--[a-z]", "a -- b, x--y")

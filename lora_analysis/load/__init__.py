@@ -1,5 +1,7 @@
 """Layer 2 of the analysis: loading. Adapters (ours, peft's, loralib's) and base weights, in float64.
 
+- :mod:`~lora_analysis.load.run`: :class:`~lora_analysis.load.run.Run`, a run opened once (manifest, adapter
+  configs, full fine-tuning directories, one base-weight source); every later stage takes it, never a path.
 - :mod:`~lora_analysis.load.adapters`: find and load adapter directories and run directories
   (:class:`~lora_analysis.load.adapters.LoadedAdapter`, :func:`~lora_analysis.load.adapters.index_run`).
 - :mod:`~lora_analysis.load.base`: the frozen weights W0 per module and their shared SVD cache.

@@ -356,11 +356,12 @@ def _entry(adapter_dir: Path) -> AdapterEntry:
     return AdapterEntry(path=adapter_dir, weight_set=_canon_set(ws), rank=r, seed=seed)
 
 
-def index_run(run_dir: str | os.PathLike) -> RunIndex:
+def index_run(run_dir: str | os.PathLike, *, manifest: dict[str, Any] | None = None) -> RunIndex:
     """Index the adapter directories of a run (each sub-directory holding ``adapter_config.json``), or of a folder of
     peft named adapters (the root too, as ``default``, when it holds a config), or a single adapter directory.
 
-    Only the configs are read, so indexing a large sweep is instant. Temporary directories left by a killed
+    Only the configs are read, so indexing a large sweep is instant. ``manifest``: the run's parsed
+    ``manifest.json`` when the caller has read it already (:class:`~lora_analysis.load.run.Run`), else it is read. Temporary directories left by a killed
     trainer (``.name.tmp-*``) are ignored: they are never finished adapters.
 
     Raises:
@@ -378,7 +379,8 @@ def index_run(run_dir: str | os.PathLike) -> RunIndex:
     if not entries:
         what = "is empty" if not any(root.iterdir()) else "holds no adapter directory (none has adapter_config.json)"
         raise UserError(f"{root}: run directory {what}")
-    manifest = read_manifest(root) or {}
+    if manifest is None:
+        manifest = read_manifest(root) or {}
     entries.sort(key=lambda e: (e.weight_set, e.rank, -1 if e.seed is None else e.seed, e.name))
     return RunIndex(root=root, entries=tuple(entries), manifest=manifest)
 

@@ -40,7 +40,6 @@ from matplotlib.figure import Figure
 
 from lora.errors import UserError
 from lora.fsio import atomic_path, write_text
-from lora.rundir import FULL_PREFIX
 from lora_analysis.render.beyond_figures import dynamics_plot, full_spectrum_plot
 from lora_analysis.tables.aggregate import (
     QUALITY_COLUMNS,
@@ -412,11 +411,10 @@ def table6_plot(quality: pd.DataFrame) -> Figure:
     metric = str(agg["metric_name"].iloc[0])
     fig, axes = _new_figure(1, 1, width=5.0, height=3.4)
     ax = axes[0, 0]
-    full = agg[agg["weight_set"].str.startswith(FULL_PREFIX)]  # full fine-tuning: no rank, a line across
-    for ws, sub in full.groupby("weight_set", sort=True):
-        ax.axhline(float(sub["mean"].iloc[0]), color="C3", ls=":", lw=1.2,
-                   label=f"full fine-tuning {{{ws[len(FULL_PREFIX):]}}}")
-    agg = agg[~agg["weight_set"].str.startswith(FULL_PREFIX)]
+    is_full = agg["method"] == "full" if "method" in agg.columns else pd.Series(False, index=agg.index)
+    for ws, sub in agg[is_full].groupby("weight_set", sort=True):  # full fine-tuning: no rank, a line across
+        ax.axhline(float(sub["mean"].iloc[0]), color="C3", ls=":", lw=1.2, label=f"full fine-tuning {{{ws}}}")
+    agg = agg[~is_full]
     for ws, sub in agg.groupby("weight_set", sort=True):
         ax.errorbar(sub["rank"], sub["mean"], yerr=sub["std"].fillna(0.0), marker="o", capsize=3,
                     label=_set_label(ws))

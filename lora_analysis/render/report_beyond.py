@@ -5,26 +5,19 @@ training snapshots) and "LoRA against full fine-tuning". Text in, text out: the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from lora_analysis.render.markdown import claim_lines, md_escape
+from lora_analysis.verdicts.dynamics import FLAT_PHI
+from lora_analysis.verdicts.judgement import Judgement
 
-import pandas as pd
-
-from lora_analysis.tables.beyond import Beyond
-from lora_analysis.verdicts.dynamics import FLAT_PHI, claim_trajectories, dynamics_json, top_overlap_trend
-from lora_analysis.verdicts.full_finetune import evaluate_full_claims, full_json, full_quality
-
-__all__ = ["beyond_report"]
+__all__ = ["dynamics_lines", "full_lines"]
 
 
-def _esc(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _dynamics_lines(beyond: Beyond) -> tuple[list[str], dict[str, Any]]:
-    trajectories = claim_trajectories(beyond.per_step)
-    trend = top_overlap_trend(beyond.dynamics)
-    steps = sorted(beyond.per_step)
+def dynamics_lines(judgement: Judgement) -> list[str]:
+    """"When does the structure form?": each snapshot claim's verdict per step (none without snapshots)."""
+    trajectories, trend = judgement.trajectories, judgement.trend
+    if not trajectories:
+        return []
+    steps = list(trajectories[0].steps)
     lines = ["## When does the structure form?", "",
              f"Every LoRA adapter was saved at steps {', '.join(map(str, steps))} (`snapshots/` in each adapter "
              "directory). At each step the adapters as they were then go through the same tables and the same rules "
@@ -35,7 +28,7 @@ def _dynamics_lines(beyond: Beyond) -> tuple[list[str], dict[str, Any]]:
              "|---|" + "---|" * len(steps) + "---|"]
     for t in trajectories:
         settle = "never (within the run)" if t.settled_at is None else f"step {t.settled_at}"
-        lines.append(f"| {_esc(t.title)} | " + " | ".join(t.verdicts) + f" | {settle} |")
+        lines.append(f"| {md_escape(t.title)} | " + " | ".join(t.verdicts) + f" | {settle} |")
     lines += ["", "**Does the top-direction overlap grow, shrink, or stay flat with training?** " + trend.text(), "",
               f"- **Rule:** {trend.rule}", f"- **Null:** {trend.null}; 'flat' is an equivalence claim (±{FLAT_PHI:g})",
               ""]
@@ -43,12 +36,14 @@ def _dynamics_lines(beyond: Beyond) -> tuple[list[str], dict[str, Any]]:
         lines.append(f"- {t.title}: {t.text()}; at the last snapshot: {t.ours[-1] if t.ours else ''}")
     lines += ["", "![dynamics](dynamics.png)", "",
               "Raw per-step values with their nulls: [tables/dynamics.csv](tables/dynamics.csv).", ""]
-    return lines, dynamics_json(trajectories, trend, beyond.dynamics)
+    return lines
 
 
-def _full_lines(beyond: Beyond, tables: Mapping[str, pd.DataFrame]) -> tuple[list[str], dict[str, Any]]:
-    claims = evaluate_full_claims(beyond.full, lora_table7=tables.get("table7"))
-    quality = full_quality(tables.get("quality"))
+def full_lines(judgement: Judgement) -> list[str]:
+    """"LoRA against full fine-tuning" (none without full fine-tuning)."""
+    claims, quality = judgement.full_claims, judgement.full_quality
+    if not claims:
+        return []
     lines = ["## LoRA against full fine-tuning", "",
              "The same weight matrices trained in full (`<set>_full_s<seed>`: same data, steps, seeds, lr schedule "
              "and task head; the matrices at `full_lr` without weight decay), and their dense ΔW = W_ft − W0 "
@@ -62,31 +57,12 @@ def _full_lines(beyond: Beyond, tables: Mapping[str, pd.DataFrame]) -> tuple[lis
                   "LoRA is a weaker reference.", ""]
     lines += ["| # | claim | ours | verdict |", "|---|---|---|---|"]
     for n, c in enumerate(claims, start=1):
-        lines.append(f"| F{n} | {_esc(c.title)} | {_esc(c.ours)} | **{c.verdict}** |")
+        lines.append(f"| F{n} | {md_escape(c.title)} | {md_escape(c.ours)} | **{c.verdict}** |")
     lines.append("")
     for n, c in enumerate(claims, start=1):
-        lines += [f"### F{n}. {c.title}", "", f"- **Paper:** {c.paper}", f"- **Ours:** {c.ours}",
-                  f"- **Verdict:** **{c.verdict}**", f"- **Null:** {c.null}", f"- **Rule:** {c.rule}"]
-        lines += [f"  - {d}" for d in c.details]
-        lines.append("")
+        lines += claim_lines(f"### F{n}. {c.title}", c)  # no figure links: the figure follows the section
     lines += ["![full fine-tuning spectrum](full_spectrum.png)", "",
               "Raw tables: [tables/full_spectra.csv](tables/full_spectra.csv), "
               "[tables/full_vs_lora.csv](tables/full_vs_lora.csv), [tables/full_table7.csv](tables/full_table7.csv).",
               ""]
-    return lines, full_json(claims, quality)
-
-
-def beyond_report(beyond: Beyond | None, tables: Mapping[str, pd.DataFrame]) -> tuple[list[str], dict[str, Any]]:
-    """The REPORT.md lines and the ``report.json`` objects (``"dynamics"``, ``"full_finetune"``), each only where
-    the run has snapshots or full fine-tuning."""
-    lines: list[str] = []
-    doc: dict[str, Any] = {}
-    if beyond is None:
-        return lines, doc
-    if beyond.per_step:
-        part, doc["dynamics"] = _dynamics_lines(beyond)
-        lines += part
-    if beyond.full and any(len(t) for t in beyond.full.values()):
-        part, doc["full_finetune"] = _full_lines(beyond, tables)
-        lines += part
-    return lines, doc
+    return lines

@@ -10,10 +10,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import pandas as pd
-
-from lora import rundir
 from lora.fsio import write_json, write_text
+from lora_analysis.render.markdown import claim_lines, md_escape
+from lora_analysis.render.report_beyond import dynamics_lines, full_lines
 from lora_analysis.verdicts.claims import (
     FAILS,
     FIG8_RATIO,
@@ -24,44 +23,15 @@ from lora_analysis.verdicts.claims import (
     VERDICTS,
     Claim,
     Context,
-    evaluate_claims,
-    report_json,
 )
+from lora_analysis.verdicts.judgement import Judgement
 
-__all__ = ["render_report", "setup_from_run", "write_report"]
+__all__ = ["render_report", "write_report"]
 
 
 def _lower_first(title: str) -> str:
     """Lower-case a sentence's first word for use mid-sentence, but keep symbols such as ΔW_q intact."""
     return title[0].lower() + title[1:] if title[:1].isascii() and title[1:2].islower() else title
-
-
-def setup_from_run(run_dir: str | os.PathLike) -> dict[str, str]:
-    """Model, task and training config of a :mod:`lora.train` run, from its ``manifest.json`` (empty if none)."""
-    m = rundir.read_manifest(run_dir)
-    if m is None:
-        return {}
-    cfg = m.get("config") or {}
-    task = m.get("task") or {}
-    keys = ("targets", "ranks", "seeds", "budget", "steps", "lr", "batch_size", "max_length", "alpha", "init",
-            "dropout", "weight_decay")
-    out = {
-        "run directory": str(run_dir),
-        "base model": f"{m.get('base_model', cfg.get('model', '?'))} (fingerprint {str(m.get('base_fingerprint', '?'))[:12]})",
-        "task": f"{task.get('name', cfg.get('task', '?'))} ({task.get('kind', '?')}, {len(task.get('labels', []))} "
-                f"labels, {task.get('n_train', '?')} train / {task.get('n_val', '?')} validation examples)",
-        "initialisation": "nested (A_r's start is the first r rows of the larger ranks' start)" if m.get("nested_init")
-        else "independent per rank",
-        "config": ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg),
-    }
-    versions = m.get("versions") or {}
-    if versions:
-        out["versions"] = ", ".join(f"{k} {v}" for k, v in versions.items())
-    return out
-
-
-def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 HOW_TO_READ = [
@@ -93,17 +63,21 @@ HOW_TO_READ = [
 ]
 
 
-def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[str, str] | None = None,
-                  figure_files: Sequence[str | Path] = (), validation: str | None = None) -> str:
-    """REPORT.md text: setup, a summary table (claim, paper, ours, verdict), a section per claim, figures."""
-    lines = ["# Section 7 of the LoRA paper, measured", "",
-             "Each claim of *LoRA: Low-Rank Adaptation of Large Language Models* (Hu et al., 2021, arXiv 2106.09685), "
-             "Section 7 and Appendix H, beside our measured number and a verdict. Each verdict compares a statistic "
-             "pooled over every layer, seed and weight type with a random null that can fail, through a 95 % "
-             "interval and a fixed rule (given under each claim and in `lora_analysis/verdicts/claims.py`); it judges "
-             "the paper's *qualitative* claim on our model and task, not its GPT-3 175B numbers. `report.json` beside "
-             "this file holds the same verdicts and measures, machine-readable.", ""]
-    lines += ["## Setup", ""]
+Lines = list[str]
+
+
+def _header() -> Lines:
+    return ["# Section 7 of the LoRA paper, measured", "",
+            "Each claim of *LoRA: Low-Rank Adaptation of Large Language Models* (Hu et al., 2021, arXiv 2106.09685), "
+            "Section 7 and Appendix H, beside our measured number and a verdict. Each verdict compares a statistic "
+            "pooled over every layer, seed and weight type with a random null that can fail, through a 95 % "
+            "interval and a fixed rule (given under each claim and in `lora_analysis/verdicts/claims.py`); it judges "
+            "the paper's *qualitative* claim on our model and task, not its GPT-3 175B numbers. `report.json` beside "
+            "this file holds the same verdicts and measures, machine-readable.", ""]
+
+
+def _setup(context: Context, setup: Mapping[str, str] | None) -> Lines:
+    lines = ["## Setup", ""]
     if setup:
         lines += [f"- **{k}**: {v}" for k, v in setup.items()]
     else:
@@ -120,9 +94,13 @@ def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[s
         a, b = context.scaled_ranks
         lines.append(f"- **ranks nearest the paper's r/d**: r={a} vs r={b} ({a / context.d:.2%} and {b / context.d:.2%} "
                      "of d); claims 1, 2, 4, 5 are judged there too (under each claim)")
-    lines += ["", "## Summary", "", "| # | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
+    return lines + [""]
+
+
+def _summary(claims: Sequence[Claim]) -> Lines:
+    lines = ["## Summary", "", "| # | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
     for n, c in enumerate(claims, start=1):
-        lines.append(f"| {n} | {_md_escape(c.title)} | {_md_escape(c.paper)} | {_md_escape(c.ours)} | **{c.verdict}** |")
+        lines.append(f"| {n} | {md_escape(c.title)} | {md_escape(c.paper)} | {md_escape(c.ours)} | **{c.verdict}** |")
     counts = {v: sum(c.verdict == v for c in claims) for v in VERDICTS}
     lines += ["", "Verdict counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()), ""]
     failing = [c for c in claims if c.verdict == FAILS]
@@ -132,25 +110,35 @@ def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[s
     if unclear:
         lines += ["**Inconclusive here** (the interval straddles the rule's threshold): "
                   + "; ".join(_lower_first(c.title) for c in unclear) + ".", ""]
-    lines += HOW_TO_READ
-    files = {Path(f).name for f in figure_files}
+    return lines
+
+
+def _claims(claims: Sequence[Claim], files: set[str]) -> Lines:
+    lines: Lines = []
     for n, c in enumerate(claims, start=1):
-        lines += [f"## {n}. {c.title}", "", f"- **Paper:** {c.paper}", f"- **Ours:** {c.ours}",
-                  f"- **Verdict:** **{c.verdict}**", f"- **Null:** {c.null}", f"- **Rule:** {c.rule}"]
-        lines += [f"  - {d}" for d in c.details]
-        shown = [f"[{name}]({name}.png)" for name in c.figures if f"{name}.png" in files]
-        if shown:
-            lines.append("- **Figures:** " + ", ".join(shown))
-        lines.append("")
-    lines += ["## Initialisation control", "",
-              "φ on A (the paper's measure) is shown beside φ on A − A_init (the learned change only) and φ between "
-              "the starting points A_init. With nested initialisation, the start of A_8 is the first 8 rows of the "
-              "start of A_64, so φ on A between ranks can be high before any training; where φ on A − A_init is much "
-              "lower than φ on A, the overlap comes from the start, not from learning.", ""]
+        lines += claim_lines(f"## {n}. {c.title}", c, files=files)
+    return lines
+
+
+def _init_control(files: set[str]) -> Lines:
+    lines = ["## Initialisation control", "",
+             "φ on A (the paper's measure) is shown beside φ on A − A_init (the learned change only) and φ between "
+             "the starting points A_init. With nested initialisation, the start of A_8 is the first 8 rows of the "
+             "start of A_64, so φ on A between ranks can be high before any training; where φ on A − A_init is much "
+             "lower than φ on A, the overlap comes from the start, not from learning.", ""]
     if "init_control.png" in files:
         lines += ["![initialisation control](init_control.png)", ""]
-    if validation:
-        lines += ["## Planted-rank validation (ground truth)", "", "```", validation.rstrip(), "```", ""]
+    return lines
+
+
+def _validation(validation: str | None) -> Lines:
+    if not validation:
+        return []
+    return ["## Planted-rank validation (ground truth)", "", "```", validation.rstrip(), "```", ""]
+
+
+def _file_lists(files: set[str]) -> Lines:
+    lines: Lines = []
     pngs = sorted(f for f in files if f.endswith(".png"))
     if pngs:
         lines += ["## Figures", ""] + [f"- [{p}]({p}) ([pdf]({p[:-4]}.pdf))" for p in pngs] + [""]
@@ -158,29 +146,31 @@ def render_report(claims: Sequence[Claim], context: Context, *, setup: Mapping[s
     if tables:
         lines += ["## Tables", ""] + [f"- [{t}]({t}) ([csv]({t[:-3]}.csv))" for t in tables] + [""]
         lines += ["Raw tidy tables (every φ grid, projection and spectrum): [tables/](tables/)", ""]
-    return "\n".join(lines)
+    return lines
 
 
-def write_report(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike, *,
-                 setup: Mapping[str, str] | None = None, validation: str | None = None,
-                 layer: int | None = None, beyond=None) -> list[Path]:
-    """Evaluate every claim on ``tables``; write ``<out_dir>/REPORT.md`` and ``<out_dir>/report.json`` atomically.
+def render_report(judgement: Judgement, *, setup: Mapping[str, str] | None = None,
+                  figure_files: Sequence[str | Path] = (), validation: str | None = None) -> str:
+    """REPORT.md text, section after section: the setup, a summary table (claim, paper, ours, verdict), how to
+    read the verdicts, a section per claim, the initialisation control, the training snapshots and full
+    fine-tuning where the run has them, the planted-rank validation, and the lists of figures and tables."""
+    files = {Path(f).name for f in figure_files}
+    claims = judgement.claims
+    sections: list[Lines] = [
+        _header(), _setup(judgement.context, setup), _summary(claims), HOW_TO_READ, _claims(claims, files),
+        _init_control(files), dynamics_lines(judgement), full_lines(judgement), _validation(validation),
+        _file_lists(files),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def write_report(judgement: Judgement, out_dir: str | os.PathLike, *, setup: Mapping[str, str] | None = None,
+                 validation: str | None = None) -> list[Path]:
+    """Write ``<out_dir>/REPORT.md`` and ``<out_dir>/report.json`` atomically; returns both paths.
 
     Figures already in ``out_dir`` (from :func:`lora_analysis.render.figures.render_all`) are linked from the report.
-    ``beyond`` (:class:`lora_analysis.tables.beyond.Beyond`) adds the sections "When does the structure form?" and
-    "LoRA against full fine-tuning" and the ``"dynamics"`` / ``"full_finetune"`` objects, where the run has them.
-    Returns both paths.
     """
-    from lora_analysis.render.report_beyond import beyond_report
-
     out = Path(out_dir)
-    claims, context = evaluate_claims(tables, layer=layer)
     files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    text = render_report(claims, context, setup=setup, figure_files=files, validation=validation)
-    extra_lines, extra_doc = beyond_report(beyond, tables)
-    if extra_lines:  # before the list of figures, after the claims and the initialisation control
-        marker = "\n## Planted-rank validation" if "\n## Planted-rank validation" in text else "\n## Figures\n"
-        head, sep, tail = text.partition(marker)
-        text = head + "\n" + "\n".join(extra_lines) + sep + tail if sep else text + "\n" + "\n".join(extra_lines)
-    doc = {**report_json(claims, context), **extra_doc, "setup": dict(setup or {})}
-    return [write_text(out / "REPORT.md", text), write_json(out / "report.json", doc)]
+    text = render_report(judgement, setup=setup, figure_files=files, validation=validation)
+    return [write_text(out / "REPORT.md", text), write_json(out / "report.json", judgement.as_json(setup or {}))]

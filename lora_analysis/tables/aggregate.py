@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lora.rundir import FULL_PREFIX
 from lora_analysis.tables.select import PAPER_TABLE7_RANKS, MissingRows, nearest_rank, require
 
 __all__ = [
@@ -149,8 +148,17 @@ def pooled_std(agg: pd.DataFrame) -> float:
 
 
 def _quality(quality: pd.DataFrame | None) -> pd.DataFrame:
+    """The LoRA rows of the quality table (no linear probe, no full fine-tuning). A table without the ``method``
+    column (a hand-made one) is all LoRA but for its linear probe."""
     q = require(quality, "quality", QUALITY_COLUMNS)
+    if "method" in q.columns:
+        return q[q["method"] == "lora"]
     return q[q["weight_set"] != "linear probe"]
+
+
+def _by_method(rows: pd.DataFrame) -> list[str]:
+    """Grouping keys of the quality aggregates: the weight set, then the method where the table has it."""
+    return ["weight_set", "method", "rank"] if "method" in rows.columns else ["weight_set", "rank"]
 
 
 def table6_rows(quality: pd.DataFrame | None) -> pd.DataFrame:
@@ -178,22 +186,25 @@ def table5_rows(quality: pd.DataFrame | None) -> pd.DataFrame:
 
 def table6(quality: pd.DataFrame | None) -> pd.DataFrame:
     """Table 6: validation metric (mean ± std over seeds) for each weight set and rank; one row per (set, rank).
-    Full fine-tuning of a swept weight set follows as weight set ``full:<set>``, rank 0 (:data:`lora.rundir.FULL_PREFIX`)."""
+    Full fine-tuning of a swept weight set is a row of its own: ``method`` ``full``, rank 0."""
     rows = table6_rows(quality)
     if len(rows) == 0:
         raise MissingRows("quality: no weight set trained at two or more ranks (no Table 6 grid)")
-    q = _quality(quality)
-    full = q[q["weight_set"].astype(str).isin([FULL_PREFIX + ws for ws in set(rows["weight_set"])])]
-    out = seed_mean(pd.concat([rows, full]) if len(full) else rows, ["weight_set", "rank"])
-    out.insert(2, "metric_name", rows["metric_name"].iloc[0])
+    full = quality.iloc[0:0]
+    if "method" in quality.columns:
+        full = quality[(quality["method"] == "full") & quality["weight_set"].isin(set(rows["weight_set"]))]
+    by = _by_method(rows)
+    out = seed_mean(pd.concat([rows, full]) if len(full) else rows, by)
+    out.insert(len(by), "metric_name", rows["metric_name"].iloc[0])
     return out
 
 
 def table5(quality: pd.DataFrame | None) -> pd.DataFrame:
     """Table 5: validation metric (mean ± std over seeds) for each weight set at the common budget, best first."""
     rows = table5_rows(quality)
-    out = seed_mean(rows, ["weight_set", "rank"]).sort_values("mean", ascending=False, kind="stable")
-    out.insert(2, "metric_name", rows["metric_name"].iloc[0])
+    by = _by_method(rows)
+    out = seed_mean(rows, by).sort_values("mean", ascending=False, kind="stable")
+    out.insert(len(by), "metric_name", rows["metric_name"].iloc[0])
     return out.reset_index(drop=True)
 
 

@@ -14,7 +14,8 @@ Tables and their columns (``module`` is a module key, ``weight_type`` q/k/v/o, `
   dw_norm beside the effective dw_eff_norm, delta_eff, amplification_eff
   (:mod:`lora_analysis.metrics.dora`).
 * ``singular_values``: module, weight_type, layer, rank, seed, index, sigma.
-* ``quality`` (Tables 5 and 6): weight_set, rank, seed, alpha, trainable_params, val_metric, metric_name, wall_s.
+* ``quality`` (Tables 5 and 6): weight_set, method (``lora``, ``full``, ``probe``), rank, seed, alpha,
+  trainable_params, val_metric, metric_name, wall_s.
 
 Every number comes from the pure metrics in :mod:`lora_analysis.metrics`; every file read goes through
 :mod:`lora_analysis.load` and :mod:`lora.rundir`. W's SVD is computed once
@@ -36,12 +37,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lora import rundir
 from lora.errors import UserError
 from lora.fsio import atomic_path
 from lora.threads import analysis_workers, torch_threads
-from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir, module_layer, weight_type
+from lora_analysis.load.adapters import LoadedAdapter, module_layer, weight_type
 from lora_analysis.load.base import BaseWeights, CheckpointWeights
+from lora_analysis.load.run import Run
 from lora_analysis.metrics.dora import dora_summary
 from lora_analysis.metrics.linalg import (
     DENSE_SVDVALS_MAX,
@@ -94,7 +95,8 @@ COLUMNS: dict[str, list[str]] = {
     "dora": ["module", "weight_type", "layer", "rank", "seed", "d_out", "d_in", "top", "mag_rel_mean",
              "mag_rel_abs_mean", "mag_rel_min", "mag_rel_max", "mag_rel_norm", "dw_norm", "dw_eff_norm", "delta_eff",
              "amplification_eff"],
-    "quality": ["weight_set", "rank", "seed", "alpha", "trainable_params", "val_metric", "metric_name", "wall_s"],
+    "quality": ["weight_set", "method", "rank", "seed", "alpha", "trainable_params", "val_metric", "metric_name",
+                "wall_s"],
 }
 PAPER_RANK_PAIR = (8, 64)  # Figure 3
 NULL_DRAWS = 32  # random pairs per Table 7 row for the null's spread (the paper shows one draw)
@@ -312,7 +314,7 @@ def _top(adapter: LoadedAdapter, key: str, shape: tuple[int, int], top: int | No
     r = adapter.factors[key].rank
     k = r if top is None else top
     if not 0 < k <= min(r, *shape):
-        raise UserError(f"--top: {top} must be in 1..{min(r, *shape)} for module {key} of {adapter.path}")
+        raise UserError(f"top k = {top} must be in 1..{min(r, *shape)} for module {key} of {adapter.path}")
     return k
 
 
@@ -479,11 +481,19 @@ def singular_values_table(adapter: LoadedAdapter, *, keys: Iterable[str] | None 
 
 
 # ---------------------------------------------------------------------------------------------- quality
-def quality_table(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Tables 5 and 6 data: one row per grid point and the frozen linear probe (:func:`lora.rundir.quality_rows`).
-    Empty (with the columns) for a directory of adapters without training metrics."""
-    rows = rundir.quality_rows(run_dir)
-    return pd.DataFrame(rows, columns=COLUMNS["quality"]) if rows else _empty("quality")
+def quality_table(run: Run) -> pd.DataFrame:
+    """Tables 5 and 6 data: one row per grid point and the frozen linear probe (:meth:`Run.quality_rows`), then
+    the Table 5 budget run's points (``<run>/table5``) where the run has one. Empty (with the columns) for a
+    directory of adapters without training metrics."""
+    rows = run.quality_rows()
+    table = pd.DataFrame(rows, columns=COLUMNS["quality"]) if rows else _empty("quality")
+    if run.table5 is not None:
+        extra = quality_table(run.table5)
+        extra = extra[extra["weight_set"] != "linear probe"]
+        # the q,v point of the budget run may duplicate a rank-sweep point: keep one row per (set, rank, seed)
+        both = pd.concat([table, extra], ignore_index=True)
+        table = both.drop_duplicates(subset=["weight_set", "rank", "seed"], keep="first")
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- a whole run
@@ -500,7 +510,7 @@ def compared_rank_pairs(adapters: Mapping[tuple[int, int], LoadedAdapter],
 
 
 def analyse_run(
-    run_dir: str | os.PathLike,
+    run: Run | str | os.PathLike,
     *,
     base: str | os.PathLike | BaseWeights | None = None,
     layers: Sequence[int] | None = None,
@@ -513,7 +523,7 @@ def analyse_run(
     progress: bool = True,
     threads: int | None = 1,
 ) -> dict[str, pd.DataFrame]:
-    """Every table for a run directory of :mod:`lora.train` (or any directory of adapter directories).
+    """Every Section 7 table of a run (:class:`~lora_analysis.load.run.Run`, or a directory opened here).
 
     What is computed (weight set default ``q,v``; every adapted layer unless ``layers``):
 
@@ -526,7 +536,7 @@ def analyse_run(
     * ``quality``: :func:`quality_table`.
 
     Args:
-        base: ``--base`` override (a directory), or a :class:`~lora_analysis.load.base.BaseWeights` to share.
+        base: with a directory for ``run``: the ``--base`` override, or a :class:`BaseWeights` to share.
         ranks, seeds: restrict to these (each must exist in the run).
         intruders: count intruder dimensions (one dense SVD of W0 + ΔW per module and adapter).
         threads: torch threads while computing (default 1: the matrices are small, so thread start-up dominates
@@ -535,47 +545,56 @@ def analyse_run(
     Returns:
         ``{"phi", "fig8", "table7", "spectra", "singular_values", "dora", "quality"}`` -> DataFrame.
     """
+    if not isinstance(run, Run):
+        run = Run.open(run, base=base, option="run directory")
     with torch_threads(threads):
-        return _analyse_run(run_dir, base=base, layers=layers, ranks=ranks, seeds=seeds, weight_set=weight_set,
-                            ranks_compared=ranks_compared, fig8_ranks=fig8_ranks, intruders=intruders, progress=progress)
+        adapters = _select_adapters(run, ranks=ranks, seeds=seeds, weight_set=weight_set)
+        return _section7_tables(run, adapters, layers=layers, ranks_compared=ranks_compared, fig8_ranks=fig8_ranks,
+                                intruders=intruders, progress=progress)
 
 
-def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compared, fig8_ranks, intruders, progress):
-    from tqdm import tqdm  # plain text bars: tqdm.auto warns without ipywidgets in a notebook
-
-    index = index_run(run_dir)
+def _select_adapters(run: Run, *, ranks, seeds, weight_set) -> dict[tuple[int, int], LoadedAdapter]:
+    """``{(rank, seed): adapter}`` of the weight set (default :meth:`RunIndex.default_weight_set`), in (rank,
+    seed, name) order; adapters that record no seed become replicates 0, 1, ... of their rank in name order."""
+    index = run.index
     ws = index.default_weight_set() if weight_set is None else weight_set
     avail_r = index.ranks(ws)
     for r in ranks or ():
         if r not in avail_r:
-            raise UserError(f"--ranks: {index.root} has no rank {r} for weight set {ws}; available: "
+            raise UserError(f"ranks: {index.root} has no rank {r} for weight set {ws}; available: "
                             f"{', '.join(map(str, avail_r))}")
     use_r = sorted(set(ranks)) if ranks else avail_r
     avail_s = index.seeds(ws)
     for s in seeds or ():
         if s not in avail_s:
-            raise UserError(f"--seeds: {index.root} has no seed {s} for weight set {ws}; available: "
+            raise UserError(f"seeds: {index.root} has no seed {s} for weight set {ws}; available: "
                             f"{', '.join(map(str, avail_s))}")
     entries = [e for e in index.find(weight_set=ws) if e.rank in use_r and (not seeds or e.seed in seeds)]
-    bw = base if isinstance(base, BaseWeights) else BaseWeights(base)
-
-    bar = tqdm(total=2 * len(entries) + 3, desc="analysis", disable=not progress, dynamic_ncols=True)
     adapters: dict[tuple[int, int], LoadedAdapter] = {}
     replicates: dict[int, list[str]] = {}
     for e in entries:  # in (weight set, rank, seed, name) order
-        a = load_adapter_dir(e.path)
+        a = run.adapter(e)
         if a.seed is None:  # e.g. peft adapters: no seed recorded; same-rank ones are replicates in name order
             names = replicates.setdefault(e.rank, [])
             a = dataclasses.replace(a, seed=len(names))
             names.append(e.name)
         adapters[(e.rank, _seed(a))] = a
-        bar.update(1)
     for r, names in replicates.items():
         if len(names) > 1:
             print(f"note: {index.root}: {len(names)} adapters of rank {r} record no seed; treated as replicates "
                   f"0..{len(names) - 1} in name order: {', '.join(names)}", file=sys.stderr)
     if not adapters:
         raise UserError(f"{index.root}: no adapters left for weight set {ws} after selecting ranks/seeds")
+    return adapters
+
+
+def _section7_tables(run: Run, adapters: dict[tuple[int, int], LoadedAdapter], *, layers, ranks_compared,
+                     fig8_ranks, intruders, progress) -> dict[str, pd.DataFrame]:
+    from tqdm import tqdm  # plain text bars: tqdm.auto warns without ipywidgets in a notebook
+
+    bw = run.base
+    bar = tqdm(total=2 * len(adapters) + 3, desc="analysis", disable=not progress, dynamic_ncols=True)
+    bar.update(len(adapters))  # loaded
 
     def keys_of(a: LoadedAdapter) -> list[str]:
         return [k for k in a.factors if layers is None or module_layer(k) in set(layers)]
@@ -620,7 +639,7 @@ def _analyse_run(run_dir, *, base, layers, ranks, seeds, weight_set, ranks_compa
     bar.update(1)
     bar.close()
     tables = {name: concat_table(name, frames) for name, frames in out.items() if name != "quality"}
-    tables["quality"] = quality_table(index.root)
+    tables["quality"] = quality_table(run)
     return tables
 
 

@@ -1,8 +1,10 @@
-"""All tables of a run in one call (:func:`load_tables`), with an optional on-disk cache for notebooks.
+"""An on-disk cache of a run's analysis, for notebooks: several notebooks on one run analyse it once.
 
-The cache lives in ``<run>/analysis/`` and is keyed by the run's fingerprint (every adapter file's size and mtime,
-the summaries, the table schema), so several notebooks on one run analyse it once. Reading a run never needs
-write access to it: where the run directory is read-only, the cache is skipped with a notice on stderr.
+The cache lives in ``<run>/analysis/``: every table of :class:`~lora_analysis.tables.analysis.Analysis` as CSV
+(the snapshots' tables under ``step_<n>/``), keyed by the run's fingerprint (every adapter, snapshot and full
+fine-tuning file's size and mtime, the summaries, the table schema). It is optional: where the run directory is
+read-only, or a write fails (a full disk), the cache is skipped with one ``note:`` line on stderr and the analysis
+goes on.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -18,89 +19,64 @@ import pandas as pd
 from lora import rundir
 from lora.errors import UserError
 from lora.fsio import write_json
-from lora_analysis.tables.build import COLUMNS, analyse_run, quality_table, write_tables
+from lora_analysis.load.run import Run
+from lora_analysis.tables.analysis import Analysis
+from lora_analysis.tables.build import COLUMNS, write_tables
 
-__all__ = ["CACHE_SUBDIR", "check_run_dir", "load_tables", "write_cache"]
+__all__ = ["CACHE_SUBDIR", "read_cache", "write_cache"]
 
 CACHE_SUBDIR = "analysis"  # <run dir>/analysis: tables cached for notebooks, keyed by the run's fingerprint
-
-
-def check_run_dir(run_dir: Path, *, option: str = "--runs") -> None:
-    """Raise :class:`UserError` (one line) unless ``run_dir`` is a readable, non-empty directory."""
-    if not run_dir.exists():
-        raise UserError(f"{option} {run_dir}: no such directory")
-    if not run_dir.is_dir():
-        raise UserError(f"{option} {run_dir}: is a file, expected a run directory")
-    try:
-        empty = not any(run_dir.iterdir())
-    except PermissionError:
-        raise UserError(f"{option} {run_dir}: cannot read (permission denied)") from None
-    if empty:
-        raise UserError(f"{option} {run_dir}: run directory is empty (train it with python -m lora.train "
-                        f"--out {run_dir}, or python -m lora_analysis.reproduce)")
+FORMAT = 2  # 2: every table of the analysis (1 held the Section 7 tables only)
+_PATTERNS = ("*/adapter_model.safetensors", "*/snapshots/*.safetensors", "*/delta_weights.safetensors", "*.csv",
+             "*.json")
 
 
 def _run_fingerprint(root: Path) -> dict:
-    """What the tables depend on: every adapter file (name, size, mtime), the run summaries and the table schema."""
+    """What the tables depend on: every adapter, snapshot and full fine-tuning file (name, size, mtime), the run
+    summaries and the table schema."""
     files = []
     for d in (root, root / rundir.TABLE5_SUBDIR):
         if not d.is_dir():
             continue
-        for p in sorted(d.glob("*/adapter_model.safetensors")) + sorted(d.glob("*.csv")) + sorted(d.glob("*.json")):
-            st = p.stat()
-            files.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
-    return {"files": files, "columns": COLUMNS}
+        for pattern in _PATTERNS:
+            for p in sorted(d.glob(pattern)):
+                st = p.stat()
+                files.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
+    return {"format": FORMAT, "files": files, "columns": COLUMNS}
 
 
-def _read_cache(root: Path) -> dict[str, pd.DataFrame] | None:
-    cache = root / CACHE_SUBDIR
+def read_cache(run: Run) -> Analysis | None:
+    """The cached analysis of ``run``, or ``None`` when there is none or it does not match the run."""
+    cache = run.root / CACHE_SUBDIR
     try:
         stored = json.loads((cache / "fingerprint.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        if stored.get("fingerprint") != json.loads(json.dumps(_run_fingerprint(run.root))):
+            return None
+        tables = {name: pd.read_csv(cache / f"{name}.csv") for name in stored["tables"]}
+        per_step = {int(step): {name: pd.read_csv(cache / f"step_{step}" / f"{name}.csv") for name in names}
+                    for step, names in stored["per_step"].items()}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return None
-    if stored != json.loads(json.dumps(_run_fingerprint(root))):
-        return None
-    try:
-        return {name: pd.read_csv(cache / f"{name}.csv") for name in COLUMNS}
-    except (OSError, ValueError):
-        return None
+    return Analysis(tables, per_step, run.setup())
 
 
-def write_cache(root: Path, tables: Mapping[str, pd.DataFrame]) -> bool:
-    """Store ``tables`` in ``<root>/analysis``; on a read-only run directory, say so on stderr and return False."""
+def write_cache(run: Run, analysis: Analysis) -> bool:
+    """Store ``analysis`` in ``<run>/analysis``; on a read-only run directory or a failed write, say so in one
+    ``note:`` line on stderr and return False."""
+    root = run.root
     if not os.access(root, os.W_OK):
         print(f"note: {root} is read-only; the analysis cache is not written (nothing else changes)", file=sys.stderr)
         return False
+    cache = root / CACHE_SUBDIR
     try:
-        write_tables(tables, root / CACHE_SUBDIR)
-        write_json(root / CACHE_SUBDIR / "fingerprint.json", _run_fingerprint(root))  # last: marks it complete
-    except OSError as exc:
-        print(f"note: {root / CACHE_SUBDIR}: analysis cache not written ({exc.strerror or exc})", file=sys.stderr)
+        write_tables(analysis.tables, cache)
+        for step, tables in analysis.per_step.items():
+            write_tables(tables, cache / f"step_{step}")
+        write_json(cache / "fingerprint.json", {  # last: marks the cache complete
+            "fingerprint": _run_fingerprint(root), "tables": list(analysis.tables),
+            "per_step": {str(step): list(t) for step, t in analysis.per_step.items()}})
+    except (OSError, UserError) as exc:  # a full or read-only disk: the cache is optional, the analysis goes on
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"note: {cache}: analysis cache not written ({reason})", file=sys.stderr)
         return False
     return True
-
-
-def load_tables(run_dir: str | os.PathLike, *, progress: bool = False, cache: bool = False) -> dict[str, pd.DataFrame]:
-    """All tables of a run: :func:`lora_analysis.tables.build.analyse_run`, plus the Table 5 budget run's quality
-    rows (from ``<run_dir>/table5`` if present) appended to ``quality``.
-
-    With ``cache=True`` the tables are read from ``<run_dir>/analysis/`` when its fingerprint matches the run,
-    else computed and stored there (skipped with a notice where the run directory is read-only).
-    """
-    root = Path(run_dir)
-    check_run_dir(root, option="run directory")
-    if cache:
-        cached = _read_cache(root)
-        if cached is not None:
-            return cached
-    tables = analyse_run(root, progress=progress)
-    t5 = root / rundir.TABLE5_SUBDIR
-    if t5.is_dir() and any(t5.iterdir()):
-        extra = quality_table(t5)
-        extra = extra[extra["weight_set"] != "linear probe"]
-        # the q,v point of the budget run may duplicate a rank-sweep point: keep one row per (set, rank, seed)
-        both = pd.concat([tables["quality"], extra], ignore_index=True)
-        tables["quality"] = both.drop_duplicates(subset=["weight_set", "rank", "seed"], keep="first")
-    if cache:
-        write_cache(root, tables)
-    return tables

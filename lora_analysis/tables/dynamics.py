@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir
+from lora_analysis.load.adapters import LoadedAdapter
 from lora_analysis.load.base import BaseWeights
+from lora_analysis.load.run import Run
 from lora_analysis.load.snapshots import load_snapshot, snapshot_steps
 from lora_analysis.tables.build import (
     PAPER_RANK_PAIR,
@@ -88,13 +89,13 @@ def common_steps(adapter_dirs: Sequence[os.PathLike]) -> list[int]:
     return sorted(steps or ())
 
 
-def snapshot_tables(run_dir: str | os.PathLike, *, base: BaseWeights | None = None, weight_set: str | None = None,
+def snapshot_tables(run: Run, *, weight_set: str | None = None,
                     progress: bool = False) -> dict[int, dict[str, pd.DataFrame]]:
     """``{step: step_tables(...)}`` for the weight set's LoRA adapters at every common snapshot step (``{}`` for a
-    run without snapshots)."""
+    run without snapshots), with the run's one base-weight source."""
     from tqdm import tqdm
 
-    index = index_run(run_dir)
+    index = run.index
     ws = index.default_weight_set() if weight_set is None else weight_set
     entries = index.find(weight_set=ws)
     steps = common_steps([e.path for e in entries])
@@ -102,10 +103,10 @@ def snapshot_tables(run_dir: str | os.PathLike, *, base: BaseWeights | None = No
         return {}
     finals = {}
     for e in entries:
-        a = load_adapter_dir(e.path)
+        a = run.adapter(e)
         if a.seed is not None:
             finals[(e.rank, int(a.seed))] = a
-    bw = base if base is not None else BaseWeights()
+    bw = run.base
     out = {}
     for step in tqdm(steps, desc="snapshots", disable=not progress, dynamic_ncols=True):
         at = {key: load_snapshot(a, step) for key, a in finals.items()}

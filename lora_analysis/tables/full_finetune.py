@@ -20,16 +20,15 @@ spectra and intruders are the same functions the LoRA tables use.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from lora_analysis.load.adapters import LoadedAdapter, index_run, load_adapter_dir, module_layer, weight_type
-from lora_analysis.load.base import BaseWeights
-from lora_analysis.load.full_finetune import FullFinetune, find_full_finetunes, load_full_finetune
+from lora_analysis.load.adapters import LoadedAdapter, module_layer, weight_type
+from lora_analysis.load.full_finetune import FullFinetune, load_full_finetune
+from lora_analysis.load.run import Run
 from lora_analysis.metrics.linalg import factored_svd
 from lora_analysis.metrics.projection import table7_row
 from lora_analysis.metrics.spectra import (
@@ -121,17 +120,17 @@ def full_tables(full: FullFinetune, W0: Mapping[str, Tensor], lora: Mapping[int,
     return {name: pd.DataFrame(r, columns=FULL_COLUMNS[name]) for name, r in rows.items()}
 
 
-def full_finetune_tables(run_dir: str | os.PathLike, *, base: BaseWeights | None = None,
-                         progress: bool = False) -> dict[str, pd.DataFrame]:
+def full_finetune_tables(run: Run, *, progress: bool = False) -> dict[str, pd.DataFrame]:
     """The full fine-tuning tables of a run (``{}`` when it has no full fine-tuning directory): every
-    ``<set>_full_s<seed>`` against the LoRA adapters of the same weight set and seed."""
+    ``<set>_full_s<seed>`` against the LoRA adapters of the same weight set and seed, W0 from the run's one
+    base-weight source."""
     from tqdm import tqdm
 
-    dirs = find_full_finetunes(run_dir)
+    dirs = run.full_dirs
     if not dirs:
         return {}
-    index = index_run(run_dir)
-    bw = base if base is not None else BaseWeights()
+    index = run.index
+    bw = run.base
     frames: dict[str, list[pd.DataFrame]] = {k: [] for k in FULL_COLUMNS}
     for d in tqdm(dirs, desc="full fine-tuning", disable=not progress, dynamic_ncols=True):
         full = load_full_finetune(d)
@@ -140,8 +139,8 @@ def full_finetune_tables(run_dir: str | os.PathLike, *, base: BaseWeights | None
             entries = index.find(weight_set=full.weight_set)[:1]
         if not entries:
             continue
-        lora = {e.rank: load_adapter_dir(e.path) for e in entries if e.seed == full.seed}
-        ref = lora[min(lora)] if lora else load_adapter_dir(entries[0].path)
+        lora = {e.rank: run.adapter(e) for e in entries if e.seed == full.seed}
+        ref = lora[min(lora)] if lora else run.adapter(entries[0])
         W0 = bw.weights(ref, list(full.deltas))
         ranks = sorted(lora) or [ref.rank]
         t7_ranks = sorted({nearest_rank(ranks, r) for r in PAPER_TABLE7_RANKS})

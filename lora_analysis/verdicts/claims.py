@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,18 @@ from lora_analysis.tables.select import (
     nearest_rank,
     rows_where,
 )
+from lora_analysis.verdicts.registry import (
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    NOT_MEASURED,
+    PARTLY,
+    SECTION7,
+    VERDICTS,
+    Claim,
+    Evidence,
+    Finding,
+)
 
 __all__ = [
     "CLAIM_IDS",
@@ -82,10 +94,6 @@ __all__ = [
     "report_json",
 ]
 
-HOLDS, PARTLY, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "partly", "does not hold", "inconclusive", "not measured"
-VERDICTS = (HOLDS, PARTLY, FAILS, INCONCLUSIVE, NOT_MEASURED)
-CLAIM_IDS = ("top_direction_shared", "other_directions_noise", "q_higher_rank_than_v", "amplification",
-             "projection_above_random", "w_top_not_amplified", "quality_flat_in_rank", "budget_best_sets")
 
 LEVEL = 0.95  # every interval is two-sided 95 %
 TOP_SHARED = 0.5  # Figure 3: "the top singular vector overlap significantly ... φ > 0.5"
@@ -96,66 +104,6 @@ FIG8_RATIO = 2.0  # "barely overlap": within 2× a random A's overlap with W's t
 FLAT_SLOPE = 0.005  # "flat": under half a point of accuracy per doubling of r (paper: 73.4 -> 73.5 over 6 doublings)
 BEST_PROB = 0.95  # Table 5: the best set is {q,v} or {q,k,v,o} in >= 95 % of seed resamples
 TABLE5_BEST = ("q,v", "q,k,v,o")
-
-PAPER = {
-    "top_direction_shared": "φ(A_8, A_64, 1, 1) > 0.5 for ΔW_q and ΔW_v (layer 48 of 96, GPT-3 175B)",
-    "other_directions_noise": "the other directions look like noise (Figure 3)",
-    "q_higher_rank_than_v": "ΔW_q shares more directions across seeds than ΔW_v: a higher intrinsic rank (Fig. 4)",
-    "amplification": "amplification 21.5 (= 6.91 / 0.32) at r=4, about 1.9 (= 3.57 / 1.90) at r=64",
-    "projection_above_random": "‖UᵀW_qV‖_F: random 0.02 < ΔW_q 0.32 < W_q 21.67 at r=4; 0.33 < 1.90 < 37.71 at "
-                               "r=64 (ΔW 16× and 5.8× random)",
-    "w_top_not_amplified": "φ(W_q, ΔW_q, i, j) 'barely exceeds 0.2' (Appendix H.3)",
-    "quality_flat_in_rank": "Table 6: WikiSQL 73.4/73.3/73.7/73.8/73.5, MultiNLI 91.3/91.4/91.3/91.6/91.4 at "
-                            "r=1/2/4/8/64",
-    "budget_best_sets": "{W_q, W_v} and all four best at 18M parameters: WikiSQL 73.7, MultiNLI 91.3 / 91.7",
-}
-TITLES = {
-    "top_direction_shared": "The top singular direction is shared between a small and a large rank",
-    "other_directions_noise": "Directions other than the top one look like random noise",
-    "q_higher_rank_than_v": "ΔW_q has a higher intrinsic rank than ΔW_v",
-    "amplification": "ΔW amplifies directions W has but does not emphasise",
-    "projection_above_random": "W projected on ΔW's subspace lies between a random and W's own top subspace",
-    "w_top_not_amplified": "W's top singular directions barely overlap ΔW's",
-    "quality_flat_in_rank": "Validation quality is flat in the rank (r = 1 already suffices)",
-    "budget_best_sets": "At a fixed parameter budget, adapting {W_q, W_v} or all four is best",
-}
-FIGURES = {
-    "top_direction_shared": ("figure3", "figure6", "init_control"), "other_directions_noise": ("figure3",),
-    "q_higher_rank_than_v": ("figure4", "figure7"), "amplification": ("table7_amplification",),
-    "projection_above_random": ("table7",), "w_top_not_amplified": ("figure8",), "quality_flat_in_rank": ("table6",),
-    "budget_best_sets": ("table5",),
-}
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One Section 7 claim with its measurement, null, interval and verdict.
-
-    Attributes:
-        id: one of :data:`CLAIM_IDS`.
-        title, paper: the claim in a few words, and what the paper reports.
-        ours: our number(s) with their interval, one line.
-        verdict: one of :data:`VERDICTS`.
-        rule: the rule that gave the verdict (thresholds on the interval).
-        null: the random baseline the statistic is compared with.
-        quantity: the φ quantity (``dW``, ``A``, ...) or table the statistic uses.
-        measures: machine-readable numbers (``report.json``).
-        details: further lines (per weight type, per layer, the paper-scaled ranks, ...).
-        figures: names of the figures that show it.
-    """
-
-    id: str
-    title: str
-    paper: str
-    ours: str
-    verdict: str
-    rule: str
-    null: str = ""
-    quantity: str = ""
-    measures: Mapping[str, Any] = field(default_factory=dict)
-    details: tuple[str, ...] = ()
-    figures: tuple[str, ...] = ()
-
 
 @dataclass(frozen=True)
 class Context:
@@ -229,14 +177,13 @@ def _geo_mean(x: np.ndarray) -> float:
     return float(np.exp(np.mean(np.log(x))))
 
 
-def _not_measured(cid: str, rule: str, why: str) -> Claim:
-    return Claim(cid, TITLES[cid], PAPER[cid], f"not measured: {why}", NOT_MEASURED, rule, figures=FIGURES[cid])
+def _not_measured(rule: str, why: str) -> Finding:
+    return Finding.not_measured(rule, why)
 
 
-def _claim(cid: str, ours: str, verdict: str, rule: str, null: str, quantity: str, measures: dict,
-           details: Sequence[str] = ()) -> Claim:
-    return Claim(cid, TITLES[cid], PAPER[cid], ours, verdict, rule, null, quantity, measures, tuple(details),
-                 FIGURES[cid])
+def _claim(ours: str, verdict: str, rule: str, null: str, quantity: str, measures: dict,
+           details: Sequence[str] = ()) -> Finding:
+    return Finding(ours, verdict, rule, null, quantity, measures, tuple(details))
 
 
 def _phi_quantity(rows: pd.DataFrame) -> str:
@@ -260,13 +207,17 @@ def _d_of(phi: pd.DataFrame | None, t7: pd.DataFrame | None) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------- φ claims
-def _top(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
-    cid = "top_direction_shared"
+@SECTION7.claim(
+    "top_direction_shared", title="The top singular direction is shared between a small and a large rank",
+    paper="φ(A_8, A_64, 1, 1) > 0.5 for ΔW_q and ΔW_v (layer 48 of 96, GPT-3 175B)",
+    figures=("figure3", "figure6", "init_control"), snapshot=True, ranks="phi")
+def _top(ev: Evidence) -> Finding:
+    phi, (r1, r2) = ev.get("phi"), ev.phi_pair
     rule = (f"fraction of (module, seed) pairs with φ(1, 1) > {TOP_SHARED}: holds if its {LEVEL:.0%} exact interval "
             f"lies above {TOP_SHARED}, does not hold if below, else inconclusive")
     rows = _rank_rows(phi, r1, r2) if not no_rows(phi) else None
     if no_rows(rows):
-        return _not_measured(cid, rule, f"no rank comparison r={r1} vs r={r2} (needs two ranks at one seed)")
+        return _not_measured(rule, f"no rank comparison r={r1} vs r={r2} (needs two ranks at one seed)")
     quantity = _phi_quantity(rows)
     first = rows[(rows["i"] == 1) & (rows["j"] == 1)]
     per = rows_where(first, quantity=quantity)
@@ -304,25 +255,28 @@ def _top(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
             "independent seeds (sharing only the task) give the empirical null")
     ours = (f"φ_{quantity}(1,1) > {TOP_SHARED} in {k} of {n} (module, seed) pairs at r={r1} vs r={r2} "
             f"[{LEVEL:.0%} CI {fmt_number(ci.lo, '.2f')}–{fmt_number(ci.hi, '.2f')}]")
-    return _claim(cid, ours, verdict, rule, null, quantity, measures, details)
+    return _claim(ours, verdict, rule, null, quantity, measures, details)
 
 
-def _noise(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
-    cid = "other_directions_noise"
+@SECTION7.claim(
+    "other_directions_noise", title="Directions other than the top one look like random noise",
+    paper="the other directions look like noise (Figure 3)", figures=("figure3",), snapshot=True, ranks="phi")
+def _noise(ev: Evidence) -> Finding:
+    phi, (r1, r2) = ev.get("phi"), ev.phi_pair
     rule = (f"mean φ(i, j) over 2 ≤ i, j ≤ r_small divided by the random baseline max(i, j)/d, per (module, seed): "
             f"holds if the mean's {LEVEL:.0%} interval lies within {NOISE_RATIO:g}× chance, does not hold if above")
     rows = _rank_rows(phi, r1, r2) if not no_rows(phi) else None
     if no_rows(rows):
-        return _not_measured(cid, rule, f"no rank comparison r={r1} vs r={r2}")
+        return _not_measured(rule, f"no rank comparison r={r1} vs r={r2}")
     if r1 < 2:
-        return _not_measured(cid, rule, f"r_small = {r1} has no direction after the first")
+        return _not_measured(rule, f"r_small = {r1} has no direction after the first")
     quantity = _phi_quantity(rows)
     block = rows[(rows["i"] >= 2) & (rows["i"] <= r1) & (rows["j"] >= 2) & (rows["j"] <= r1)]
     obs = rows_where(block, quantity=quantity).groupby(["module", "seed1"])["phi"].mean()
     base = rows_where(block, quantity="expected_random").groupby(["module", "seed1"])["phi"].mean()
     ratio = (obs / base).dropna().rename("ratio").reset_index().rename(columns={"seed1": "seed"})
     if len(ratio) == 0:
-        return _not_measured(cid, rule, "no random baseline rows")
+        return _not_measured(rule, "no random baseline rows")
     ci = seed_bootstrap_ci(ratio["ratio"], ratio)
     verdict = three_way(ci, NOISE_RATIO, holds_above=False)
     wt_of = dict(zip(rows["module"], rows["weight_type"], strict=False))
@@ -339,16 +293,20 @@ def _noise(phi: pd.DataFrame | None, r1: int, r2: int) -> Claim:
         details.append(f"on A (the paper's): {fmt_number(float((learned / base).mean()), '.2f')}× random")
     null = "two random subspaces give E φ(i, j) = max(i, j)/d (analytic); the ratio is 1 for noise"
     ours = f"φ_{quantity} over 2..{r1} at r={r1} vs r={r2}: {ci.text('.2f')}× the random baseline"
-    return _claim(cid, ours, verdict, rule, null, quantity, measures, details)
+    return _claim(ours, verdict, rule, null, quantity, measures, details)
 
 
-def _intrinsic(phi: pd.DataFrame | None) -> Claim:
-    cid = "q_higher_rank_than_v"
+@SECTION7.claim(
+    "q_higher_rank_than_v", title="ΔW_q has a higher intrinsic rank than ΔW_v",
+    paper="ΔW_q shares more directions across seeds than ΔW_v: a higher intrinsic rank (Fig. 4)",
+    figures=("figure4", "figure7"), snapshot=True)
+def _intrinsic(ev: Evidence) -> Finding:
+    phi = ev.get("phi")
     rule = (f"per layer and seed pair at r_large, shared directions above chance k·φ(k, k) − k²/d (k = {SHARED_K}) "
             f"of ΔW_q minus ΔW_v: holds if the mean's {LEVEL:.0%} interval lies above 0, does not hold if below")
     seed = rows_where(phi, comparison="seed") if not no_rows(phi) else None
     if no_rows(seed):
-        return _not_measured(cid, rule, "no seed comparison (needs two seeds at the largest rank)")
+        return _not_measured(rule, "no seed comparison (needs two seeds at the largest rank)")
     r = int(seed["r1"].max())
     seed = rows_where(seed, r1=r, r2=r)
     quantity = _phi_quantity(seed)
@@ -360,7 +318,7 @@ def _intrinsic(phi: pd.DataFrame | None) -> Claim:
     wide = shared.rename("shared").reset_index().pivot_table(index=["layer", "seed1", "seed2"],
                                                              columns="weight_type", values="shared")
     if not {"q", "v"} <= set(wide.columns):
-        return _not_measured(cid, rule, "needs both ΔW_q and ΔW_v")
+        return _not_measured(rule, "needs both ΔW_q and ΔW_v")
     wide = wide.dropna(subset=["q", "v"]).reset_index()
     diff = (wide["q"] - wide["v"]).to_numpy()
     iv = bootstrap_ci(diff, units=wide["layer"].to_numpy(), level=LEVEL)
@@ -376,7 +334,7 @@ def _intrinsic(phi: pd.DataFrame | None) -> Claim:
             "subtracted from each")
     ours = (f"r={r}, top {k}: ΔW_q shares {fmt_number(float(wide['q'].mean()), '.2f')}, ΔW_v {fmt_number(float(wide['v'].mean()), '.2f')} "
             f"directions across seeds above chance; q − v {ci.text('.2f')}")
-    return _claim(cid, ours, verdict, rule, null, quantity, measures, details)
+    return _claim(ours, verdict, rule, null, quantity, measures, details)
 
 
 # --------------------------------------------------------------------------------------------- Table 7 claims
@@ -398,13 +356,22 @@ def _t7_ready(t7: pd.DataFrame | None) -> bool:
     return not no_rows(t7) and "delta_over_random" in t7.columns and t7["delta_over_random"].notna().any()
 
 
-def amplification_claim(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim:
-    cid = "amplification"
+@SECTION7.claim(
+    "amplification", title="ΔW amplifies directions W has but does not emphasise",
+    paper="amplification 21.5 (= 6.91 / 0.32) at r=4, about 1.9 (= 3.57 / 1.90) at r=64",
+    figures=("table7_amplification",), snapshot=True, ranks="table7")
+def _amplification(ev: Evidence) -> Finding:
+    return amplification_finding(ev.get("table7"), *ev.table7_pair)
+
+
+def amplification_finding(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Finding:
+    """The amplification claim on Table 7 rows at ``r_small`` (judged) and ``r_large`` (reported); full
+    fine-tuning's F3 uses it on its own Table 7."""
     rule = (f"at r_small: holds if the margin ‖UᵀWV‖_F / E_random has its {LEVEL:.0%} interval above {MARGIN:g} and the "
             f"amplification above 1; does not hold if the margin's interval lies below {MARGIN:g} (ΔW not aligned with W "
             "well above chance); else inconclusive. The fall of the factor with r is geometry, reported only")
     if not _t7_ready(t7):
-        return _not_measured(cid, rule, "no Table 7 rows with the random null")
+        return _not_measured(rule, "no Table 7 rows with the random null")
     margin_log, rows = _margin(t7, r_small)
     margin = geometric_interval(margin_log)
     amp = geometric_interval(seed_bootstrap_ci(np.log(rows["amplification"].to_numpy()), rows))
@@ -433,16 +400,22 @@ def amplification_claim(t7: pd.DataFrame | None, r_small: int, r_large: int) -> 
             f"table7.csv), so a same-norm ΔW in a random subspace has amplification {fmt_number(rand_amp, '.1f')} at r={r_small}")
     ours = (f"r={r_small}: amplification {amp.text('.2f')} (random subspace {fmt_number(rand_amp, '.2f')}), projection / random "
             f"{margin.text('.2f')}; r={r_large}: {fmt_number(amp_l, '.2f')}")
-    return _claim(cid, ours, verdict, rule, null, "table7", measures, details)
+    return _claim(ours, verdict, rule, null, "table7", measures, details)
 
 
-def _projection(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim:
-    cid = "projection_above_random"
+@SECTION7.claim(
+    "projection_above_random",
+    title="W projected on ΔW's subspace lies between a random and W's own top subspace",
+    paper="‖UᵀW_qV‖_F: random 0.02 < ΔW_q 0.32 < W_q 21.67 at r=4; 0.33 < 1.90 < 37.71 at r=64 (ΔW 16× and "
+          "5.8× random)",
+    figures=("table7",), snapshot=True, ranks="table7")
+def _projection(ev: Evidence) -> Finding:
+    t7, (r_small, r_large) = ev.get("table7"), ev.table7_pair
     rule = (f"random < ΔW < W, 'above random' meaning a margin ‖UᵀWV‖_F / E_random whose {LEVEL:.0%} interval lies "
             f"above {MARGIN:g}: holds at both r_small and r_large, partly at one (the other below), does not hold at "
             "neither (both below), else inconclusive")
     if not _t7_ready(t7):
-        return _not_measured(cid, rule, "no Table 7 rows with the random null")
+        return _not_measured(rule, "no Table 7 rows with the random null")
     outcomes, parts, details = [], [], []
     measures: dict[str, Any] = {}
     for r in sorted({r_small, r_large}):
@@ -469,24 +442,27 @@ def _projection(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Claim:
     else:
         verdict = INCONCLUSIVE
     null = "E‖UᵀWV‖_F = k‖W‖_F/√(d_out d_in) for a random pair (derived; its sampled mean ± sd and z in table7.csv)"
-    return _claim(cid, "ΔW's projection / random: " + "; ".join(parts), verdict, rule, null, "table7", measures,
+    return _claim("ΔW's projection / random: " + "; ".join(parts), verdict, rule, null, "table7", measures,
                   details)
 
 
 # --------------------------------------------------------------------------------------------- Figure 8
-def _fig8(fig8: pd.DataFrame | None) -> Claim:
-    cid = "w_top_not_amplified"
+@SECTION7.claim(
+    "w_top_not_amplified", title="W's top singular directions barely overlap ΔW's",
+    paper="φ(W_q, ΔW_q, i, j) 'barely exceeds 0.2' (Appendix H.3)", figures=("figure8",))
+def _fig8(ev: Evidence) -> Finding:
+    fig8 = ev.get("fig8")
     rule = (f"mean φ(W's top-i, ΔW's top-j) over the Figure 8 grid divided by the same for a random A of that rank, per "
             f"(module, rank, seed): holds if the {LEVEL:.0%} interval lies within {FIG8_RATIO:g}× random, does not hold "
             "if above")
     if no_rows(fig8) or len(rows_where(fig8, source="random")) == 0:
-        return _not_measured(cid, rule, "no Figure 8 rows with a random A")
+        return _not_measured(rule, "no Figure 8 rows with a random A")
     keys = ["module", "rank", "seed"]
     delta = rows_where(fig8, source="delta").groupby(keys)["phi"].mean()
     rnd = rows_where(fig8, source="random").groupby(keys)["phi"].mean()
     ratio = (delta / rnd).dropna().rename("ratio").reset_index()
     if len(ratio) == 0:
-        return _not_measured(cid, rule, "no Figure 8 rows with both ΔW and random A")
+        return _not_measured(rule, "no Figure 8 rows with both ΔW and random A")
     ci = seed_bootstrap_ci(ratio["ratio"], ratio)
     verdict = three_way(ci, FIG8_RATIO, holds_above=False)
     peak, peak_r = float(rows_where(fig8, source="delta")["phi"].max()), float(rows_where(fig8, source="random")["phi"].max())
@@ -494,7 +470,7 @@ def _fig8(fig8: pd.DataFrame | None) -> Claim:
     null = "a random A of the same rank against the same top directions of W (the random panel of Figure 8)"
     ours = f"overlap with W's top directions {ci.text('.2f')}× a random A's; max φ {fmt_number(peak)} (random A: {fmt_number(peak_r)})"
     details = ["a negative claim: ΔW unrelated to W passes it; ΔW on W's top directions fails it"]
-    return _claim(cid, ours, verdict, rule, null, "fig8", measures, details)
+    return _claim(ours, verdict, rule, null, "fig8", measures, details)
 
 
 # --------------------------------------------------------------------------------------------- quality
@@ -504,16 +480,20 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def _flat(quality: pd.DataFrame | None) -> Claim:
-    cid = "quality_flat_in_rank"
+@SECTION7.claim(
+    "quality_flat_in_rank", title="Validation quality is flat in the rank (r = 1 already suffices)",
+    paper="Table 6: WikiSQL 73.4/73.3/73.7/73.8/73.5, MultiNLI 91.3/91.4/91.3/91.6/91.4 at r=1/2/4/8/64",
+    figures=("table6",))
+def _flat(ev: Evidence) -> Finding:
+    quality = ev.get("quality")
     rule = (f"least-squares slope of the validation metric per doubling of r over every rank and seed: holds if its "
             f"{LEVEL:.0%} interval lies within ±{FLAT_SLOPE:g}, does not hold if wholly outside, else inconclusive")
     try:
         rows = table6_rows(quality)
     except MissingRows as exc:
-        return _not_measured(cid, rule, str(exc))
+        return _not_measured(rule, str(exc))
     if len(rows) == 0:
-        return _not_measured(cid, rule, "no weight set trained at two or more ranks")
+        return _not_measured(rule, "no weight set trained at two or more ranks")
     ws = "q,v" if "q,v" in set(rows["weight_set"]) else sorted(set(rows["weight_set"]))[0]
     rows = rows_where(rows, weight_set=ws).reset_index(drop=True)
     x, y = np.log2(rows["rank"].to_numpy(dtype=float)), rows["val_metric"].to_numpy(dtype=float)
@@ -535,22 +515,26 @@ def _flat(quality: pd.DataFrame | None) -> Claim:
         details.append(f"frozen linear probe: {fmt_number(float(probe['val_metric'].mean()), '.4f')}")
     null = "no effect of r: slope 0; 'flat' is an equivalence claim, so it holds only when the interval is narrow"
     ours = f"{{{ws}}} {metric} per doubling of r: {ci.text('+.4f')}"
-    return _claim(cid, ours, verdict, rule, null, "quality", measures, details)
+    return _claim(ours, verdict, rule, null, "quality", measures, details)
 
 
-def _best_sets(quality: pd.DataFrame | None) -> Claim:
-    cid = "budget_best_sets"
+@SECTION7.claim(
+    "budget_best_sets", title="At a fixed parameter budget, adapting {W_q, W_v} or all four is best",
+    paper="{W_q, W_v} and all four best at 18M parameters: WikiSQL 73.7, MultiNLI 91.3 / 91.7",
+    figures=("table5",))
+def _best_sets(ev: Evidence) -> Finding:
+    quality = ev.get("quality")
     rule = (f"share of seed resamples (bootstrap) in which the best set is {{W_q, W_v}} or all four: holds if ≥ "
             f"{BEST_PROB:.0%}, does not hold if ≤ {1 - BEST_PROB:.0%}, else inconclusive")
     try:
         rows = table5_rows(quality)
     except MissingRows as exc:
-        return _not_measured(cid, rule, str(exc))
+        return _not_measured(rule, str(exc))
     canon = rows["weight_set"].map(lambda s: ",".join(sorted(str(s).split(","), key="qkvo".find)))
     wide = rows.assign(canon=canon).pivot_table(index="seed", columns="canon", values="val_metric", aggfunc="mean")
     wide = wide.dropna(axis=0)  # the seeds that trained every set: a resample compares like with like
     if len(wide) == 0:
-        return _not_measured(cid, rule, "no seed trained every weight set of the budget")
+        return _not_measured(rule, "no seed trained every weight set of the budget")
     sets = list(wide.columns)
     means = wide.mean()
     best = str(means.idxmax())
@@ -570,7 +554,7 @@ def _best_sets(quality: pd.DataFrame | None) -> Claim:
     null = f"with no real difference each of the {len(sets)} sets is best by chance: {len(good)}/{len(sets)}"
     ours = (f"best {{{best}}} ({fmt_number(float(means.max()), '.4f')}); {{W_q, W_v}} or all four best in {p:.0%} of seed "
             "resamples")
-    return _claim(cid, ours, verdict, rule, null, "quality", measures, [f"ranking: {ranking}"])
+    return _claim(ours, verdict, rule, null, "quality", measures, [f"ranking: {ranking}"])
 
 
 # --------------------------------------------------------------------------------------------- all claims
@@ -583,19 +567,15 @@ def _rank_pair_of(phi: pd.DataFrame, small: float, large: float) -> tuple[int, i
     return nearest_rank([a for a, b in pairs if b == r2], small), r2
 
 
-def _with_scaled(claim: Claim, scaled: Claim, ranks: tuple[int, int], d: int) -> Claim:
-    """``claim`` with the verdict at the paper-scaled ranks recorded beside it."""
-    if scaled.verdict == NOT_MEASURED:
-        return claim
-    rd = ", ".join(f"r={r}: r/d = {r / d:.2%}" for r in ranks)
-    extra = {"ranks": list(ranks), "r_over_d": [r / d for r in ranks], "verdict": scaled.verdict, "ours": scaled.ours}
-    line = f"at the ranks nearest the paper's r/d ({rd}): **{scaled.verdict}**: {scaled.ours}"
-    return Claim(claim.id, claim.title, claim.paper, claim.ours, claim.verdict, claim.rule, claim.null, claim.quantity,
-                 {**claim.measures, "at_scaled_ranks": extra}, (*claim.details, line), claim.figures)
+CLAIM_IDS = SECTION7.ids  # the built-in claims, in report order (a claim added later joins SECTION7.specs)
 
 
 def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = None) -> tuple[list[Claim], Context]:
-    """Every Section 7 claim, measured on ``tables`` (the dict of :func:`lora_analysis.tables.build.analyse_run`).
+    """Every claim declared in :data:`~lora_analysis.verdicts.registry.SECTION7`, measured on ``tables`` (the
+    Section 7 tables of :func:`lora_analysis.pipeline.analyse`).
+
+    A claim declared with ``ranks="phi"`` or ``"table7"`` is judged again at the rank pair nearest the paper's r/d
+    (8 and 64, or Table 7's 4 and 64, of d = 12,288), where that pair differs, and the result recorded beside it.
 
     Args:
         tables: ``phi``, ``fig8``, ``table7``, ``spectra``, ``singular_values``, ``quality`` (any may be missing).
@@ -603,7 +583,7 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
             verdict pools all layers.
 
     Returns:
-        The claims in :data:`CLAIM_IDS` order and the context (layer, ranks, d) they were measured on.
+        The claims in declaration order and the context (layer, ranks, d) they were measured on.
     """
     phi, t7 = tables.get("phi"), tables.get("table7")
     layers: set[int] = set()
@@ -621,25 +601,28 @@ def evaluate_claims(tables: Mapping[str, pd.DataFrame], *, layer: int | None = N
     t7_ranks = sorted({int(r) for r in t7["rank"]}) if _t7_ready(t7) else []
     # One rank only (e.g. a folder of same-rank peft adapters): both claims are measured at that rank.
     ts, tl = (nearest_rank(t7_ranks, PAPER_TABLE7_RANKS[0]), t7_ranks[-1]) if t7_ranks else (0, 0)
-    claims = [_top(phi, r1, r2), _noise(phi, r1, r2), _intrinsic(phi), amplification_claim(t7, ts, tl),
-              _projection(t7, ts, tl), _fig8(tables.get("fig8")), _flat(tables.get("quality")),
-              _best_sets(tables.get("quality"))]
-    scaled = None  # the rank pair nearest the paper's r/d (8 and 64 of d = 12,288), where it differs
+    evidence = Evidence(tables, (r1, r2), (ts, tl), d)
+    scaled: dict[str, tuple[int, int]] = {}  # the rank pairs nearest the paper's r/d, where they differ
     if d and not no_rows(phi):
         sp = _rank_pair_of(phi, PAPER_RANK_SMALL * d / PAPER_D, PAPER_RANK_LARGE * d / PAPER_D)
         if sp and sp != (r1, r2) and sp[0] != sp[1]:
-            scaled = sp
-            claims[0] = _with_scaled(claims[0], _top(phi, *sp), sp, d)
-            claims[1] = _with_scaled(claims[1], _noise(phi, *sp), sp, d)
+            scaled["phi"] = sp
     if d and len(t7_ranks) >= 2:  # Table 7's pair nearest the paper's r/d (4 and 64 of d = 12,288)
         st = (nearest_rank(t7_ranks, PAPER_TABLE7_RANKS[0] * d / PAPER_D),
               nearest_rank(t7_ranks, PAPER_TABLE7_RANKS[1] * d / PAPER_D))
         if st != (ts, tl) and st[0] != st[1]:
-            claims[3] = _with_scaled(claims[3], amplification_claim(t7, *st), st, d)
-            claims[4] = _with_scaled(claims[4], _projection(t7, *st), st, d)
+            scaled["table7"] = st
+    claims = []
+    for spec in SECTION7.specs:
+        claim = spec.judge(evidence)
+        if spec.ranks in scaled:
+            at = scaled[spec.ranks]
+            moved = replace(evidence, **{f"{spec.ranks}_pair": at})
+            claim = spec.with_scaled(claim, spec.judge(moved), at, d)
+        claims.append(claim)
     seeds = tuple(sorted({int(s) for s in t7["seed"]})) if not no_rows(t7) else ()
     context = Context(layer=chosen, layers=tuple(sorted(layers)), r_small=r1 or None, r_large=r2 or None, d=d,
-                      scaled_ranks=scaled, seeds=seeds)
+                      scaled_ranks=scaled.get("phi"), seeds=seeds)
     return claims, context
 
 

@@ -27,24 +27,22 @@ import pandas as pd
 
 from lora_analysis.tables.select import phi_rank_pair
 from lora_analysis.verdicts.claims import (
-    CLAIM_IDS,
     FAILS,
     HOLDS,
     INCONCLUSIVE,
     LEVEL,
     NOT_MEASURED,
-    TITLES,
     evaluate_claims,
     json_safe,
     seed_bootstrap_ci,
     three_way,
     within,
 )
+from lora_analysis.verdicts.registry import SECTION7
 
-__all__ = ["FLAT_PHI", "SNAPSHOT_CLAIMS", "Trajectory", "Trend", "claim_trajectories", "dynamics_json",
+__all__ = ["FLAT_PHI", "Trajectory", "Trend", "claim_trajectories", "dynamics_json",
            "settled_at", "top_overlap_trend", "trajectories_table"]
 
-SNAPSHOT_CLAIMS = CLAIM_IDS[:5]  # the claims a snapshot can be judged on (φ and Table 7)
 FLAT_PHI = 0.05  # "flat": the mean change of φ(1, 1) over training stays within ±0.05 (φ lies in [0, 1])
 GROWS, SHRINKS, FLAT = "grows", "shrinks", "flat"
 
@@ -54,7 +52,8 @@ class Trajectory:
     """One claim's verdict at every snapshot.
 
     Attributes:
-        id, title: the claim (:data:`lora_analysis.verdicts.claims.CLAIM_IDS`).
+        id, title: the claim (declared in :data:`lora_analysis.verdicts.registry.SECTION7` with
+            ``snapshot=True``).
         steps, verdicts, ours: per snapshot, in step order.
         settled_at: the step from which the verdict stays the final one, or ``None`` (never settles).
         final: the verdict at the last snapshot.
@@ -93,16 +92,18 @@ def settled_at(steps: Sequence[int], verdicts: Sequence[str]) -> int | None:
 def claim_trajectories(per_step: Mapping[int, Mapping[str, pd.DataFrame]]) -> list[Trajectory]:
     """Every snapshot claim's verdict at each step of ``per_step`` (``{step: tables}``) and where it settles."""
     steps = sorted(per_step)
-    by_id: dict[str, list[tuple[str, str]]] = {cid: [] for cid in SNAPSHOT_CLAIMS}
+    specs = [s for s in SECTION7.specs if s.snapshot]  # the claims a snapshot can be judged on (φ and Table 7)
+    by_id: dict[str, list[tuple[str, str]]] = {s.id: [] for s in specs}
     for step in steps:
         claims, _ = evaluate_claims(per_step[step])
         for c in claims:
             if c.id in by_id:
                 by_id[c.id].append((c.verdict, c.ours))
     out = []
-    for cid, seq in by_id.items():
+    for spec in specs:
+        seq = by_id[spec.id]
         verdicts = tuple(v for v, _ in seq)
-        out.append(Trajectory(cid, TITLES[cid], tuple(steps), verdicts, tuple(o for _, o in seq),
+        out.append(Trajectory(spec.id, spec.title, tuple(steps), verdicts, tuple(o for _, o in seq),
                               settled_at(steps, verdicts) if steps else None, verdicts[-1] if verdicts else NOT_MEASURED))
     return out
 

@@ -27,15 +27,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lora.rundir import FULL_PREFIX
 from lora_analysis.tables.select import PAPER_RANK_SMALL, PAPER_TABLE7_RANKS, nearest_rank
 from lora_analysis.verdicts.claims import (
     INCONCLUSIVE,
     LEVEL,
     MARGIN,
-    NOT_MEASURED,
     Claim,
-    amplification_claim,
+    amplification_finding,
     fmt_number,
     geometric_interval,
     json_safe,
@@ -43,47 +41,33 @@ from lora_analysis.verdicts.claims import (
     seed_bootstrap_ci,
     three_way,
 )
+from lora_analysis.verdicts.registry import FULL_FINETUNE, Evidence, Finding
 
 __all__ = ["FULL_CLAIM_IDS", "LOW_RANK_RATIO", "evaluate_full_claims", "full_claims_table", "full_json",
            "full_quality"]
 
-FULL_CLAIM_IDS = ("full_low_rank", "lora_captures_full_subspace", "full_amplification", "lora_more_intruders")
 LOW_RANK_RATIO = 0.5  # "low intrinsic rank": under half the effective rank of an unstructured (Gaussian) ΔW
 
-TITLES = {
-    "full_low_rank": "Full fine-tuning's ΔW has a low intrinsic rank (Section 4.1's hypothesis)",
-    "lora_captures_full_subspace": "LoRA finds the directions full fine-tuning uses",
-    "full_amplification": "Full fine-tuning amplifies directions W has but does not emphasise, as LoRA does",
-    "lora_more_intruders": "LoRA introduces more intruder dimensions than full fine-tuning",
-}
-PAPER = {
-    "full_low_rank": "'the change in weights during model adaptation also has a low intrinsic rank' (hypothesis, "
-                     "Section 4.1; not measured in the paper)",
-    "lora_captures_full_subspace": "not measured in the paper",
-    "full_amplification": "not measured in the paper (Table 7 is for LoRA's ΔW)",
-    "lora_more_intruders": "Shuttleworth et al. (2024): LoRA's tuned weights have intruder dimensions, full "
-                           "fine-tuning's hardly any",
-}
-FIGURES = {"full_low_rank": ("full_spectrum",), "lora_captures_full_subspace": (), "full_amplification": (),
-           "lora_more_intruders": ()}
+
+def _missing(rule: str, why: str) -> Finding:
+    return Finding.not_measured(rule, why)
 
 
-def _make(cid: str, ours: str, verdict: str, rule: str, null: str, quantity: str, measures: dict,
-          details=()) -> Claim:
-    return Claim(cid, TITLES[cid], PAPER[cid], ours, verdict, rule, null, quantity, measures, tuple(details),
-                 FIGURES[cid])
+def _make(ours: str, verdict: str, rule: str, null: str, quantity: str, measures: dict, details=()) -> Finding:
+    return Finding(ours, verdict, rule, null, quantity, measures, tuple(details))
 
 
-def _missing(cid: str, rule: str, why: str) -> Claim:
-    return _make(cid, f"not measured: {why}", NOT_MEASURED, rule, "", "", {})
-
-
-def _low_rank(spectra: pd.DataFrame | None) -> Claim:
-    cid = "full_low_rank"
+@FULL_FINETUNE.claim(
+    "full_low_rank", title="Full fine-tuning's ΔW has a low intrinsic rank (Section 4.1's hypothesis)",
+    paper="'the change in weights during model adaptation also has a low intrinsic rank' (hypothesis, Section 4.1; "
+          "not measured in the paper)",
+    figures=("full_spectrum",))
+def _low_rank(ev: Evidence) -> Finding:
+    spectra = ev.get("full_spectra")
     rule = (f"entropy effective rank of the full ΔW / that of a same-shape Gaussian, per (module, seed): holds if the "
             f"mean's {LEVEL:.0%} interval lies below {LOW_RANK_RATIO:g}, does not hold if above, else inconclusive")
     if no_rows(spectra):
-        return _missing(cid, rule, "no full fine-tuning ΔW")
+        return _missing(rule, "no full fine-tuning ΔW")
     ratio = spectra.assign(ratio=spectra["entropy_rank"] / spectra["random_entropy_rank"])
     ci = seed_bootstrap_ci(ratio["ratio"], ratio)
     verdict = three_way(ci, LOW_RANK_RATIO, holds_above=False)
@@ -101,16 +85,18 @@ def _low_rank(spectra: pd.DataFrame | None) -> Claim:
             f"{fmt_number(float(spectra['random_entropy_rank'].mean()), '.1f')} of at most {min(d, int(spectra['d_out'].iloc[0]))}")
     ours = (f"full ΔW entropy effective rank {fmt_number(float(spectra['entropy_rank'].mean()), '.1f')} (90 %-energy rank "
             f"{fmt_number(float(spectra['energy_rank_90'].mean()), '.1f')}): {ci.text('.3f')} of a Gaussian's")
-    return _make(cid, ours, verdict, rule, null, "full_spectra", measures, details)
+    return _make(ours, verdict, rule, null, "full_spectra", measures, details)
 
 
-def _captures(vs: pd.DataFrame | None) -> Claim:
-    cid = "lora_captures_full_subspace"
+@FULL_FINETUNE.claim("lora_captures_full_subspace", title="LoRA finds the directions full fine-tuning uses",
+                     paper="not measured in the paper")
+def _captures(ev: Evidence) -> Finding:
+    vs = ev.get("full_vs_lora")
     rule = (f"φ(full ΔW's top-r, LoRA r's ΔW, r, r) at the rank nearest {PAPER_RANK_SMALL} divided by the random null "
             f"r/d, per (module, seed), geometric mean: holds if its {LEVEL:.0%} interval lies above {MARGIN:g}, does "
             f"not hold if below, else inconclusive")
     if no_rows(vs):
-        return _missing(cid, rule, "no LoRA adapter of a full fine-tuning run's seed")
+        return _missing(rule, "no LoRA adapter of a full fine-tuning run's seed")
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
     ci = geometric_interval(seed_bootstrap_ci(np.log(np.maximum(rows["phi"].to_numpy(), 1e-300) / rows["null"].to_numpy()), rows))
@@ -124,32 +110,38 @@ def _captures(vs: pd.DataFrame | None) -> Claim:
     ours = (f"LoRA r={r} captures φ = {fmt_number(float(rows['phi'].mean()))} of full fine-tuning's top-{r} subspace, "
             f"{ci.text('.2f')}× the random {fmt_number(float(rows['null'].mean()), '.4f')}")
     null = "two random r-dimensional subspaces of dimension d: E φ(r, r) = r/d"
-    return _make(cid, ours, verdict, rule, null, "full_vs_lora", measures, details)
+    return _make(ours, verdict, rule, null, "full_vs_lora", measures, details)
 
 
-def _full_amp(t7: pd.DataFrame | None, lora_t7: pd.DataFrame | None) -> Claim:
-    cid = "full_amplification"
+@FULL_FINETUNE.claim(
+    "full_amplification",
+    title="Full fine-tuning amplifies directions W has but does not emphasise, as LoRA does",
+    paper="not measured in the paper (Table 7 is for LoRA's ΔW)")
+def _full_amp(ev: Evidence) -> Finding:
+    t7, lora_t7 = ev.get("full_table7"), ev.get("table7")
     if no_rows(t7):
-        return _missing(cid, "Table 7's amplification rule on the full ΔW", "no full fine-tuning ΔW")
+        return _missing("Table 7's amplification rule on the full ΔW", "no full fine-tuning ΔW")
     ks = sorted({int(k) for k in t7["rank"]})
     ts = nearest_rank(ks, PAPER_TABLE7_RANKS[0])
-    base = amplification_claim(t7, ts, ks[-1])
+    base = amplification_finding(t7, ts, ks[-1])
     details = list(base.details)
     if not no_rows(lora_t7) and ts in set(int(x) for x in lora_t7["rank"]):
         lr = lora_t7[lora_t7["rank"] == ts]
         details.append(f"LoRA r={ts} for comparison: amplification {fmt_number(float(np.exp(np.log(lr['amplification']).mean())), '.2f')}, "
                        f"projection / random {fmt_number(float(np.exp(np.log(lr['delta_over_random']).mean())), '.2f')}")
-    return replace(base, id=cid, title=TITLES[cid], paper=PAPER[cid], figures=FIGURES[cid], details=tuple(details),
-                   ours=base.ours.replace("r=", "k="))
+    return replace(base, details=tuple(details), ours=base.ours.replace("r=", "k="))
 
 
-def _intruders(vs: pd.DataFrame | None) -> Claim:
-    cid = "lora_more_intruders"
+@FULL_FINETUNE.claim(
+    "lora_more_intruders", title="LoRA introduces more intruder dimensions than full fine-tuning",
+    paper="Shuttleworth et al. (2024): LoRA's tuned weights have intruder dimensions, full fine-tuning's hardly any")
+def _intruders(ev: Evidence) -> Finding:
+    vs = ev.get("full_vs_lora")
     rule = (f"intruder dimensions among the top 10 of W0 + ΔW, LoRA at the rank nearest {PAPER_RANK_SMALL} minus full "
             f"fine-tuning, per (module, seed): holds if the mean's {LEVEL:.0%} interval lies above 0, does not hold if "
             "below, else inconclusive")
     if no_rows(vs):
-        return _missing(cid, rule, "no LoRA adapter of a full fine-tuning run's seed")
+        return _missing(rule, "no LoRA adapter of a full fine-tuning run's seed")
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
     diff = rows.assign(diff=rows["lora_intruders"] - rows["full_intruders"])
@@ -161,18 +153,20 @@ def _intruders(vs: pd.DataFrame | None) -> Claim:
                 "full_mean": float(rows["full_intruders"].mean())}
     ours = (f"LoRA r={r}: {fmt_number(float(rows['lora_intruders'].mean()), '.2f')} intruders per matrix, full fine-tuning "
             f"{fmt_number(float(rows['full_intruders'].mean()), '.2f')}; difference {ci.text('.2f')}")
-    return _make(cid, ours, verdict, rule, "no difference (0)", "full_vs_lora", measures)
+    return _make(ours, verdict, rule, "no difference (0)", "full_vs_lora", measures)
 
 
 def full_quality(quality: pd.DataFrame | None) -> dict[str, Any]:
     """Validation metric of full fine-tuning beside LoRA's per rank (mean and sd over seeds); ``{}`` without rows."""
     if no_rows(quality):
         return {}
-    full = quality[quality["weight_set"].astype(str).str.startswith(FULL_PREFIX)]
+    if "method" not in quality.columns:
+        return {}
+    full = quality[quality["method"] == "full"]
     if len(full) == 0:
         return {}
-    ws = str(full["weight_set"].iloc[0])[len(FULL_PREFIX):]
-    lora = quality[quality["weight_set"] == ws]
+    ws = str(full["weight_set"].iloc[0])
+    lora = quality[(quality["weight_set"] == ws) & (quality["method"] == "lora")]
     return {"weight_set": ws, "metric": str(full["metric_name"].iloc[0]),
             "full": {"mean": float(full["val_metric"].mean()), "sd": float(full["val_metric"].std()),
                      "seeds": int(full["seed"].nunique())},
@@ -180,10 +174,13 @@ def full_quality(quality: pd.DataFrame | None) -> dict[str, Any]:
                      for r, g in lora.groupby("rank")}}
 
 
+FULL_CLAIM_IDS = FULL_FINETUNE.ids  # the built-in claims, in report order
+
+
 def evaluate_full_claims(full: Mapping[str, pd.DataFrame], *, lora_table7: pd.DataFrame | None = None) -> list[Claim]:
-    """The claims of :data:`FULL_CLAIM_IDS` on the full fine-tuning tables."""
-    return [_low_rank(full.get("full_spectra")), _captures(full.get("full_vs_lora")),
-            _full_amp(full.get("full_table7"), lora_table7), _intruders(full.get("full_vs_lora"))]
+    """Every claim declared in :data:`~lora_analysis.verdicts.registry.FULL_FINETUNE`, on the full fine-tuning
+    tables (and LoRA's Table 7, which F3 quotes beside its own)."""
+    return FULL_FINETUNE.judge(Evidence({**full, "table7": lora_table7}))
 
 
 def full_claims_table(full: Mapping[str, pd.DataFrame], tables: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,8 +14,10 @@ import torch
 from tiny_models import D, make_adapter, tiny_bert_model
 
 from lora.errors import UserError
-from lora_analysis.load.adapters import load_run_adapter
+from lora.rundir import read_manifest
+from lora_analysis.load.adapters import RunIndex, load_run_adapter
 from lora_analysis.load.base import BaseWeights, CheckpointWeights
+from lora_analysis.load.run import Run
 from lora_analysis.metrics.linalg import factored_svd
 from lora_analysis.metrics.projection import table7_row
 from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
@@ -141,7 +144,7 @@ def test_table7_table_matches_table7_row_and_dense_reference(tiny_run, base):
     assert 0 < row.random < row.weight
     assert (row["rank"], row.top, row.seed, row.layer, row.weight_type) == (4, 4, 1, 1, "v")
     assert set(table7_table(a, base, top=2)["top"]) == {2}
-    with pytest.raises(UserError, match="--top"):
+    with pytest.raises(UserError, match="top k = "):
         table7_table(a, base, top=5)
 
 
@@ -249,8 +252,13 @@ def _write_summary(root, rows):
     df[list(SUMMARY_COLUMNS)].to_csv(root / "summary.csv", index=False)
 
 
+def _bare_run(root: Path) -> Run:
+    """A run directory with training metrics but no adapter directories, opened as Run.open would."""
+    return Run(root, RunIndex(root=root, entries=()), read_manifest(root), BaseWeights())
+
+
 def test_quality_table(tmp_path):
-    assert list(quality_table(tmp_path).columns) == COLUMNS["quality"]  # no training metrics: empty
+    assert list(quality_table(_bare_run(tmp_path)).columns) == COLUMNS["quality"]  # no training metrics: empty
     _write_summary(tmp_path, [
         {"name": "qv_r8_s0", "weight_set": "q,v", "rank": 8, "seed": 0, "alpha": 8.0, "metric": "accuracy",
          "val_metric": 0.9, "trainable_params": 1234, "wall_time_s": 2.5},
@@ -259,16 +267,17 @@ def test_quality_table(tmp_path):
     ])
     (tmp_path / "manifest.json").write_text(json.dumps({"linear_probe": {
         "metric": "accuracy", "val_metric": 0.5, "seed": 0, "trainable_params": 700, "wall_time_s": 1.0}}))
-    q = quality_table(tmp_path)
+    q = quality_table(_bare_run(tmp_path))
     assert list(q.columns) == COLUMNS["quality"]
     assert q["weight_set"].tolist() == ["q,v", "q", "linear probe"]
+    assert q["method"].tolist() == ["lora", "lora", "probe"]
     assert q["rank"].tolist() == [8, 8, 0]
     assert q["val_metric"].tolist() == [0.9, 0.8, 0.5]
     assert q.iloc[0].metric_name == "accuracy" and q.iloc[0].wall_s == 2.5
     _write_summary(tmp_path, [{"name": "x", "weight_set": "q,v", "rank": "eight", "seed": 0, "alpha": 8,
                                "metric": "accuracy", "val_metric": 0.9, "trainable_params": 1, "wall_time_s": 1}])
     with pytest.raises(UserError, match=r"summary\.csv: row 2: column rank"):
-        quality_table(tmp_path)
+        quality_table(_bare_run(tmp_path))
 
 
 def test_analyse_run_all_tables(tiny_run, tmp_path):

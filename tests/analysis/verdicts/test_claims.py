@@ -11,8 +11,13 @@ import json
 import pytest
 from synthetic_tables import synthetic_tables
 
+from lora.rundir import read_manifest
+from lora_analysis.load.adapters import RunIndex
+from lora_analysis.load.base import BaseWeights
+from lora_analysis.load.run import Run
 from lora_analysis.render import report_md
 from lora_analysis.verdicts import claims as C
+from lora_analysis.verdicts.judgement import judge_tables
 
 SEEDS = (0, 1, 2)
 LAYERS = (0, 1, 2, 3)
@@ -137,9 +142,10 @@ def test_write_report(paper_like, tmp_path):
                          "n_val": 5},
                 "config": {"ranks": [2, 8, 32], "seeds": [0, 1, 2], "steps": 200, "lr": 0.003}, "nested_init": True}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    setup = report_md.setup_from_run(tmp_path)
+    setup = Run(tmp_path, RunIndex(root=tmp_path, entries=()), read_manifest(tmp_path), BaseWeights()).setup()
     assert "all-MiniLM-L6-v2" in setup["base model"] and "nested" in setup["initialisation"]
-    md, js = report_md.write_report(paper_like, tmp_path, setup=setup, validation="layer level: PASSED")
+    md, js = report_md.write_report(judge_tables(paper_like, {}), tmp_path, setup=setup,
+                                    validation="layer level: PASSED")
     text = md.read_text()
     assert md.name == "REPORT.md" and js.name == "report.json"
     assert text.count("**holds**") >= len(C.CLAIM_IDS)
@@ -154,7 +160,7 @@ def test_write_report(paper_like, tmp_path):
 
 def test_report_says_plainly_what_fails_and_what_is_inconclusive(tmp_path):
     t = synthetic_tables(layers=LAYERS, ranks=(2, 8, 32), seeds=SEEDS, top=0.1, margin=2.0)
-    md, _ = report_md.write_report(t, tmp_path)
+    md, _ = report_md.write_report(judge_tables(t, {}), tmp_path)
     text = md.read_text()
     assert "**Does not hold here:**" in text and "top singular direction" in text
     assert "**Inconclusive here**" in text

@@ -11,6 +11,7 @@ from synthetic_tables import synthetic_tables
 from lora_analysis.tables.dynamics import DYNAMICS_COLUMNS, dynamics_table
 from lora_analysis.verdicts import dynamics as V
 from lora_analysis.verdicts.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED
+from lora_analysis.verdicts.registry import SECTION7
 
 
 def test_settled_at():
@@ -33,7 +34,7 @@ def test_claim_settles_where_the_structure_appears():
     per_step[100] = synthetic_tables(top=0.1, learned_top=0.1, **kw)  # it flips back at the end: never settles
     top = {t.id: t for t in V.claim_trajectories(per_step)}["top_direction_shared"]
     assert top.settled_at is None and "never settles" in top.text()
-    assert set(traj) == set(V.SNAPSHOT_CLAIMS)
+    assert set(traj) == {s.id for s in SECTION7.specs if s.snapshot}  # the φ and Table 7 claims
 
 
 def _trend_frame(first: dict, last: dict, *, seeds=(0, 1, 2), layers=(0, 1, 2, 3), spread=0.01) -> pd.DataFrame:

@@ -11,6 +11,7 @@ from synthetic_tables import synthetic_tables
 from lora_analysis.tables.full_finetune import FULL_COLUMNS
 from lora_analysis.verdicts import full_finetune as F
 from lora_analysis.verdicts.claims import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED
+from lora_analysis.verdicts.registry import FULL_FINETUNE
 
 SEEDS, LAYERS, D = (0, 1, 2), (0, 1, 2, 3), 384
 
@@ -67,7 +68,7 @@ def test_full_amplification_uses_table7_rule():
     aligned = synthetic_tables(layers=LAYERS, ranks=(4, 64), seeds=SEEDS, margin=10.0)["table7"]
     random_like = synthetic_tables(layers=LAYERS, ranks=(4, 64), seeds=SEEDS, margin=1.0)["table7"]
     a = _by_id({"full_table7": aligned})["full_amplification"]
-    assert a.verdict == HOLDS and a.id == "full_amplification" and a.title == F.TITLES["full_amplification"]
+    assert a.verdict == HOLDS and a.id == "full_amplification" and a.title == FULL_FINETUNE.spec("full_amplification").title
     assert _by_id({"full_table7": random_like})["full_amplification"].verdict == FAILS
 
 
@@ -76,11 +77,11 @@ def test_missing_tables_are_not_measured():
 
 
 def test_quality_beside_lora():
-    q = pd.DataFrame([{"weight_set": "q,v", "rank": r, "seed": s, "val_metric": 0.8 + 0.01 * r, "metric_name": "accuracy"}
-                      for r in (2, 8) for s in SEEDS]
-                     + [{"weight_set": "full:q,v", "rank": 0, "seed": s, "val_metric": 0.9, "metric_name": "accuracy"}
-                        for s in SEEDS])
+    q = pd.DataFrame([{"weight_set": "q,v", "method": "lora", "rank": r, "seed": s, "val_metric": 0.8 + 0.01 * r,
+                       "metric_name": "accuracy"} for r in (2, 8) for s in SEEDS]
+                     + [{"weight_set": "q,v", "method": "full", "rank": 0, "seed": s, "val_metric": 0.9,
+                         "metric_name": "accuracy"} for s in SEEDS])
     out = F.full_quality(q)
     assert out["weight_set"] == "q,v" and out["full"]["mean"] == 0.9 and out["full"]["seeds"] == 3
     assert np.isclose(out["lora"][8]["mean"], 0.88)
-    assert F.full_quality(q[q["weight_set"] == "q,v"]) == {}
+    assert F.full_quality(q[q["method"] == "lora"]) == {}

@@ -1,0 +1,98 @@
+"""The spine of the analysis: one run in, every table, verdict, figure and report out, in three steps.
+
+::
+
+    run = Run.open(run_dir)                      # load: manifest, adapter configs, one base-weight source
+    analysis = analyse(run)                      # tables: Section 7, then the snapshots and full fine-tuning
+    judgement = judge(analysis)                  # verdicts: every registered claim, section by section
+    render(analysis, judgement, out)             # figures, tables/*.csv, REPORT.md, report.json
+
+:func:`analyse_and_render` is exactly those four lines. Each step reads only what the previous one returned:
+:func:`analyse` is the last to touch the run directory or the base model, :func:`judge` is pure, and
+:func:`render` writes into ``out`` only. The commands (``figures``, ``reproduce``) parse their options, call
+these and print; snapshots and full fine-tuning are sections the steps add where the run has them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lora.fsio import remove_stale_temps
+from lora.threads import torch_threads
+from lora_analysis.load.run import Run
+from lora_analysis.tables.analysis import Analysis
+from lora_analysis.tables.build import analyse_run, write_tables
+from lora_analysis.tables.cache import read_cache, write_cache
+from lora_analysis.tables.dynamics import dynamics_table, snapshot_tables
+from lora_analysis.tables.full_finetune import full_finetune_tables
+from lora_analysis.verdicts.judgement import Judgement, judge_tables
+
+__all__ = ["Analysis", "Judgement", "analyse", "analyse_and_render", "judge", "render"]
+
+
+def analyse(run: Run, *, progress: bool = False, cache: bool = False, threads: int | None = 1) -> Analysis:
+    """Every table of ``run``: Section 7 (:func:`~lora_analysis.tables.build.analyse_run`), then, where the run
+    has them, the tables of each training snapshot and the tidy ``dynamics`` table, and the full fine-tuning
+    tables. W0 and its SVD come from the run's one base-weight source, so each W is read and decomposed once for
+    every table that needs it.
+
+    Args:
+        cache: read the run's analysis cache (``<run>/analysis``) when it matches the run, else compute and store
+            it there (notebooks); a read-only run is only read.
+        threads: torch threads while computing (default 1, see :func:`~lora_analysis.tables.build.analyse_run`;
+            ``None`` keeps torch's setting).
+    """
+    if cache:
+        cached = read_cache(run)
+        if cached is not None:
+            return cached
+    with torch_threads(threads):  # one setting for every table: the numbers do not depend on the machine's cores
+        tables = analyse_run(run, progress=progress, threads=None)
+        per_step = snapshot_tables(run, progress=progress)
+        full = full_finetune_tables(run, progress=progress)
+    dynamics = dynamics_table(per_step)
+    if len(dynamics):
+        tables["dynamics"] = dynamics
+    tables.update({name: t for name, t in full.items() if len(t)})
+    analysis = Analysis(tables, per_step, run.setup())
+    if cache:
+        write_cache(run, analysis)
+    return analysis
+
+
+def judge(analysis: Analysis) -> Judgement:
+    """Every verdict on ``analysis``: the Section 7 claims, their trajectory over the training snapshots and
+    LoRA against full fine-tuning (:mod:`lora_analysis.verdicts.registry` declares them)."""
+    return judge_tables(analysis.tables, analysis.per_step)
+
+
+def render(analysis: Analysis, judgement: Judgement, out_dir: str | os.PathLike, *, validation: str | None = None,
+           quiet: bool = True) -> list[Path]:
+    """Write ``<out>/tables/*.csv``, every figure and table (``<out>/``), then REPORT.md and report.json, which
+    link the figures written before them. Returns the files written."""
+    from lora_analysis.render.figures import render_all
+    from lora_analysis.render.report_md import write_report
+
+    out = Path(out_dir)
+    for folder in (out, out / "tables"):  # what a killed render left (a live writer's temporaries are locked, kept)
+        if folder.is_dir():
+            remove_stale_temps(folder)
+    written = write_tables(analysis.tables, out / "tables")
+    written += render_all(analysis.tables, out, quiet=quiet)
+    written += write_report(judgement, out, setup=analysis.setup, validation=validation)
+    return written
+
+
+def analyse_and_render(run_dir: str | os.PathLike | Run, out_dir: str | os.PathLike, *, quiet: bool = True,
+                       validation: str | None = None) -> list[Path]:
+    """Run directory -> tables -> verdicts -> figures, tables, REPORT.md, report.json in ``out_dir``.
+
+    The run's analysis cache (for notebooks) is refreshed where the run directory is writable and holds a
+    training manifest; a read-only run is only read.
+    """
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+    analysis = analyse(run, progress=not quiet)
+    if run.manifest is not None:
+        write_cache(run, analysis)  # notebooks on this run then load instantly
+    return render(analysis, judge(analysis), out_dir, validation=validation, quiet=quiet)
