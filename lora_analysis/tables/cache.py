@@ -67,15 +67,17 @@ def _read_cache(root: Path) -> dict[str, pd.DataFrame] | None:
 
 
 def write_cache(root: Path, tables: Mapping[str, pd.DataFrame]) -> bool:
-    """Store ``tables`` in ``<root>/analysis``; on a read-only run directory, say so on stderr and return False."""
+    """Store ``tables`` in ``<root>/analysis``; where it cannot be written (a read-only run directory, a full disk),
+    say so in one ``note:`` line on stderr and return False: the cache is optional."""
     if not os.access(root, os.W_OK):
         print(f"note: {root} is read-only; the analysis cache is not written (nothing else changes)", file=sys.stderr)
         return False
     try:
         write_tables(tables, root / CACHE_SUBDIR)
         write_json(root / CACHE_SUBDIR / "fingerprint.json", _run_fingerprint(root))  # last: marks it complete
-    except OSError as exc:
-        print(f"note: {root / CACHE_SUBDIR}: analysis cache not written ({exc.strerror or exc})", file=sys.stderr)
+    except (OSError, UserError) as exc:  # a full or read-only disk (fsio names the file): the cache is optional
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"note: {root / CACHE_SUBDIR}: analysis cache not written ({reason})", file=sys.stderr)
         return False
     return True
 
