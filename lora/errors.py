@@ -10,6 +10,8 @@ bugs still raise ordinary exceptions, so they keep their tracebacks.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -34,7 +36,10 @@ def short_repr(value: object, limit: int = 60) -> str:
 def os_error_reason(exc: OSError) -> str:
     """The reason of an ``OSError`` without errno noise: ``"permission denied"``, ``"no space left on device"``,
     ``"read-only file system"``..."""
-    reason = exc.strerror or str(exc) or type(exc).__name__
+    return _lower_first(exc.strerror or str(exc) or type(exc).__name__)
+
+
+def _lower_first(reason: str) -> str:
     return reason[:1].lower() + reason[1:]
 
 
@@ -42,6 +47,23 @@ def os_error_message(exc: OSError) -> str:
     """``"<file>: <reason>"`` for an ``OSError`` (just the reason when it names no file)."""
     where = exc.filename if exc.filename is not None else exc.filename2
     return f"{where}: {os_error_reason(exc)}" if where is not None else os_error_reason(exc)
+
+
+# A Rust writer (safetensors) reports an I/O error as "... I/O error: No space left on device (os error 28)" (older
+# versions: "IoError(Os { code: 28, kind: StorageFull, ... })").
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
+
+
+def io_error_reason(exc: BaseException) -> str | None:
+    """Why a write failed, if ``exc`` is the environment's fault: the reason of an ``OSError``, or of the OS error
+    that a writer outside Python's I/O (safetensors' ``SafetensorError``, written in Rust) wraps in its message
+    as ``(os error N)``; ``None`` for anything else (a bug keeps its traceback)."""
+    if isinstance(exc, OSError):
+        return os_error_reason(exc)
+    found = _RUST_OS_ERROR.search(str(exc))
+    if found is None or type(exc).__name__ != "SafetensorError":
+        return None
+    return _lower_first(os.strerror(int(found.group(1) or found.group(2))))
 
 
 class ArgumentParser(argparse.ArgumentParser):

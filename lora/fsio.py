@@ -6,8 +6,10 @@ moment leaves either the old file or the complete new one, never a partial one. 
 being written its writer holds an ``fcntl.flock`` on it, so :func:`remove_stale_temps` can tell the leftovers
 of a killed writer (unlocked) from a live one's (locked).
 
-An ``OSError`` while writing (a full or read-only disk, a permission) becomes one :class:`~lora.errors.UserError`
-naming the final path, and the temporary sibling is removed. Output paths are checked before any work starts
+An ``OSError`` while writing (a full or read-only disk, a permission), or the same error reported by a writer
+outside Python's I/O (safetensors' ``SafetensorError: ... No space left on device (os error 28)``), becomes one
+:class:`~lora.errors.UserError` naming the final path, ``<path>: cannot write: no space left on device``, and the
+temporary sibling is removed. Output paths are checked before any work starts
 with :func:`check_output_path`; a directory that one process at a time may write is held with
 :func:`lock_directory`. This module imports nothing from the analysis package, which builds on it.
 """
@@ -28,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from lora.errors import UserError, os_error_message, os_error_reason
+from lora.errors import UserError, io_error_reason, os_error_message, os_error_reason
 
 TEMP_MARK = ".tmp-"  # temporary siblings are named f".{name}{TEMP_MARK}<random>"
 
@@ -76,8 +78,9 @@ def _tmp_sibling(path: Path, *, directory: bool) -> tuple[Path, int]:
 def _locked_temp(final: Path, *, directory: bool) -> Iterator[Path]:
     """A temporary sibling of ``final``, flock-ed while the block runs and removed if the block raises.
 
-    An ``OSError`` (including one from creating the sibling) becomes a :class:`UserError` naming ``final``
-    (or the file it concerns, when that is another, non-temporary file), unless this write is nested in another.
+    An ``OSError`` (including one from creating the sibling), or a writer's error wrapping one
+    (:func:`~lora.errors.io_error_reason`), becomes a :class:`UserError` naming ``final`` (or the file it concerns,
+    when that is another, non-temporary file), unless this write is nested in another.
     """
     outer = _WRITING.get()
     token = _WRITING.set(final)
@@ -90,11 +93,13 @@ def _locked_temp(final: Path, *, directory: bool) -> Iterator[Path]:
     except BaseException as exc:
         if tmp is not None:
             _remove(tmp)
-        if outer is None and isinstance(exc, OSError):
-            named = exc.filename if exc.filename is not None else exc.filename2
-            if named is not None and not _is_temp(named) and Path(named) != final:
-                raise UserError(os_error_message(exc)) from None  # e.g. a file read while writing
-            raise UserError(f"{final}: cannot write: {os_error_reason(exc)}") from None
+        reason = io_error_reason(exc) if outer is None else None
+        if reason is not None:
+            if isinstance(exc, OSError):
+                named = exc.filename if exc.filename is not None else exc.filename2
+                if named is not None and not _is_temp(named) and Path(named) != final:
+                    raise UserError(os_error_message(exc)) from None  # e.g. a file read while writing
+            raise UserError(f"{final}: cannot write: {reason}") from None
         raise
     finally:
         if fd >= 0:
@@ -332,9 +337,12 @@ def lock_directory(directory: str | os.PathLike, *, option: str, what: str = "di
             raise UserError(f"{option} {directory}: {what} in use by {holder}") from None
         if writable:
             mine = f"{os.getpid()}\n".encode()
-            if os.pread(fd, 32, 0) != mine:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, mine, 0)
+            # the PID only names the holder in a second process's message; the flock is the lock, so a full disk
+            # (ENOSPC on this one block) does not stop the run here: its first real output says so, naming the file
+            with contextlib.suppress(OSError):
+                if os.pread(fd, 32, 0) != mine:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, mine, 0)
         yield
     finally:
         os.close(fd)

@@ -10,6 +10,7 @@ and seed that adapts it. For an adapter whose ``init_lora_weights`` rewrites the
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lora.adapter_io import quiet_transformers, resolve_base_name
-from lora.errors import UserError
+from lora.errors import UserError, os_error_reason
 from lora_analysis.load.adapters import LoadedAdapter
 from lora_analysis.metrics.linalg import WeightSVDCache
 
@@ -162,6 +163,12 @@ class CheckpointWeights(Mapping):
     asked for (memory-mapped, so one W costs its own bytes). Pass it as ``base`` to
     :func:`lora_analysis.tables.build.table7_tables`, which reads each W once, when its turn comes.
 
+    What is read is checked here, so that the metrics get a finite floating-point matrix or the user gets one line
+    naming the file and tensor: every file's header when the checkpoint is opened (a missing, empty, truncated or
+    otherwise unreadable shard, a directory in a shard's place, an index naming a tensor its shard lacks), each W's
+    dtype and shape from the header (:meth:`check_adapter`, before any work; :meth:`__getitem__`), and each W's
+    values when it is read (NaN or Inf, e.g. an fp16 export that overflowed).
+
     For what this does not rebuild (GPT-2's transposed ``Conv1D``, a fused ``c_attn`` slice ``:q``, PiSSA/OLoRA
     residuals) use :class:`BaseWeights`, which loads the model through transformers.
 
@@ -170,13 +177,12 @@ class CheckpointWeights(Mapping):
             ``model.safetensors.index.json``.
 
     Raises:
-        UserError: naming the path if it holds no safetensors checkpoint or the index is unreadable.
+        UserError: ``<file>: <problem>`` if the path holds no safetensors checkpoint, the index is unreadable or does
+            not match its shards, or a shard is unreadable.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         import json
-
-        from safetensors import safe_open
 
         path = Path(path)
         if path.is_dir():
@@ -189,24 +195,43 @@ class CheckpointWeights(Mapping):
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise UserError(f"{index}: weight_map is not a {{tensor name: shard file}} mapping")
                 files = {name: path / shard for name, shard in weight_map.items()}
+                # every shard's header now (a few KB each): a broken shard is one line before any work, not a
+                # traceback when its turn comes
+                headers = {shard: _header(shard, index) for shard in sorted(set(files.values()))}
+                for name, shard in files.items():
+                    if name not in headers[shard]:
+                        raise UserError(f"{shard}: holds no tensor {name}, which {index.name} places there")
+                specs = {name: headers[files[name]][name] for name in files}
             elif (path / "model.safetensors").is_file():
-                files = self._names(path / "model.safetensors", safe_open)
+                specs = _header(path / "model.safetensors")
+                files = dict.fromkeys(specs, path / "model.safetensors")
             else:
                 raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json")
         elif path.is_file():
-            files = self._names(path, safe_open)
+            specs = _header(path)
+            files = dict.fromkeys(specs, path)
         else:
             raise UserError(f"{path}: no such checkpoint file or directory")
         self.path = path
         self._files = {name[: -len(".weight")]: f for name, f in files.items() if name.endswith(".weight")}
+        self._specs = {key: specs[key + ".weight"] for key in self._files}  # (safetensors dtype, shape)
 
-    @staticmethod
-    def _names(file: Path, safe_open) -> dict[str, Path]:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return dict.fromkeys(f.keys(), file)
-        except Exception as exc:  # safetensors raises its own error types for a bad header
-            raise UserError(f"{file}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+    def _where(self, key: str) -> str:
+        """``"<file>: tensor <key>.weight"``: where a message about ``key``'s W points."""
+        return f"{self._files[key]}: tensor {key}.weight"
+
+    def _check_spec(self, key: str, expected: tuple[int, int] | None = None, *, adapter: str = "") -> None:
+        """``UserError`` unless W of ``key`` is, by the file's header, a non-empty floating-point matrix (of shape
+        ``expected``, ΔW's in ``adapter``, if given). Reads no tensor data."""
+        dtype, shape = self._specs[key]
+        if not dtype.startswith(("F", "BF")):  # F64 F32 F16 BF16 F8_*; not I8 U8 I32 BOOL...
+            raise UserError(f"{self._where(key)}: dtype {dtype} is not a floating-point weight (a quantised or "
+                            "integer checkpoint: dequantise it first)")
+        if len(shape) != 2 or 0 in shape:
+            raise UserError(f"{self._where(key)}: shape {shape} is not a non-empty (d_out, d_in) matrix")
+        if expected is not None and shape != expected:
+            raise UserError(f"{self._where(key)}: shape {shape}, but ΔW of module {key} is {expected} in {adapter}: "
+                            "adapter and checkpoint do not match")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -214,12 +239,25 @@ class CheckpointWeights(Mapping):
         file = self._files.get(key)
         if file is None:
             raise KeyError(key)
-        with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(key + ".weight")
+        self._check_spec(key)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                W = f.get_tensor(key + ".weight")
+        except Exception as exc:  # the file changed since its header was read (safetensors raises its own types)
+            raise UserError(f"{self._where(key)}: cannot read it ({_reason(exc)})") from None
+        # A float64 sum of finite bf16/fp16/fp32 entries cannot overflow (3.4e38 x 1e9 entries < 1.8e308), so a
+        # finite sum clears W in one pass; only a non-finite one (or an F64 W of huge entries) needs isfinite's mask
+        if not math.isfinite(float(W.sum(dtype=torch.float64))):
+            bad = int((~torch.isfinite(W)).sum())
+            if bad:
+                hint = " (float16 overflows beyond ±65504)" if W.dtype == torch.float16 else ""
+                raise UserError(f"{self._where(key)}: {bad} of {W.numel()} entries are NaN or Inf{hint}")
+        return W
 
     def check_adapter(self, adapter: LoadedAdapter) -> None:
-        """``UserError`` (one line naming the adapter) unless the stored tensors are the ``W0`` that ``adapter``'s
-        ΔW is added to: not for GPT-2's ``Conv1D`` (``fan_in_fan_out``: stored transposed), a slice of a fused
+        """``UserError`` (one line naming the adapter, or the file and tensor) unless the stored tensors are the
+        ``W0`` that ``adapter``'s ΔW is added to: each a floating-point matrix of ΔW's shape (read from the headers),
+        not for GPT-2's ``Conv1D`` (``fan_in_fan_out``: stored transposed), a slice of a fused
         weight (``c_attn:q``) or an init that adapts a residual of the stored weight (PiSSA, OLoRA); those need
         the model loaded (:class:`BaseWeights`, the CLI's ``--base`` without ``--lazy-base``)."""
         from lora.init_residual import base_changing_init
@@ -237,6 +275,9 @@ class CheckpointWeights(Mapping):
         if init is not None:
             raise UserError(f"{where}: init_lora_weights={init!r} adapts a residual of the stored weight, which a "
                             f"lazy checkpoint does not rebuild: {route}")
+        for key, f in adapter.factors.items():  # dtype and shape from the headers: before any W is read
+            if key in self._files:
+                self._check_spec(key, (int(f.B.shape[0]), int(f.A.shape[1])), adapter=where)
 
     def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor to answer
         return key in self._files
@@ -246,3 +287,37 @@ class CheckpointWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self._files)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message on one line, first letter lower-case (safetensors' errors carry no file name)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
+def _header(file: Path, index: Path | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor name: (safetensors dtype, shape)}`` from ``file``'s header (no tensor data is read).
+
+    Raises:
+        UserError: ``<file>: <problem>`` if it is missing (named by ``index``), not a regular file, empty, or not a
+            readable safetensors file (truncated, a bad header).
+    """
+    from safetensors import safe_open
+
+    named = f" (named in {index.name})" if index is not None else ""
+    if not file.exists():
+        raise UserError(f"{file}: no such file{named}")
+    if not file.is_file():
+        raise UserError(f"{file}: is {'a directory' if file.is_dir() else 'not a regular file'}, not a safetensors "
+                        f"file{named}")
+    try:
+        if file.stat().st_size == 0:
+            raise UserError(f"{file}: is empty (0 bytes), not a safetensors file{named}")
+        with safe_open(str(file), framework="pt") as f:
+            return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
+    except UserError:
+        raise
+    except OSError as exc:
+        raise UserError(f"{file}: {os_error_reason(exc)}") from None
+    except Exception as exc:  # safetensors raises its own error types for a bad or truncated header
+        raise UserError(f"{file}: not a readable safetensors file, truncated or damaged ({_reason(exc)})") from None
