@@ -33,6 +33,7 @@ def analyse_and_render(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     from lora_analysis.render.figures import render_all
     from lora_analysis.render.report_md import setup_from_run, write_report
 
+    rundir.verify_run(run_dir).raise_or_note()  # a damaged run is refused, a partial one said so (lora.rundir)
     out = check_output_dir("--out", out_dir)
     for folder in (out, out / "tables"):  # what a killed render left (a live writer's temporaries are locked, kept)
         if folder.is_dir():
