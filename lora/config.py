@@ -351,6 +351,9 @@ class TrainConfig:
             raise bad("method", f"each must be 'lora' or 'full', got {self.method!r}")
         if len(set(self.method)) != len(self.method):
             raise bad("method", f"given twice: {self.method!r}")
+        if self.snapshot_steps is not None and "lora" not in self.method:
+            raise bad("snapshot_steps", f"snapshots hold LoRA factors, and --method {' '.join(self.method)} trains no "
+                      "LoRA point: add lora to --method, or drop --snapshot-steps")
         if not (math.isfinite(self.full_lr) and self.full_lr > 0):
             raise bad("full_lr", f"must be > 0, got {self.full_lr}")
         for option, path in (("task", self.task), ("val_file", self.val_file)):
@@ -461,11 +464,27 @@ def config_from_args(args: argparse.Namespace, file_values: Mapping[str, Any] | 
     from the file is reported with the file's name (``args.config``)."""
     names = {f.name for f in fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names}
-    merged: dict[str, Any] = {k: v for k, v in (file_values or {}).items() if str(k).replace("-", "_") not in flags}
-    merged.update(flags)
     config = getattr(args, "config", None)
     source = f"--config {config}" if config else "--config" if file_values else "options"
+    merged: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        name = str(key).replace("-", "_")
+        if name in flags:  # overridden, but still a value of the file: its type is checked all the same
+            _check_field(name, value, source=f"{source}: {key}")
+        else:
+            merged[key] = value
+    merged.update(flags)
     return TrainConfig.from_dict(merged, source=source, flags=flags)
+
+
+def _check_field(name: str, value: Any, *, source: str) -> None:
+    """Check one value against its :class:`TrainConfig` field's type alone (as ``__post_init__`` does first);
+    ``UserError("<source>: <problem>")`` if it does not fit."""
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    try:
+        _typed(name, value, typing.get_type_hints(TrainConfig)[name], f.metadata["argparse"].get("type"))
+    except ConfigError as exc:
+        raise UserError(f"{source}: {exc.problem}") from None
 
 
 def parse_target_set(spec: str) -> tuple[str, ...]:

@@ -14,13 +14,15 @@ Output, one directory per (weight set, seed), written atomically like an adapter
     full_finetune.json          what it is: format, method, weight set, targets, seed, base model and fingerprint,
                                 modules with their shapes, lr, full_lr, steps
     metrics.json                as a LoRA point's (validation metric, loss curve, parameter counts), method "full"
+    files.json                  written last: every file's size and SHA-256, the grid point and the run's training
+                                settings (:func:`lora.rundir.write_point_record`), what resume and ``figures`` check
 
 :func:`lora.train.train_point` trains a full point with these pieces; the analysis (:mod:`lora_analysis.load.full_finetune`) loads these beside the LoRA adapters of the run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +93,15 @@ def full_param_groups(model: nn.Module, paths: Sequence[str], cfg: Any) -> tuple
 
 
 def write_full_point(final: Path, model: nn.Module, w0: dict[str, Tensor], *, point: Any, cfg: Any, heads: Sequence[str],
-                     base_name: str, fingerprint: str, task: str, metric: str, result: Any) -> Path:
-    """Write one full fine-tuning directory atomically (see the module docstring); ``result`` is the trainer's
-    ``FitResult``."""
+                     base_name: str, fingerprint: str, task: str, metric: str, result: Any,
+                     manifest: Mapping[str, Any]) -> Path:
+    """Write one full fine-tuning directory atomically (see the module docstring), replacing a damaged one there;
+    ``result`` is the trainer's ``FitResult``, ``manifest`` the run's (its record is checked against it)."""
     from safetensors.torch import save_file
 
     from lora.fsio import atomic_dir, write_json
     from lora.inject import count_parameters
+    from lora.rundir import write_point_record
 
     deltas = delta_weights(model, w0)
     counts = count_parameters(model)
@@ -116,10 +120,11 @@ def write_full_point(final: Path, model: nn.Module, w0: dict[str, Tensor], *, po
     }
     head_tensors = {name: t.detach().to(torch.float32).contiguous() for name, t in model.state_dict().items()
                     if any(name == h or name.startswith(h + ".") or f".{h}." in f".{name}" for h in heads)}
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, overwrite=True) as tmp:  # only a damaged point is there (lora.train.unfinished)
         save_file(deltas, str(tmp / DELTA_NAME), metadata={"format": FORMAT})
         if head_tensors:
             save_file(head_tensors, str(tmp / HEAD_NAME))
         write_json(tmp / DESCRIPTION_NAME, description)
         write_json(tmp / "metrics.json", metrics)
+        write_point_record(tmp, point=point.to_dict(), manifest=manifest)
     return final

@@ -25,23 +25,18 @@ from typing import Any
 
 from lora import rundir
 from lora.fsio import atomic_dir
+from lora.rundir import GRID_ONLY_FIELDS, SNAPSHOTS_FIELD
 
 __all__ = ["GRID_ONLY_FIELDS", "copy_identical_points", "same_training"]
 
-# Config fields that choose which points a run holds, or that touch no LoRA point, not how one is trained.
-GRID_ONLY_FIELDS = ("targets", "ranks", "budget", "seeds", "linear_probe", "method", "full_lr")
-SNAPSHOTS_FIELD, SNAPSHOTS_DIR = "snapshot_steps", "snapshots"
-_MANIFEST_KEYS = ("base_model", "base_fingerprint", "task", "versions", "nested_init", "layout")
+SNAPSHOTS_DIR = "snapshots"
 
 
 def same_training(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
-    """Whether two run manifests train any point they share identically (see the module docstring)."""
-    def settings(m: dict[str, Any]) -> tuple:
-        skip = (*GRID_ONLY_FIELDS, SNAPSHOTS_FIELD)
-        cfg = {k: v for k, v in (m.get("config") or {}).items() if k not in skip}
-        return cfg, tuple(m.get(k) for k in _MANIFEST_KEYS)
-
-    if not isinstance(theirs.get("config"), dict) or settings(ours) != settings(theirs):
+    """Whether two run manifests train any point they share identically (see the module docstring): equal
+    :func:`lora.rundir.training_settings`, which a copied point's ``files.json`` is checked against."""
+    if not isinstance(theirs.get("config"), dict) or \
+            rundir.training_settings(ours) != rundir.training_settings(theirs):
         return False
     wanted = list(ours["config"].get(SNAPSHOTS_FIELD) or ())
     return not wanted or wanted == list(theirs["config"].get(SNAPSHOTS_FIELD) or ())

@@ -16,11 +16,15 @@ With no options it trains the Section 7 grid of Hu et al. (2021) on the embedded
     runs/NAME/<set>_full_s<seed>/   with --method full: full fine-tuning of the same matrices, delta_weights
                                     .safetensors (ΔW = W_ft − W0), full_finetune.json, metrics.json (:mod:`lora.full_ft`)
 
-A grid point is finished iff its directory exists: each is written to a temporary sibling and renamed into
-place once complete (metrics.json included), so ``kill -9`` never leaves a partial adapter and a rerun
-trains exactly the missing points. A point's adapter depends only on its own settings: A's init comes from
-``(seed, module path)`` (nested across ranks), the head init and data order from ``seed``, dropout from
-``(seed, point name)``. So on CPU a point is bitwise reproducible whatever else shares the sweep.
+A grid point is finished iff its directory holds what it was written with: each is written to a temporary
+sibling, ending with ``files.json`` (every file's size and SHA-256, the grid point and the run's training
+settings: :func:`lora.rundir.write_point_record`), and renamed into place once complete, so ``kill -9`` never
+leaves a partial adapter and a rerun trains exactly the missing points. A point damaged since (a file truncated,
+changed or deleted, a snapshot missing or added, a directory of another run) fails
+:func:`lora.rundir.point_problem`: the rerun says so in one ``note:`` line and trains it again, replacing the
+damaged directory only once the new one is complete. A point's adapter depends only on its own settings: A's
+init comes from ``(seed, module path)`` (nested across ranks), the head init and data order from ``seed``,
+dropout from ``(seed, point name)``. So on CPU a point is bitwise reproducible whatever else shares the sweep.
 
 Under ``torchrun --nproc_per_node N -m lora.train ...`` process i trains points ``i::N`` (gloo), and rank 0
 writes the manifest before and the summary after a barrier.
@@ -425,18 +429,50 @@ def _module_key_A(modules: dict[str, Any]) -> dict[str, Tensor]:
     return out
 
 
+def run_manifest(cfg: TrainConfig, out_dir: str | os.PathLike, points: Sequence[GridPoint]) -> dict[str, Any]:
+    """The manifest of the run in ``out_dir`` (what its points are recorded and checked against), or, outside a
+    run directory, the one :func:`build_manifest` gives ``points``."""
+    return rundir.read_manifest(out_dir) or build_manifest(cfg, points, prepare(cfg))
+
+
+def unfinished(out: Path, points: Sequence[GridPoint], manifest: dict[str, Any] | None, *, deep: bool = True,
+               say: bool = False) -> list[GridPoint]:
+    """The ``points`` without a whole directory in ``out``: none yet, or one that fails
+    :func:`lora.rundir.point_problem` against ``manifest``. With ``say``, one ``note:`` line on stderr per damaged
+    point ("...; retraining") and one for the finished points written before records existed (unverified)."""
+    todo, unverified = [], []
+    for p in points:
+        d = out / p.name
+        if not os.path.lexists(d):
+            todo.append(p)
+            continue
+        problem = rundir.point_problem(d, p.to_dict(), manifest, deep=deep)
+        if problem:
+            todo.append(p)
+            if say:
+                print(f"note: {d}: {problem}; retraining", file=sys.stderr)
+        elif not (d / rundir.RECORD).is_file():
+            unverified.append(p.name)
+    if say and unverified:
+        print(f"note: {out}: {len(unverified)} finished point(s) without {rundir.RECORD} (written before points "
+              "recorded their files): checked for whole files, not hashed", file=sys.stderr)
+    return todo
+
+
 def train_point(
     cfg: TrainConfig, point: GridPoint, out_dir: str | os.PathLike, *, progress: bool = False
 ) -> Path:
     """Train one grid point and write its adapter directory ``out_dir / point.name`` atomically.
 
-    Returns the directory; if it already exists the point counts as finished and nothing is trained.
+    Returns the directory. One that exists and passes :func:`lora.rundir.point_problem` counts as finished and
+    nothing is trained; a damaged one is trained again and replaced once the new one is complete.
     """
     final = Path(out_dir) / point.name
-    if final.exists():
+    manifest = run_manifest(cfg, out_dir, [point])
+    if not unfinished(Path(out_dir), [point], manifest):
         return final
     if point.method == "full":
-        return _train_full_point(cfg, point, final, progress=progress)
+        return _train_full_point(cfg, point, final, manifest, progress=progress)
     prep = prepare(cfg)
     model, heads = _fresh_model(cfg, prep, point.seed)
     modules = inject_lora(
@@ -452,11 +488,13 @@ def train_point(
         snaps = SnapshotRecorder(model, cfg.snapshot_steps)
     result = fit(model, cfg, prep, seed=point.seed, point_name=point.name, progress=progress, desc=point.name,
                  on_step=None if snaps is None else snaps.record)
-    _write_point(final, model, point, prep, heads=heads, init_A=init_A, result=result, snapshots=snaps)
+    _write_point(final, model, point, prep, heads=heads, init_A=init_A, result=result, snapshots=snaps,
+                 manifest=manifest)
     return final
 
 
-def _train_full_point(cfg: TrainConfig, point: GridPoint, final: Path, *, progress: bool) -> Path:
+def _train_full_point(cfg: TrainConfig, point: GridPoint, final: Path, manifest: dict[str, Any], *,
+                      progress: bool) -> Path:
     """Full fine-tuning of ``point``'s matrices (:mod:`lora.full_ft`): same head init, data order, steps and
     schedule as the LoRA points of its seed; writes ``final`` atomically."""
     from lora.full_ft import full_param_groups, full_target_paths, write_full_point
@@ -470,16 +508,18 @@ def _train_full_point(cfg: TrainConfig, point: GridPoint, final: Path, *, progre
                  param_groups=groups)
     return write_full_point(final, model, w0, point=point, cfg=cfg, heads=heads, base_name=prep.base_name,
                             fingerprint=prep.fingerprint, task=prep.task.name,
-                            metric=_metric_name(prep.task.kind), result=result)
+                            metric=_metric_name(prep.task.kind), result=result, manifest=manifest)
 
 
 def _write_point(
     final: Path, model: nn.Module, point: GridPoint, prep: Prepared, *, heads: tuple[str, ...],
-    init_A: dict[str, Tensor], result: FitResult, extra_metrics: dict[str, Any] | None = None, snapshots=None,
+    init_A: dict[str, Tensor], result: FitResult, manifest: dict[str, Any],
+    extra_metrics: dict[str, Any] | None = None, snapshots=None,
 ) -> None:
     """Write one trained adapter directory atomically: the adapter (:func:`lora.adapter_io.save_adapter`),
-    ``init.safetensors`` and ``metrics.json``. ``model`` holds this point's LoRA layers alone, with only the LoRA
-    factors and ``heads`` trainable (the parameter counts are read from it)."""
+    ``init.safetensors``, ``metrics.json`` and last the record of them all, ``files.json`` against the run's
+    ``manifest``; a damaged directory there is replaced. ``model`` holds this point's LoRA layers alone, with only
+    the LoRA factors and ``heads`` trainable (the parameter counts are read from it)."""
     from safetensors.torch import save_file
 
     from lora.adapter_io import save_adapter
@@ -507,7 +547,7 @@ def _write_point(
     task_type = "SEQ_CLS" if prep.task.kind == "classification" else "CAUSAL_LM"
     extra = {"lora_toolkit": {"trainer": "lora.train", "weight_set": point.weight_set, "grid_point": point.name,
                               "task": prep.task.name, "labels": list(prep.task.labels)}}
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, overwrite=True) as tmp:  # only a damaged point is there (see unfinished)
         save_adapter(model, tmp, base_model_name_or_path=prep.base_name, seed=point.seed, modules_to_save=heads,
                      task_type=task_type, init_A=init_A, extra_config=extra, overwrite=True)
         if not (tmp / "init.safetensors").exists():
@@ -515,6 +555,7 @@ def _write_point(
         if snapshots is not None:
             snapshots.write(tmp)  # inside the temporary directory: renamed into place with the adapter
         write_json(tmp / "metrics.json", metrics)
+        rundir.write_point_record(tmp, point=point.to_dict(), manifest=manifest)
 
 
 def check_packable(cfg: TrainConfig, points: Sequence[GridPoint], model: nn.Module) -> None:
@@ -570,7 +611,8 @@ def train_pack(
     )
 
     out = Path(out_dir)
-    todo = [p for p in points if not (out / p.name).exists()]
+    manifest = run_manifest(cfg, out, points)
+    todo = unfinished(out, points, manifest)
     if len({p.weight_set for p in points}) > 1:
         raise ValueError(f"a pack holds one weight set, got {sorted({p.weight_set for p in points})}")
     if not todo:
@@ -631,7 +673,7 @@ def train_pack(
         pack_info = {"pack": {"points": names, "index": k, "train_time_s": round(train_time, 3),
                               "base_dropout": base_has_dropout(prep.template)}}
         _write_point(out / p.name, single, p, prep, heads=heads, init_A=init_As[k], result=result,
-                     extra_metrics=pack_info)
+                     manifest=manifest, extra_metrics=pack_info)
     return [out / p.name for p in points]
 
 
@@ -838,7 +880,7 @@ def run_sweep(
             raise UserError(f"--pack-size: must be >= 1, got {pack_size}")
     manifest = build_manifest(cfg, points, prep)
     old = rundir.check_manifest_matches(out, manifest)
-    if out.exists() and (old is None or any(not (out / p.name).is_dir() for p in points)):
+    if out.exists() and (old is None or unfinished(out, points, old, deep=False)):
         check_writable(out, option="--out")  # something will be written (a finished run resumed: nothing)
     with contextlib.ExitStack() as lock:
         _on_rank0(rank, world, lambda: _open_run_dir(out, manifest, lock, points=points, reuse=reuse))
@@ -912,7 +954,7 @@ def _sweep(
     from tqdm.auto import tqdm
 
     mine = points[rank::world]
-    todo = [p for p in mine if not (out / p.name).is_dir()]
+    todo = unfinished(out, mine, rundir.read_manifest(out), say=True)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"grid (rank {rank})" if world > 1 else "grid",
                disable=not progress, dynamic_ncols=True)
     trained = []
@@ -996,9 +1038,12 @@ def ensure_adapters(
     if root.is_file():
         raise UserError(f"{root}: is a file; expected a run directory")
     label = weight_set_label(weight_set)
-    if all((root / f"{label}_r{r}_s{s}").is_dir() for r, s in needed):
-        return root  # fast path: nothing to train, no model to load
     manifest = rundir.read_manifest(root)
+    grid = {e.get("name"): e for e in (manifest or {}).get("grid", []) if isinstance(e, dict)}
+    names = [f"{label}_r{r}_s{s}" for r, s in needed]
+    if all((root / n).is_dir() for n in names) and (manifest is None or all(
+            n in grid and rundir.point_problem(root / n, grid[n], manifest) is None for n in names)):
+        return root  # fast path: nothing to train, no model to load
     if manifest is not None:
         if not isinstance(manifest.get("config"), dict):
             raise UserError(f"{root / rundir.MANIFEST}: not a lora.train manifest (no config object)")
@@ -1024,7 +1069,7 @@ def ensure_adapters(
             f"{sorted({s for _, s in by_key})}; (rank, seed) {absent[0]} is not part of it "
             f"(choose available ones, or pass --runs DIR for another run)"
         )
-    todo = [by_key[k] for k in needed if not (root / by_key[k].name).is_dir()]
+    todo = unfinished(root, [by_key[k] for k in needed], manifest, say=True)
     if not todo:
         return root
     manifest_new = build_manifest(cfg, points, prep)
@@ -1066,8 +1111,11 @@ is drawn row by row from a generator seeded by (seed, module path)); --init-seed
 independently instead.
 
 Rerunning the same command resumes: finished adapters (complete directories; each is renamed into place only
-when complete) are skipped. A run directory with a different config is refused. Several processes share the
-grid under `torchrun --nproc_per_node N -m lora.train ...` (process i takes points i::N).
+when complete, with files.json recording every file's size and SHA-256) are skipped. A point damaged since (a
+file truncated, changed or deleted, a snapshot missing or added, a directory from another run) is trained again,
+with one "note: DIR/POINT: <file> <problem>; retraining" line. A run directory with a different config is
+refused. Several processes share the grid under `torchrun --nproc_per_node N -m lora.train ...` (process i takes
+points i::N).
 
 One trainer per run directory: a trainer holds an exclusive lock on --out (flock on <out>/.lock, which records
 its PID) from the end of its checks until the sweep ends, so a second trainer on the same --out exits 2 with

@@ -78,21 +78,18 @@ class Run:
             table5: also open ``<path>/table5`` where it holds adapters.
 
         Raises:
-            UserError: naming ``path`` if it is missing, a file, empty, unreadable, or holds neither an adapter
-                nor a full fine-tuning directory; naming the file for an invalid manifest or adapter config.
+            UserError: naming ``path`` if it is missing, a file, empty, unreadable, or holds no adapter directory;
+                naming the file for an invalid manifest or adapter config, or for a run that fails
+                :func:`lora.rundir.verify_run` (a damaged point, files the manifest does not list, ...).
         """
         root = Path(path)
         check_run_dir(root, option=option)
         manifest = rundir.read_manifest(root)
+        # verified, not assumed: a damaged point, a snapshot or directory the manifest does not list, a run of
+        # full fine-tuning alone is one line (exit 2); points not trained yet are a note (lora.rundir.verify_run)
+        rundir.verify_run(root, manifest=manifest, table5=False).raise_or_note()
         full_dirs = tuple(find_full_finetunes(root))
-        try:
-            index = index_run(root, manifest=manifest or {})
-        except UserError:
-            if not full_dirs:
-                raise
-            raise UserError(f"{root}: holds only full fine-tuning ({', '.join(p.name for p in full_dirs)}) and no "
-                            "LoRA adapter directory; the analysis compares full fine-tuning with LoRA adapters of the "
-                            "same run, so train LoRA beside it (python -m lora.train --method lora full ...)") from None
+        index = index_run(root, manifest=manifest or {})
         bw = base if isinstance(base, BaseWeights) else BaseWeights(base)
         t5 = None
         sub = root / rundir.TABLE5_SUBDIR
