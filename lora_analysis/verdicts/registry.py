@@ -25,10 +25,11 @@ from typing import Any, Literal
 
 import pandas as pd
 
-__all__ = ["FULL_FINETUNE", "SECTION7", "Claim", "ClaimSpec", "Evidence", "Finding", "Section"]
+__all__ = ["FAILS", "HOLDS", "INCONCLUSIVE", "NOT_MEASURED", "PARTLY", "VERDICTS", "WEAKER", "FULL_FINETUNE", "SECTION7", "Claim", "ClaimSpec", "Evidence", "Finding", "Section"]
 
 HOLDS, PARTLY, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "partly", "does not hold", "inconclusive", "not measured"
-VERDICTS = (HOLDS, PARTLY, FAILS, INCONCLUSIVE, NOT_MEASURED)
+WEAKER = "weaker than the paper"  # a positive claim above its null but below the paper's effect (report format 2)
+VERDICTS = (HOLDS, WEAKER, PARTLY, FAILS, INCONCLUSIVE, NOT_MEASURED)
 
 
 @dataclass(frozen=True)
