@@ -38,21 +38,31 @@ def synthetic_tables(
     v_shared: float = 0.1,
     amp_small: float = 20.0,
     amp_large: float = 2.0,
-    margin: float = 8.0,
+    margin: float | None = None,
+    f: float = 0.05,
+    f_spread: float = 0.1,
+    start_top: float = 1 / D_IN,
+    others: float = 0.0,
     fig8_peak: float = 0.22,
     fig8_scale: float = 1.0,
     rank_effect: float = 0.0,
     best_set: str = "q,v",
+    probe: float = 0.5,
     seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
     """All six tables for a BERT-like model (d = 384) with controllable Section 7 structure.
 
     ``top``: φ(1, 1) of the rank comparison on A; ``noise_scale`` multiplies the random baseline elsewhere;
     ``q_shared`` / ``v_shared``: extra seed-vs-seed overlap on the leading directions of ΔW_q / ΔW_v;
-    ``amp_small`` / ``amp_large``: amplification at the smallest / largest rank; ``margin``: ΔW's projection over
-    the analytic random one (with 10 % spread across seeds); ``fig8_peak``: largest φ(W, ΔW); ``fig8_scale``: ΔW's
+    ``amp_small`` / ``amp_large``: amplification at the smallest / largest rank; ``f``: ΔW's projection as the
+    fraction of the way from a random subspace's (0) to W's own top subspace's (1), with a relative spread
+    ``f_spread`` across rows (the paper: 0.014 at r=4, 0.042 at r=64; the default 0.05 is paper-sized at both);
+    ``margin``: instead of ``f``, ΔW's projection over the analytic random one (10 % spread);
+    ``start_top``: φ(1, 1) the starting points alone give ΔW (the start-only null; nested starts raise it);
+    ``others``: overlap of ΔW's directions after the top one, added to chance; ``fig8_peak``: largest φ(W, ΔW); ``fig8_scale``: ΔW's
     overlap with W's top directions as a multiple of a random A's;
-    ``rank_effect``: accuracy gained per doubling of r; ``best_set``: the best Table 5 weight set.
+    ``rank_effect``: accuracy gained per doubling of r; ``best_set``: the best Table 5 weight set; ``probe``: the
+    frozen linear probe's accuracy (the adapters reach about 0.83).
     """
     rng = np.random.default_rng(seed)
     r_max = max(ranks)
@@ -69,6 +79,12 @@ def synthetic_tables(
                                    lambda i, j: top if i == j == 1 else min(1.0, rand(i, j)))
             phi_rows += _grid_rows({**base, "quantity": "dW"}, r1, r_max,
                                    lambda i, j: top if i == j == 1 else min(1.0, rand(i, j)))
+            phi_rows += _grid_rows({**base, "quantity": "dW-top"}, r1 - 1, r_max - 1,  # directions 2.., top removed
+                                   lambda i, j: min(1.0, rand(i, j) * D_IN / (D_IN - 1) + others))
+            phi_rows += _grid_rows({**base, "quantity": "start_null"}, r1, r_max,
+                                   lambda i, j: start_top if i == j == 1 else max(i, j) / D_IN)
+            phi_rows += _grid_rows({**base, "quantity": "start_null-top"}, r1 - 1, r_max - 1,
+                                   lambda i, j: max(i, j) / (D_IN - 1))
             phi_rows += _grid_rows({**base, "quantity": "A-A_init"}, r1, r_max,
                                    lambda i, j: learned_top if i == j == 1 else min(1.0, rand(i, j)))
             phi_rows += _grid_rows({**base, "quantity": "A_init"}, r1, r_max,
@@ -111,8 +127,12 @@ def synthetic_tables(
         amp = float(np.exp((1 - frac) * np.log(amp_small) + frac * np.log(amp_large)))
         expected = r * 60.0 / D_IN  # k ‖W‖_F / sqrt(d_out d_in), ‖W‖_F = 60, d_out = d_in = 384
         weight = 60.0 * np.sqrt(min(1.0, (r + 8) / 96))  # W's own top-r directions hold most of ‖W‖_F = 60
-        ratio = min(margin, 0.6 * weight / expected) * (1 + 0.1 * rng.standard_normal())  # ΔW's stays below W's
-        delta = ratio * expected
+        if margin is not None:
+            ratio = min(margin, 0.6 * weight / expected) * (1 + 0.1 * rng.standard_normal())  # ΔW's stays below W's
+            delta = ratio * expected
+        else:  # f of the way from the random mean (0.98 × the analytic value) to W's own top subspace
+            delta = 0.98 * expected + f * (1 + f_spread * rng.standard_normal()) * (weight - 0.98 * expected)
+            ratio = delta / expected
         dw = amp * delta
         common = {"module": module_key(layer, wt), "weight_type": wt, "layer": layer, "rank": r, "seed": s}
         t7_rows.append({**common, "d_out": D_IN, "d_in": D_IN, "top": r, "delta": delta, "weight": weight,
@@ -136,7 +156,7 @@ def synthetic_tables(
     n_layers = 6
 
     def point(ws: str, r: int, s: int, acc: float) -> dict:
-        return {"weight_set": ws, "rank": r, "seed": s, "alpha": 8, "val_metric": acc, "metric_name": "accuracy",
+        return {"weight_set": ws, "method": "lora", "rank": r, "seed": s, "alpha": 8, "val_metric": acc, "metric_name": "accuracy",
                 "trainable_params": HEAD_PARAMS + r * len(ws.split(",")) * 2 * D_IN * n_layers, "wall_s": 1.0}
 
     for r, s in itertools.product(sorted(set(ranks) | {4}), seeds):  # r=4: the q,v point of the Table 5 budget
@@ -149,8 +169,8 @@ def synthetic_tables(
             acc = (0.83 if ws == best_set else 0.70) + 0.002 * rng.standard_normal()
             q_rows.append(point(ws, r, s, acc))
     for s in seeds:
-        q_rows.append({"weight_set": "linear probe", "rank": 0, "seed": s, "alpha": 0, "val_metric": 0.5,
-                       "metric_name": "accuracy", "trainable_params": HEAD_PARAMS, "wall_s": 0.1})
+        q_rows.append({"weight_set": "linear probe", "method": "probe", "rank": 0, "seed": s, "alpha": 0,
+                       "metric_name": "accuracy", "trainable_params": HEAD_PARAMS, "wall_s": 0.1, "val_metric": probe})
     quality = pd.DataFrame(q_rows)
     return {"phi": phi, "fig8": fig8, "table7": table7, "spectra": spectra, "singular_values": singular_values,
             "quality": quality}

@@ -23,6 +23,7 @@ from torch import Tensor
 from lora_analysis.metrics.linalg import (
     SVD,
     as_float64_matrix,
+    factored_svd,
     left_singular_vectors,
     orthonormal_basis,
     right_singular_vectors,
@@ -32,6 +33,9 @@ from lora_analysis.metrics.linalg import (
 
 __all__ = [
     "InitControl",
+    "delta_directions",
+    "phi_delta",
+    "start_null",
     "grassmann_distance",
     "init_control",
     "phi_diagonal",
@@ -282,3 +286,49 @@ def init_control(A1: Tensor, A1_init: Tensor, A2: Tensor, A2_init: Tensor, *, si
         phi_learned=subspace_similarity(a1 - a10, a2 - a20, side=side),
         phi_init=subspace_similarity(a10, a20, side=side),
     )
+
+
+# --------------------------------------------------------------------------------------------- φ on ΔW itself
+def delta_directions(A: Tensor, B: Tensor, *, scaling: float = 1.0) -> Tensor:
+    """ΔW = s·B·A's right singular vectors ``(d_in, min(r, d_out, d_in))``, ordered by ΔW's singular values:
+    what B·A learned, not A's own order (which a random start can set). From the factored SVD, never a dense one.
+    """
+    return factored_svd(A, B, scaling=scaling).V
+
+
+def phi_delta(V1: Tensor, V2: Tensor) -> dict[str, Tensor]:
+    """φ between two ΔW's on their own right singular vectors (:func:`delta_directions`), whole and with the top
+    direction removed.
+
+    Returns:
+        ``{"dW": (r_1, r_2) grid, "dW-top": (r_1 − 1, r_2 − 1) grid}``: ``"dW-top"[i-1, j-1]`` is φ between ΔW_1's
+        directions 2..i+1 and ΔW_2's 2..j+1 (claim 2's "the other directions", without direction 1, which every
+        cumulative φ(i, j) contains); absent where either ΔW has a single direction.
+    """
+    out = {"dW": phi_grid(V1, V2)}
+    if V1.shape[1] >= 2 and V2.shape[1] >= 2:
+        out["dW-top"] = phi_grid(V1[:, 1:], V2[:, 1:])
+    return out
+
+
+def start_null(A1_init: Tensor, A2_init: Tensor, *, d_out: int, draws: int, seed: int) -> dict[str, Tensor]:
+    """What the starting points alone give φ on ΔW: the mean over ``draws`` of :func:`phi_delta` for
+    ``ΔW_k = G_k · A_k_init`` with ``G_k`` Gaussian ``(d_out, r_k)``, independent per draw and side.
+
+    ΔW's row space is A's, so with nested starts (``A_8``'s start is the first 8 rows of ``A_64``'s) the two
+    ΔW's share directions before anything is learned: this is the null a rank comparison is read against. With
+    independent starts it is the random-subspace null, max(i, j)/d in expectation.
+
+    Returns:
+        ``{"start_null": (r_1, r_2), "start_null-top": (r_1 − 1, r_2 − 1)}`` (the second as in :func:`phi_delta`).
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    a1, a2 = as_float64_matrix(A1_init, name="A1_init"), as_float64_matrix(A2_init, name="A2_init")
+    total: dict[str, Tensor] = {}
+    for _ in range(draws):
+        g1 = torch.randn(d_out, a1.shape[0], generator=g, dtype=torch.float64)
+        g2 = torch.randn(d_out, a2.shape[0], generator=g, dtype=torch.float64)
+        grids = phi_delta(delta_directions(a1, g1), delta_directions(a2, g2))
+        for k, v in grids.items():
+            total[k] = total[k] + v if k in total else v.clone()
+    return {k.replace("dW", "start_null"): v / draws for k, v in total.items()}

@@ -54,10 +54,13 @@ from lora_analysis.metrics.linalg import (
 from lora_analysis.metrics.projection import table7_rows
 from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
 from lora_analysis.metrics.subspace import (
+    delta_directions,
     init_control,
+    phi_delta,
     phi_grid,
     random_phi_expected,
     random_phi_sampled,
+    start_null,
     subspace_similarity,
 )
 from lora_analysis.tables.select import PAPER_D, PAPER_FIG8_RANKS, nearest_rank, rank_pair
@@ -100,6 +103,8 @@ COLUMNS: dict[str, list[str]] = {
 }
 PAPER_RANK_PAIR = (8, 64)  # Figure 3
 NULL_DRAWS = 32  # random pairs per Table 7 row for the null's spread (the paper shows one draw)
+START_NULL_DRAWS = 16  # random B's per start for the start-only null of φ on ΔW (its mean: sd/4 of one draw)
+PHI_QUANTITIES = ("A", "A-A_init", "A_init", "B", "dW", "dW-top", "start_null", "start_null-top", "expected_random")
 FIG8_FRACTION = 0.1  # Figure 8 shows W's top directions up to about 10 % of d
 
 
@@ -175,12 +180,17 @@ def module_phi_grids(
     trained = bool(f1.B.abs().max() > 0) and bool(f2.B.abs().max() > 0)  # ΔW = 0 at step 0 has no subspace
     if "B" in quantities and trained:
         grids["B"] = subspace_similarity(f1.B, f2.B, side="B")
-    if "dW" in quantities and trained:
+    if {"dW", "dW-top"} & set(quantities) and trained:
         # ΔW's own right singular vectors: ordered by what B·A learned, not by A's singular values, which the
         # random start can set (issue: φ(1,1) near 0 beside high φ(1, j >= 2) is a reordering inside A).
-        v1 = factored_svd(f1.A, f1.B, scaling=f1.scaling).V
-        v2 = factored_svd(f2.A, f2.B, scaling=f2.scaling).V
-        grids["dW"] = phi_grid(v1, v2)
+        on_delta = phi_delta(delta_directions(f1.A, f1.B, scaling=f1.scaling),
+                             delta_directions(f2.A, f2.B, scaling=f2.scaling))
+        grids.update({q: g for q, g in on_delta.items() if q in quantities})
+    if {"start_null", "start_null-top"} & set(quantities) and init1 is not None and init2 is not None:
+        # what the starts alone give φ on ΔW (nested starts share rows): the null claims 1 and 2 are read against
+        null = start_null(init1, init2, d_out=int(f1.B.shape[0]), draws=START_NULL_DRAWS,
+                          seed=module_seed(key, 7919 * f1.rank + f2.rank))
+        grids.update({q: g for q, g in null.items() if q in quantities})
     if "expected_random" in quantities:
         grids["expected_random"] = random_phi_expected(f1.rank, f2.rank, d=int(f1.A.shape[1]))
     return grids
@@ -192,7 +202,7 @@ def phi_table(
     *,
     comparison: str,
     keys: Iterable[str] | None = None,
-    quantities: Sequence[str] = ("A", "A-A_init", "A_init", "B", "dW", "expected_random"),
+    quantities: Sequence[str] = PHI_QUANTITIES,
     workers: int | None = None,
 ) -> pd.DataFrame:
     """φ grids between two adapters for every module they share (Section 7.2, Figures 3, 4, 6, 7).
@@ -201,7 +211,10 @@ def phi_table(
     ``"A_init"`` between the starting points (both need ``init.safetensors`` in the two adapters; skipped for a
     module where either is missing or nothing was learned); ``"B"`` on B's left singular vectors (footnote 7;
     skipped where a B is still zero); ``"dW"`` on ΔW = s·B·A's own right singular vectors (ordered by what was
-    learned; skipped where a B is zero); ``"expected_random"`` the analytic ``max(i, j)/d_in``.
+    learned; skipped where a B is zero); ``"dW-top"`` the same without ΔW's top direction (``i`` counts
+    directions 2..i+1; claim 2); ``"start_null"`` and ``"start_null-top"`` what the starting points alone give
+    those two (:func:`~lora_analysis.metrics.subspace.start_null`, needs ``init.safetensors``); and
+    ``"expected_random"`` the analytic ``max(i, j)/d_in``.
 
     Args:
         a1, a2: the adapters; rows have ``r1 = a1``'s module rank, ``r2 = a2``'s.
@@ -532,7 +545,7 @@ def analyse_run(
       largest rank (Figure 4; the empirical null of independent replicates); and the random Gaussian baseline.
       Adapters that record no seed (peft's) are replicates 0, 1, ... of their rank in name order (a note says so).
     * ``table7``, ``spectra``, ``singular_values``: every adapter; ``dora``: every DoRA adapter.
-    * ``fig8``: the ranks nearest 4, 8 and 64 at the first seed, with a random A of each rank.
+    * ``fig8``: the ranks nearest 4, 8 and 64 at every seed, with a random A of each rank.
     * ``quality``: :func:`quality_table`.
 
     Args:
@@ -631,11 +644,11 @@ def _section7_tables(run: Run, adapters: dict[tuple[int, int], LoadedAdapter], *
         a1 = adapters[(r_max, seeds_at_max[0])]
         out["phi"].append(random_phi_table(a1, r1=r_max, r2=r_max, keys=keys_of(a1), seed=1))
     bar.update(1)
-    s0 = present_s[0]
-    for r in sorted({nearest_rank(present_r, r) for r in fig8_ranks}):
-        a = adapters.get((r, s0))
-        if a is not None:
-            out["fig8"].append(fig8_table(a, bw, keys=keys_of(a)))
+    for r in sorted({nearest_rank(present_r, r) for r in fig8_ranks}):  # every seed: claim 6's unit is the run
+        for s in present_s:
+            a = adapters.get((r, s))
+            if a is not None:
+                out["fig8"].append(fig8_table(a, bw, keys=keys_of(a)))
     bar.update(1)
     bar.close()
     tables = {name: concat_table(name, frames) for name, frames in out.items() if name != "quality"}

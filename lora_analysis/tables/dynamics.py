@@ -55,11 +55,12 @@ def step_tables(adapters: Mapping[tuple[int, int], LoadedAdapter], base: BaseWei
                 ranks_compared: tuple[int, int] = PAPER_RANK_PAIR) -> dict[str, pd.DataFrame]:
     """The ``phi``, ``table7`` and ``spectra`` tables of one step's adapters (``{(rank, seed): adapter}``).
 
-    φ uses the quantities ``A``, ``dW`` and ``expected_random``; Table 7 and the spectra skip adapters whose ΔW
+    φ uses the quantities ``A``, ``dW`` (whole and without its top direction), the start-only null and
+    ``expected_random``; Table 7 and the spectra skip adapters whose ΔW
     is still 0 (step 0). ``base`` may be ``None`` (no Table 7).
     """
     out: dict[str, list[pd.DataFrame]] = {"phi": [], "table7": [], "spectra": []}
-    quantities = ("A", "dW", "expected_random")
+    quantities = ("A", "dW", "dW-top", "start_null", "start_null-top", "expected_random")
     present_r = sorted({r for r, _ in adapters})
     present_s = sorted({s for _, s in adapters})
     if len(present_r) >= 2:

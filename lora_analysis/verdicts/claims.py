@@ -1,62 +1,58 @@
 """Each claim of Section 7 (Hu et al., 2021), judged from the tidy tables against a null that can fail.
 
-A verdict is one of ``holds``, ``partly``, ``does not hold``, ``inconclusive`` (the interval cannot separate the
-outcomes: the rule says which way it leans and why) or ``not measured`` (the run lacks the rows, e.g. one seed or
-no training metrics). Every claim records:
+A verdict is ``holds``, ``weaker than the paper`` (a positive claim above its null but smaller than the paper's
+effect), ``partly``, ``does not hold``, ``inconclusive`` (the interval cannot separate the outcomes) or ``not
+measured`` (the run lacks the rows: one rank, ΔW = 0 at step 0, no training metrics). Every rule, threshold and
+primary rank pair is read from ``preregistration.toml`` beside this module (written after the first rounds of
+results, before the default run was judged by it; see its header).
 
-* **measures**: the statistic, its interval and the counts behind it, pooled over *all* layers × seeds × weight
-  types the run has (the middle layer alone is a detail, not the evidence);
-* **null**: the random baseline the statistic must beat, analytic and, where one exists, empirical;
-* **rule**: thresholds applied to the interval, never to a point estimate;
-* **quantity**: which φ it used. φ is computed on ΔW = s·B·A's own right singular vectors (``dW``), ordered by
-  what was learned: A's own singular order can be set by its random start. φ on A (the paper's), on A − A_init
-  and between the starts A_init are reported beside it.
+Every claim records:
 
-Intervals (:mod:`lora_analysis.tables.aggregate`): an exact Clopper–Pearson interval for a proportion "k of n",
-otherwise a percentile bootstrap that resamples whole seeds (layers of one seed share a training run), or layers
-where a run has one seed.
+* **interval**: the training run (seed) is the unit of replication. A t-interval on the per-seed means of the
+  statistic (averaged over layers × weight types within a seed), with its coverage *simulated for the run's own
+  design* from the variance components of the data (:mod:`lora_analysis.verdicts.inference`); claim 3 compares
+  seeds in pairs, so its interval is a delete-one-seed jackknife, its coverage simulated likewise. The percentile
+  bootstrap over 3 seeds these rules used before covered 75 %.
+* **power**: the probability that its rule returns its verdict at this design when the effect is the paper's
+  (positive claims) or a stated departure (negative and equivalence claims).
+* **null**: what the statistic must beat. For the rank comparisons (claims 1, 2) it is what the recorded starting
+  points alone give φ on ΔW (random B on A_init: nested starts share rows, and ΔW's row space is A's), else
+  random subspaces.
 
-The rules (thresholds are module constants, printed in the report beside each claim):
+The rules, in short (the file has them verbatim):
 
-1. ``top_direction_shared`` (Figure 3): the fraction of (module, seed) pairs with φ_dW(A_{r_small}, A_{r_large},
-   1, 1) > 0.5. holds: its 95 % interval lies above 1/2 (most pairs share it); does not hold: below 1/2.
-   Null: E φ(1, 1) = 1/d for random directions; empirically, pairs of independent seeds.
-2. ``other_directions_noise`` (Figure 3): mean φ_dW(i, j) over 2 ≤ i, j ≤ r_small divided by the random baseline
-   max(i, j)/d, per pair. holds: the interval lies within ``NOISE_RATIO`` (2) × chance; does not hold: above it.
-3. ``q_higher_rank_than_v`` (Figure 4): per layer and seed pair at r_large, the directions ΔW_q shares across
-   seeds above chance (k·φ(k, k) − k²/d, k = ``SHARED_K``) minus ΔW_v's. holds: interval above 0; does not hold:
-   below 0. Null: 0, no difference.
-4. ``amplification`` (Table 7): at r_small (nearest the paper's 4), the margin ‖UᵀWV‖_F / E_random and the
-   amplification ‖ΔW‖_F / ‖UᵀWV‖_F. holds: margin interval above ``MARGIN`` (2) and amplification above 1;
-   does not hold: margin interval below ``MARGIN``: ΔW is not aligned with W well above chance, so the factor
-   says nothing W-specific (a same-norm ΔW in a random subspace has a *larger* one). That the factor falls with
-   r is geometry for any ΔW: reported, not judged.
-5. ``projection_above_random`` (Table 7): random < ΔW < W, with "above random" meaning a margin interval above
-   ``MARGIN`` at r_small and at r_large. holds: both; partly: one, the other below; does not hold: both below.
-6. ``w_top_not_amplified`` (Figure 8): mean φ(W's top-i, ΔW's top-j) over the grid divided by the same for a
-   random A of the same rank. holds: interval within ``FIG8_RATIO`` (2) × random; does not hold: above. This is
-   a negative claim: a ΔW unrelated to W passes it, and ΔW planted on W's top directions fails it.
-7. ``quality_flat_in_rank`` (Table 6): the slope of the validation metric per doubling of r (least squares over
-   every rank and seed). holds: its interval lies within ±``FLAT_SLOPE``; does not hold: outside it.
-8. ``budget_best_sets`` (Table 5): how often {W_q, W_v} or all four is the best set when the seeds are
-   resampled. holds: ≥ 95 %; does not hold: ≤ 5 %. Null: 2 of the n sets by chance.
+1. ``top_direction_shared``: mean φ_dW(1, 1) above 0.5 *and* above what the starts give.
+2. ``other_directions_noise``: the directions after the top one, the top one removed from both subspaces, within
+   2× their null (cumulative φ over 2..r contains direction 1, so the former statistic could not hold beside 1).
+3. ``q_higher_rank_than_v``: ΔW_q's directions shared across seeds above chance minus ΔW_v's, above 0.
+4. ``amplification`` and 5. ``projection_above_random``: two questions on f, the fraction of the way from a random
+   subspace's projection (0) to W's own top subspace's (1): above the null? as large as the paper (0.014 at
+   r = 4, 0.042 at r = 64)? f above ``f_max`` is ΔW on W's own top directions: does not hold.
+6. ``w_top_not_amplified``: Figure 8's overlap, every seed, within 2× a random A's.
+7. ``quality_flat_in_rank``: an equivalence test on the per-seed slope per doubling of r, only for adapters that
+   beat the frozen linear probe.
+8. ``budget_best_sets``: pairwise per-seed differences; ties are ties.
 
-Claims 1, 2, 4 and 5 are also judged at the ranks nearest the paper's r/d (4, 8, 64 of d = 12,288), reported
-under ``measures["at_scaled_ranks"]``: on a d = 384 model r = 64 spans 1/6 of the space and has no counterpart
-in the paper.
+Claims 1, 2, 4 and 5 are also judged at the ranks nearest the paper's r/d (exploratory), under
+``measures["at_scaled_ranks"]``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import nct as nct_dist
+from scipy.stats import t as t_dist
 
-from lora_analysis.tables.aggregate import Interval, binomial_ci, bootstrap_ci, table5_rows, table6_rows
+from lora.errors import UserError
+from lora_analysis.tables.aggregate import Interval, table5_rows, table6_rows
 from lora_analysis.tables.select import (
     PAPER_D,
     PAPER_RANK_LARGE,
@@ -67,6 +63,24 @@ from lora_analysis.tables.select import (
     nearest_rank,
     rows_where,
 )
+from lora_analysis.verdicts.inference import INCONCLUSIVE as INCONCLUSIVE_Q
+from lora_analysis.verdicts.inference import (
+    MODEST,
+    NOISE,
+    PAPER_SIZED,
+    W_ALIGNED,
+    CalibratedInterval,
+    Components,
+    Intervals,
+    calibrated_interval,
+    geo_mean,
+    holm,
+    p_value_seed_means,
+    simulate_power,
+    t_interval_seed_means,
+    two_question,
+    variance_components,
+)
 from lora_analysis.verdicts.registry import (
     FAILS,
     HOLDS,
@@ -75,6 +89,7 @@ from lora_analysis.verdicts.registry import (
     PARTLY,
     SECTION7,
     VERDICTS,
+    WEAKER,
     Claim,
     Evidence,
     Finding,
@@ -95,14 +110,26 @@ __all__ = [
 ]
 
 
-LEVEL = 0.95  # every interval is two-sided 95 %
-TOP_SHARED = 0.5  # Figure 3: "the top singular vector overlap significantly ... φ > 0.5"
-NOISE_RATIO = 2.0  # "looks like noise": within 2× the random baseline
+def _preregistration() -> dict[str, Any]:
+    """The pre-registered rules (``preregistration.toml`` beside this module): every threshold the claims use."""
+    from importlib.resources import files
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(files("lora_analysis.verdicts").joinpath("preregistration.toml").read_text("utf-8"))
+
+
+PRE = _preregistration()
+LEVEL = PRE["level"]  # every interval is two-sided 95 %
+TOP_SHARED = PRE["top_direction_shared"]["threshold"]  # Figure 3: "the top singular vector overlap ... φ > 0.5"
+NOISE_RATIO = PRE["other_directions_noise"]["threshold"]  # "looks like noise": within 2× the null
 SHARED_K = 8  # Figure 4: the leading directions "more common directions" refers to
-MARGIN = 2.0  # "well above random": ΔW's projection at least 2× a random subspace's (paper: 16× and 5.8×)
-FIG8_RATIO = 2.0  # "barely overlap": within 2× a random A's overlap with W's top directions
-FLAT_SLOPE = 0.005  # "flat": under half a point of accuracy per doubling of r (paper: 73.4 -> 73.5 over 6 doublings)
-BEST_PROB = 0.95  # Table 5: the best set is {q,v} or {q,k,v,o} in >= 95 % of seed resamples
+MARGIN = 2.0  # full fine-tuning's F2: LoRA's φ with full fine-tuning's subspace at least 2× chance
+FIG8_RATIO = PRE["w_top_not_amplified"]["threshold"]  # "barely overlap": within 2× a random A's overlap
+FLAT_SLOPE = PRE["quality_flat_in_rank"]["threshold"]  # "flat": under half a point of accuracy per doubling of r
+F_MAX = PRE["amplification"]["f_max"]  # ΔW's projection "well below" W's own top subspace (f = 1)
 TABLE5_BEST = ("q,v", "q,k,v,o")
 
 @dataclass(frozen=True)
@@ -158,25 +185,6 @@ def within(interval: Interval, bound: float) -> str:
     return INCONCLUSIVE
 
 
-def _units(frame: pd.DataFrame, seed_col: str = "seed", fallback: str = "module") -> tuple[np.ndarray, str]:
-    """Resampling units: seeds when there are two or more, else ``fallback`` (modules or layers)."""
-    seeds = frame[seed_col].to_numpy()
-    if len(set(seeds.tolist())) >= 2:
-        return seeds, "seeds"
-    return frame[fallback].to_numpy(), f"{fallback}s (one seed)"
-
-
-def seed_bootstrap_ci(values, frame: pd.DataFrame, *, statistic: Callable = np.mean, seed_col: str = "seed",
-        fallback: str = "module") -> Interval:
-    units, what = _units(frame, seed_col, fallback)
-    iv = bootstrap_ci(np.asarray(values, dtype=np.float64), units=units, statistic=statistic, level=LEVEL)
-    return Interval(iv.estimate, iv.lo, iv.hi, iv.level, f"{iv.method} (resampling {what})")
-
-
-def _geo_mean(x: np.ndarray) -> float:
-    return float(np.exp(np.mean(np.log(x))))
-
-
 def _not_measured(rule: str, why: str) -> Finding:
     return Finding.not_measured(rule, why)
 
@@ -206,94 +214,261 @@ def _d_of(phi: pd.DataFrame | None, t7: pd.DataFrame | None) -> int | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------- seeds as units
+def _cube(frame: pd.DataFrame, value: str, *, seed: str = "seed") -> np.ndarray:
+    """``frame[value]`` as an ``(S, L, M)`` array (seeds, layers, weight types; the mean where several rows share a
+    cell, NaN where none): the shape :mod:`lora_analysis.verdicts.inference` takes, the seed its unit."""
+    g = frame.groupby([seed, "layer", "weight_type"])[value].mean()
+    seeds, layers, types = (sorted(set(g.index.get_level_values(i))) for i in range(3))
+    cube = np.full((len(seeds), len(layers), len(types)), np.nan)
+    for (s, lay, wt), v in g.items():
+        cube[seeds.index(s), layers.index(lay), types.index(wt)] = v
+    return cube
+
+
+def _components(cube: np.ndarray) -> Components:
+    """The variance components of ``cube`` (:func:`~lora_analysis.verdicts.inference.variance_components`); under
+    two seeds, layers or weight types, a seed and a residual term from the seed means and the cells around them."""
+    try:
+        return variance_components(cube)
+    except UserError:
+        means = np.nanmean(cube, axis=(1, 2))
+        within = float(np.nanvar(cube - means[:, None, None])) if np.isfinite(cube).sum() > len(means) else 0.0
+        between = float(np.nanvar(means, ddof=1)) if np.isfinite(means).sum() >= 2 else 0.0
+        per_seed = max(1, int(np.isfinite(cube[0]).sum()))
+        return Components(seed=max(between - within / per_seed, 0.0), residual=max(within, 1e-30))
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A statistic measured over seeds: its interval (with simulated coverage), the data and the components the
+    power simulation draws from."""
+
+    interval: CalibratedInterval
+    cube: np.ndarray
+    components: Components
+
+    def power(self, rule: Callable[[Intervals], np.ndarray], effect: float, what: str,
+              outcome: str | bool = True) -> dict[str, Any]:
+        """P(``rule`` returns ``outcome``) when the true mean is ``effect``, at this design (``report.json``'s
+        ``power``)."""
+        if np.isfinite(self.cube).any(axis=(1, 2)).sum() < 2:
+            return {"value": None, "at": what, "why": "one seed: no interval, no power"}
+        sim = simulate_power(rule, effect, self.cube.shape, self.components, outcome=outcome, reps=PRE["reps"],
+                             rng_seed=1, present=np.isfinite(self.cube))
+        return {"value": sim.rate, "lo": sim.lo, "hi": sim.hi, "at": what}
+
+
+def seed_stat(frame: pd.DataFrame, value: str) -> Stat:
+    """:func:`_stat` of ``frame[value]`` (columns seed, layer, weight_type): the interval over seeds of a tidy
+    table's statistic, for the other verdict modules."""
+    return _stat(_cube(frame, value))
+
+
+def _stat(cube: np.ndarray) -> Stat:
+    comps = _components(cube)
+    if np.isfinite(cube).any(axis=(1, 2)).sum() < 2:
+        return Stat(t_interval_seed_means(cube, level=LEVEL), cube, comps)
+    iv, _ = calibrated_interval(cube, "t_seed_means", level=LEVEL, reps=PRE["reps"], rng_seed=0, components=comps)
+    return Stat(iv, cube, comps)
+
+
+def _interval_dict(iv: Interval) -> dict[str, Any]:
+    """``{"lo", "hi", "level", "method", "coverage", "estimate"}``: report.json's ``interval``."""
+    d = iv.as_dict()
+    return {"lo": d["lo"], "hi": d["hi"], "level": d["level"], "method": d["method"],
+            "coverage": d.get("coverage"), "estimate": d["estimate"]}
+
+
+def _p_greater(cube: np.ndarray, null: float) -> float:
+    return p_value_seed_means(cube, null, alternative="greater")
+
+
+def finding(ours: str, verdict: str, rule: str, null: str, quantity: str, measures: dict, details=(), *,
+             stat: Stat | None = None, power: Mapping[str, Any] | None = None, p: float | None = None) -> Finding:
+    """A measured claim: ``stat``'s interval and the power go into ``measures`` (report.json's ``interval`` and
+    ``power``) and into a detail line; ``p`` is the primary p-value (Holm-adjusted with the others)."""
+    extra: dict[str, Any] = {}
+    lines = list(details)
+    if stat is not None:
+        extra["interval"] = _interval_dict(stat.interval)
+        cov = stat.interval.coverage
+        lines.append(f"interval: {stat.interval.method}; simulated coverage at this design "
+                     f"{'n/a' if cov is None else f'{cov:.3f}'} (nominal {LEVEL:.2f})")
+    if power is not None:
+        extra["power"] = dict(power)
+        v = power.get("value")
+        low = v is not None and v < PRE["low_power"]
+        lines.append(f"power: {'n/a' if v is None else f'{v:.2f}'} ({power['at']})"
+                     + (" — LOW: this design cannot reliably detect it" if low else ""))
+    if p is not None:
+        extra["p_value"] = p
+    return Finding(ours, verdict, rule, null, quantity, {**measures, **extra}, tuple(lines))
+
+
+def _iv_text(iv: Interval, fmt: str = ".3f") -> str:
+    return f"{fmt_number(iv.estimate, fmt)} [{fmt_number(iv.lo, fmt)}, {fmt_number(iv.hi, fmt)}]"
+
+
 # --------------------------------------------------------------------------------------------- φ claims
+def _rank_block(phi: pd.DataFrame | None, r1: int, r2: int) -> tuple[pd.DataFrame | None, str | None]:
+    """The rank comparison rows, or the reason they cannot be judged: none, or ΔW = 0 (no ``dW`` rows: B = 0,
+    e.g. at step 0, where ΔW has no subspace; φ on A is reported beside, never judged in its place)."""
+    rows = _rank_rows(phi, r1, r2) if not no_rows(phi) else None
+    if no_rows(rows):
+        return None, f"no rank comparison r={r1} vs r={r2} (needs two ranks at one seed)"
+    if not len(rows_where(rows, quantity="dW")):
+        return None, "ΔW = 0 (B = 0, e.g. at step 0): ΔW has no subspace to compare"
+    return rows, None
+
+
+def _cells(rows: pd.DataFrame, quantity: str, i: int | None = None, j: int | None = None) -> pd.DataFrame:
+    sub = rows_where(rows, quantity=quantity)
+    if i is not None:
+        sub = sub[(sub["i"] == i) & (sub["j"] == j)]
+    return sub.rename(columns={"seed1": "seed"})
+
+
 @SECTION7.claim(
     "top_direction_shared", title="The top singular direction is shared between a small and a large rank",
     paper="φ(A_8, A_64, 1, 1) > 0.5 for ΔW_q and ΔW_v (layer 48 of 96, GPT-3 175B)",
     figures=("figure3", "figure6", "init_control"), snapshot=True, ranks="phi")
 def _top(ev: Evidence) -> Finding:
-    phi, (r1, r2) = ev.get("phi"), ev.phi_pair
-    rule = (f"fraction of (module, seed) pairs with φ(1, 1) > {TOP_SHARED}: holds if its {LEVEL:.0%} exact interval "
-            f"lies above {TOP_SHARED}, does not hold if below, else inconclusive")
-    rows = _rank_rows(phi, r1, r2) if not no_rows(phi) else None
-    if no_rows(rows):
-        return _not_measured(rule, f"no rank comparison r={r1} vs r={r2} (needs two ranks at one seed)")
-    quantity = _phi_quantity(rows)
-    first = rows[(rows["i"] == 1) & (rows["j"] == 1)]
-    per = rows_where(first, quantity=quantity)
-    k, n = int((per["phi"] > TOP_SHARED).sum()), len(per)
-    ci = binomial_ci(k, n, level=LEVEL)
-    verdict = three_way(ci, TOP_SHARED)
-    d = int(round(1 / float(rows_where(first, quantity="expected_random")["phi"].iloc[0]))) if len(
-        rows_where(first, quantity="expected_random")) else None
-    measures: dict[str, Any] = {"ranks": [r1, r2], "quantity": quantity, "pairs": n, "shared": k,
-                                "fraction": ci.as_dict(), "mean_phi11": float(per["phi"].mean()),
-                                "random_expected_phi11": None if d is None else 1 / d}
-    details = []
-    for wt in sorted(set(per["weight_type"])):
-        sub = rows_where(per, weight_type=wt)
-        kk = int((sub["phi"] > TOP_SHARED).sum())
-        iv = binomial_ci(kk, len(sub), level=LEVEL)
-        measures[f"fraction_{wt}"] = iv.as_dict()
-        details.append(f"ΔW_{wt}: φ(1,1) > {TOP_SHARED} in {kk} of {len(sub)} pairs [{fmt_number(iv.lo, '.2f')}, "
-                       f"{fmt_number(iv.hi, '.2f')}]; mean φ(1,1) {fmt_number(float(sub['phi'].mean()))}")
+    (r1, r2), pre = ev.phi_pair, PRE["top_direction_shared"]
+    thr = pre["threshold"]
+    rule = (f"mean φ_dW(1, 1) over layers and weight types, per seed: holds if its {LEVEL:.0%} interval lies above "
+            f"{thr:g} and the interval of φ(1, 1) minus the null lies above 0; does not hold if the first lies "
+            f"below {thr:g}, or the second is not above 0 and lies below 0.1 (the start explains it); else "
+            "inconclusive. Null: what the recorded starts alone give (random B on A_init), else 1/d")
+    rows, why = _rank_block(ev.get("phi"), r1, r2)
+    if rows is None:
+        return _not_measured(rule, why)
+    cells = _cells(rows, "dW", 1, 1)
+    null_cells = _cells(rows, "start_null", 1, 1)
+    key = ["module", "seed"]
+    frame = cells[[*key, "layer", "weight_type", "phi"]].copy()
+    if len(null_cells):
+        frame = frame.merge(null_cells[[*key, "phi"]].rename(columns={"phi": "null"}), on=key, how="left")
+        null_text = "the starts alone (random B on the recorded A_init; nested starts share rows)"
+    else:
+        frame["null"] = 1.0 / ev.d if ev.d else np.nan
+        null_text = f"two random directions: E φ(1, 1) = 1/d = {fmt_number(1 / ev.d if ev.d else None, '.4f')}"
+    frame["excess"] = frame["phi"] - frame["null"]
+    phi_s, excess_s = _stat(_cube(frame, "phi")), _stat(_cube(frame, "excess"))
+    a, b = phi_s.interval, excess_s.interval
+    if _no_spread(a):
+        verdict = INCONCLUSIVE
+    elif a.lo > thr and b.lo > 0:
+        verdict = HOLDS
+    elif a.hi < thr or (b.lo <= 0 and b.hi < 0.1):
+        verdict = FAILS
+    else:
+        verdict = INCONCLUSIVE
+    power = phi_s.power(lambda iv: iv.lo > thr, pre["paper_effect"],
+                        f"P(interval above {thr:g}) at a true mean φ(1, 1) of {pre['paper_effect']:g}")
+    measures: dict[str, Any] = {"ranks": [r1, r2], "quantity": "dW", "mean_phi11": a.as_dict(),
+                                "null_phi11": float(frame["null"].mean()), "excess_over_null": b.as_dict(),
+                                "pairs": int(len(frame)), "shared": int((frame["phi"] > thr).sum())}
+    details = [f"φ_dW(1,1) − null: {_iv_text(b)} (null mean {fmt_number(float(frame['null'].mean()))})"]
+    for wt, sub in frame.groupby("weight_type"):
+        details.append(f"ΔW_{wt}: mean φ(1,1) {fmt_number(float(sub['phi'].mean()))}; > {thr:g} in "
+                       f"{int((sub['phi'] > thr).sum())} of {len(sub)} (layer, seed) cells (exploratory)")
     for q in ("A", "A-A_init", "A_init"):
-        other = rows_where(first, quantity=q)
-        if len(other) and q != quantity:
-            kk = int((other["phi"] > TOP_SHARED).sum())
-            measures[f"shared_on_{q}"] = [kk, len(other)]
-            details.append(f"on {q}: > {TOP_SHARED} in {kk} of {len(other)} pairs, mean φ(1,1) "
-                           f"{fmt_number(float(other['phi'].mean()))}" + (" (the starting points alone)" if q == "A_init" else ""))
-    seeds = rows_where(phi, comparison="seed", quantity=quantity)
-    seeds = seeds[(seeds["i"] == 1) & (seeds["j"] == 1)]
+        other = _cells(rows, q, 1, 1)
+        if len(other):
+            measures[f"mean_phi11_on_{q}"] = float(other["phi"].mean())
+            details.append(f"on {q}: mean φ(1,1) {fmt_number(float(other['phi'].mean()))}"
+                           + (" (the starting points alone)" if q == "A_init" else ""))
+    seeds = _cells(rows_where(ev.get("phi"), comparison="seed"), "dW", 1, 1)
     if len(seeds):
-        ks = int((seeds["phi"] > TOP_SHARED).sum())
-        measures["independent_seeds"] = [ks, len(seeds)]
-        details.append(f"empirical null, independent seeds at r={int(seeds['r1'].max())} (they share only the task): "
-                       f"> {TOP_SHARED} in {ks} of {len(seeds)} pairs")
-    null = (f"two random directions in dimension d give E φ(1,1) = 1/d = {fmt_number(None if d is None else 1 / d, '.4f')}; "
-            "independent seeds (sharing only the task) give the empirical null")
-    ours = (f"φ_{quantity}(1,1) > {TOP_SHARED} in {k} of {n} (module, seed) pairs at r={r1} vs r={r2} "
-            f"[{LEVEL:.0%} CI {fmt_number(ci.lo, '.2f')}–{fmt_number(ci.hi, '.2f')}]")
-    return _claim(ours, verdict, rule, null, quantity, measures, details)
+        measures["independent_seeds_mean_phi11"] = float(seeds["phi"].mean())
+        details.append(f"independent seeds at r={int(seeds['r1'].max())} (they share only the task): mean "
+                       f"φ(1,1) {fmt_number(float(seeds['phi'].mean()))}")
+    ours = (f"mean φ_dW(1,1) at r={r1} vs r={r2}: {_iv_text(a)}; above the null by {_iv_text(b)}")
+    return finding(ours, verdict, rule, null_text, "dW", measures, details, stat=phi_s, power=power,
+                    p=_p_greater(phi_s.cube, thr))
 
 
 @SECTION7.claim(
     "other_directions_noise", title="Directions other than the top one look like random noise",
     paper="the other directions look like noise (Figure 3)", figures=("figure3",), snapshot=True, ranks="phi")
 def _noise(ev: Evidence) -> Finding:
-    phi, (r1, r2) = ev.get("phi"), ev.phi_pair
-    rule = (f"mean φ(i, j) over 2 ≤ i, j ≤ r_small divided by the random baseline max(i, j)/d, per (module, seed): "
-            f"holds if the mean's {LEVEL:.0%} interval lies within {NOISE_RATIO:g}× chance, does not hold if above")
-    rows = _rank_rows(phi, r1, r2) if not no_rows(phi) else None
-    if no_rows(rows):
-        return _not_measured(rule, f"no rank comparison r={r1} vs r={r2}")
+    (r1, r2), pre = ev.phi_pair, PRE["other_directions_noise"]
+    thr = pre["threshold"]
+    rule = (f"φ between ΔW's directions after the top one (the top one removed from both), mean over "
+            f"1 ≤ i, j ≤ r_small − 1 of φ(i, j) / null(i, j), per seed: holds if its {LEVEL:.0%} interval lies "
+            f"within {thr:g}× the null, does not hold if above, else inconclusive. Null: what the recorded starts "
+            "alone give, else max(i, j)/(d − 1)")
+    rows, why = _rank_block(ev.get("phi"), r1, r2)
+    if rows is None:
+        return _not_measured(rule, why)
     if r1 < 2:
         return _not_measured(rule, f"r_small = {r1} has no direction after the first")
-    quantity = _phi_quantity(rows)
-    block = rows[(rows["i"] >= 2) & (rows["i"] <= r1) & (rows["j"] >= 2) & (rows["j"] <= r1)]
-    obs = rows_where(block, quantity=quantity).groupby(["module", "seed1"])["phi"].mean()
-    base = rows_where(block, quantity="expected_random").groupby(["module", "seed1"])["phi"].mean()
-    ratio = (obs / base).dropna().rename("ratio").reset_index().rename(columns={"seed1": "seed"})
-    if len(ratio) == 0:
-        return _not_measured(rule, "no random baseline rows")
-    ci = seed_bootstrap_ci(ratio["ratio"], ratio)
-    verdict = three_way(ci, NOISE_RATIO, holds_above=False)
-    wt_of = dict(zip(rows["module"], rows["weight_type"], strict=False))
-    details = []
-    measures: dict[str, Any] = {"ranks": [r1, r2], "quantity": quantity, "ratio_to_random": ci.as_dict(),
-                                "pairs": len(ratio)}
-    for wt in sorted({wt_of[m] for m in ratio["module"]}):
-        sub = ratio[ratio["module"].map(wt_of) == wt]
-        iv = seed_bootstrap_ci(sub["ratio"], sub)
-        measures[f"ratio_{wt}"] = iv.as_dict()
-        details.append(f"ΔW_{wt}: {iv.text('.2f')}× the random baseline")
-    learned = rows_where(block, quantity="A").groupby(["module", "seed1"])["phi"].mean()
-    if quantity != "A" and len(learned):
-        details.append(f"on A (the paper's): {fmt_number(float((learned / base).mean()), '.2f')}× random")
-    null = "two random subspaces give E φ(i, j) = max(i, j)/d (analytic); the ratio is 1 for noise"
-    ours = f"φ_{quantity} over 2..{r1} at r={r1} vs r={r2}: {ci.text('.2f')}× the random baseline"
-    return _claim(ours, verdict, rule, null, quantity, measures, details)
+    obs = _cells(rows, "dW-top")
+    obs = obs[(obs["i"] <= r1 - 1) & (obs["j"] <= r1 - 1)]
+    key = ["module", "seed", "i", "j"]
+    nul = _cells(rows, "start_null-top")
+    if len(nul):
+        frame = obs.merge(nul[key + ["phi"]].rename(columns={"phi": "null"}), on=key, how="inner")
+        null_text = "what the starts alone give the same directions (random B on the recorded A_init)"
+    else:
+        d = ev.d or 0
+        frame = obs.assign(null=np.maximum(obs["i"], obs["j"]) / max(d - 1, 1))
+        null_text = f"two random subspaces of the d − 1 = {d - 1} remaining dimensions: max(i, j)/(d − 1)"
+    if len(frame) == 0:
+        return _not_measured(rule, "no φ rows without the top direction")
+    frame = frame.assign(ratio=frame["phi"] / frame["null"])
+    per = frame.groupby(["module", "seed", "layer", "weight_type"], as_index=False)["ratio"].mean()
+    s = _stat(_cube(per, "ratio"))
+    verdict = three_way(s.interval, thr, holds_above=False)
+    power = s.power(lambda iv: iv.lo > thr, pre["departure"],
+                    f"P(does not hold) at a true ratio of {pre['departure']:g}")
+    measures: dict[str, Any] = {"ranks": [r1, r2], "quantity": "dW-top", "ratio_to_null": s.interval.as_dict(),
+                                "cells": int(len(per))}
+    details = [f"ΔW_{wt}: {fmt_number(float(sub['ratio'].mean()), '.2f')}× the null (exploratory)"
+               for wt, sub in per.groupby("weight_type")]
+    whole = _cells(rows, "dW")
+    whole = whole[(whole["i"] >= 2) & (whole["i"] <= r1) & (whole["j"] >= 2) & (whole["j"] <= r1)]
+    base = _cells(rows, "expected_random")
+    base = base[(base["i"] >= 2) & (base["i"] <= r1) & (base["j"] >= 2) & (base["j"] <= r1)]
+    if len(whole) and len(base):
+        details.append(f"the previous statistic (φ(i, j) over 2..r with direction 1 inside, against max(i, j)/d): "
+                       f"{fmt_number(float(whole['phi'].mean() / base['phi'].mean()), '.2f')}× — cumulative φ "
+                       "contains direction 1, so a shared top direction inflated it")
+    ours = f"directions 2..{r1} of r={r1} vs r={r2}, top one removed: {_iv_text(s.interval, '.2f')}× the null"
+    return finding(ours, verdict, rule, null_text, "dW-top", measures, details, stat=s, power=power,
+                    p=p_value_seed_means(s.cube, thr, alternative="less"))
+
+
+def _jackknife_pairs(values: pd.DataFrame) -> Interval:
+    """Mean of ``values["diff"]`` over (seed pair, layer), with a delete-one-seed jackknife t-interval: pairs share
+    seeds, so the seed, not the pair, is the unit (S − 1 degrees of freedom)."""
+    seeds = sorted(set(values["seed1"]) | set(values["seed2"]))
+    est = float(values["diff"].mean())
+    if len(seeds) < 3:
+        return Interval(est, est, est, LEVEL, "one unit: a jackknife over seed pairs needs three seeds")
+    loo = np.array([values[(values["seed1"] != s) & (values["seed2"] != s)]["diff"].mean() for s in seeds])
+    n = len(seeds)
+    se = math.sqrt((n - 1) / n * float(((loo - loo.mean()) ** 2).sum()))
+    t = float(t_dist.ppf(0.5 + LEVEL / 2, n - 1))
+    return Interval(est, est - t * se, est + t * se, LEVEL,
+                    f"delete-one-seed jackknife t-interval over {n} seeds ({n - 1} df; seed pairs share seeds)")
+
+
+def jackknife_coverage(n_seeds: int, n_layers: int, *, seed_share: float, reps: int, rng_seed: int = 0) -> float:
+    """Simulated coverage of :func:`_jackknife_pairs` for pair values ``u_a + u_b + e`` (seed effects u with a
+    share ``seed_share`` of the variance, pair × layer noise e the rest)."""
+    rng = np.random.default_rng(rng_seed)
+    pairs = list(itertools.combinations(range(n_seeds), 2))
+    u = rng.normal(0, math.sqrt(seed_share), size=(reps, n_seeds))
+    e = rng.normal(0, math.sqrt(1 - seed_share), size=(reps, len(pairs), n_layers)).mean(axis=2)
+    m = np.stack([u[:, a] + u[:, b] for a, b in pairs], axis=1) + e  # (reps, pairs): pair means
+    est = m.mean(axis=1)
+    loo = np.stack([m[:, [k for k, (a, b) in enumerate(pairs) if s not in (a, b)]].mean(axis=1)
+                    for s in range(n_seeds)], axis=1)
+    se = np.sqrt((n_seeds - 1) / n_seeds * ((loo - loo.mean(axis=1, keepdims=True)) ** 2).sum(axis=1))
+    t = float(t_dist.ppf(0.5 + LEVEL / 2, n_seeds - 1))
+    return float((np.abs(est) <= t * se).mean())  # true mean 0
 
 
 @SECTION7.claim(
@@ -301,50 +476,63 @@ def _noise(ev: Evidence) -> Finding:
     paper="ΔW_q shares more directions across seeds than ΔW_v: a higher intrinsic rank (Fig. 4)",
     figures=("figure4", "figure7"), snapshot=True)
 def _intrinsic(ev: Evidence) -> Finding:
-    phi = ev.get("phi")
-    rule = (f"per layer and seed pair at r_large, shared directions above chance k·φ(k, k) − k²/d (k = {SHARED_K}) "
-            f"of ΔW_q minus ΔW_v: holds if the mean's {LEVEL:.0%} interval lies above 0, does not hold if below")
+    phi, pre = ev.get("phi"), PRE["q_higher_rank_than_v"]
+    rule = (f"estimand: the mean over layers and seed pairs at r_large of (directions ΔW_q shares across seeds above "
+            f"chance) − (ΔW_v's), shared = k·φ(k, k) − k²/d, k = {SHARED_K}: holds if its {LEVEL:.0%} interval "
+            "lies above 0, does not hold if below, else inconclusive")
     seed = rows_where(phi, comparison="seed") if not no_rows(phi) else None
     if no_rows(seed):
         return _not_measured(rule, "no seed comparison (needs two seeds at the largest rank)")
     r = int(seed["r1"].max())
     seed = rows_where(seed, r1=r, r2=r)
-    quantity = _phi_quantity(seed)
+    if not len(rows_where(seed, quantity="dW")):
+        return _not_measured(rule, "ΔW = 0 (B = 0, e.g. at step 0): ΔW has no subspace to compare")
     k = min(SHARED_K, r)
     at_k = seed[(seed["i"] == k) & (seed["j"] == k)]
-    obs, base = rows_where(at_k, quantity=quantity), rows_where(at_k, quantity="expected_random")
+    obs, base = rows_where(at_k, quantity="dW"), rows_where(at_k, quantity="expected_random")
     keys = ["layer", "weight_type", "seed1", "seed2"]
     shared = k * (obs.set_index(keys)["phi"] - base.set_index(keys)["phi"])  # k φ(k,k) − k²/d, as φ_random(k,k) = k/d
     wide = shared.rename("shared").reset_index().pivot_table(index=["layer", "seed1", "seed2"],
                                                              columns="weight_type", values="shared")
     if not {"q", "v"} <= set(wide.columns):
         return _not_measured(rule, "needs both ΔW_q and ΔW_v")
-    wide = wide.dropna(subset=["q", "v"]).reset_index()
-    diff = (wide["q"] - wide["v"]).to_numpy()
-    iv = bootstrap_ci(diff, units=wide["layer"].to_numpy(), level=LEVEL)
-    ci = Interval(iv.estimate, iv.lo, iv.hi, iv.level, f"{iv.method} (resampling layers)")
+    wide = wide.dropna(subset=["q", "v"]).reset_index().assign(diff=lambda w: w["q"] - w["v"])
+    ci = _jackknife_pairs(wide)
+    n_seeds = len(set(wide["seed1"]) | set(wide["seed2"]))
+    n_layers = int(wide["layer"].nunique())
+    coverage = min(jackknife_coverage(n_seeds, n_layers, seed_share=sh, reps=PRE["reps"]) for sh in (0.0, 0.5, 1.0)) \
+        if n_seeds >= 3 else None
+    ci = CalibratedInterval(ci.estimate, ci.lo, ci.hi, ci.level, ci.method, coverage)
     verdict = three_way(ci, 0.0)
+    power = None
+    if n_seeds >= 3 and math.isfinite(ci.hi - ci.lo) and ci.hi > ci.lo:
+        se = (ci.hi - ci.lo) / (2 * float(t_dist.ppf(0.5 + LEVEL / 2, n_seeds - 1)))
+        nc = pre["paper_effect"] / se  # P(t-interval above 0) at the stated effect, this se: noncentral t
+        power = {"value": float(nct_dist.sf(float(t_dist.ppf(0.5 + LEVEL / 2, n_seeds - 1)), n_seeds - 1, nc)),
+                 "at": "P(holds) at one more shared direction for q than for v, at this run's standard error"}
     per_layer = wide.groupby("layer")[["q", "v"]].mean()
-    details = [f"layer {int(lay)}: ΔW_q {fmt_number(row.q, '.2f')} vs ΔW_v {fmt_number(row.v, '.2f')} shared directions above chance"
-               for lay, row in per_layer.iterrows()]
-    measures = {"rank": r, "k": k, "quantity": quantity, "q_minus_v": ci.as_dict(),
+    details = [f"layer {int(lay)}: ΔW_q {fmt_number(row.q, '.2f')} vs ΔW_v {fmt_number(row.v, '.2f')} shared "
+               "directions above chance (exploratory)" for lay, row in per_layer.iterrows()]
+    measures = {"rank": r, "k": k, "quantity": "dW", "q_minus_v": ci.as_dict(),
                 "shared_q": float(wide["q"].mean()), "shared_v": float(wide["v"].mean()),
-                "q_ahead_layers": [int((per_layer["q"] > per_layer["v"]).sum()), len(per_layer)]}
+                "q_ahead_layers": [int((per_layer["q"] > per_layer["v"]).sum()), len(per_layer)],
+                "coverage_note": "minimum over seed shares 0, 0.5, 1 of the variance"}
     null = (f"no difference (0); two random {k}-dimensional subspaces share k²/d directions by chance, "
             "subtracted from each")
-    ours = (f"r={r}, top {k}: ΔW_q shares {fmt_number(float(wide['q'].mean()), '.2f')}, ΔW_v {fmt_number(float(wide['v'].mean()), '.2f')} "
-            f"directions across seeds above chance; q − v {ci.text('.2f')}")
-    return _claim(ours, verdict, rule, null, quantity, measures, details)
+    ours = (f"r={r}, top {k}: ΔW_q shares {fmt_number(float(wide['q'].mean()), '.2f')}, ΔW_v "
+            f"{fmt_number(float(wide['v'].mean()), '.2f')} directions across seeds above chance; q − v {_iv_text(ci, '.2f')}")
+    p = None
+    if n_seeds >= 3 and ci.hi > ci.lo:
+        se = (ci.hi - ci.lo) / (2 * float(t_dist.ppf(0.5 + LEVEL / 2, n_seeds - 1)))
+        p = float(t_dist.sf(ci.estimate / se, n_seeds - 1))
+    f = finding(ours, verdict, rule, null, "dW", measures, details, power=power, p=p)
+    cov_line = f"interval: {ci.method}; simulated coverage {fmt_number(coverage)} (worst of seed shares 0, 0.5, 1)"
+    return replace(f, measures={**f.measures, "interval": _interval_dict(ci)}, details=(*f.details, cov_line))
 
 
 # --------------------------------------------------------------------------------------------- Table 7 claims
 def _t7_at(t7: pd.DataFrame, rank: int) -> pd.DataFrame:
     return rows_where(t7, rank=rank)
-
-
-def _margin(t7: pd.DataFrame, rank: int) -> tuple[Interval, pd.DataFrame]:
-    rows = _t7_at(t7, rank)
-    return seed_bootstrap_ci(np.log(rows["delta_over_random"].to_numpy()), rows, statistic=np.mean), rows
 
 
 def geometric_interval(iv: Interval) -> Interval:
@@ -354,6 +542,30 @@ def geometric_interval(iv: Interval) -> Interval:
 
 def _t7_ready(t7: pd.DataFrame | None) -> bool:
     return not no_rows(t7) and "delta_over_random" in t7.columns and t7["delta_over_random"].notna().any()
+
+
+def table7_fraction(rows: pd.DataFrame) -> pd.Series:
+    """f = (‖UᵀWV‖_F of ΔW − the sampled random mean) / (W's own top-k − the random mean) per Table 7 row: where
+    ΔW's projection lies from a random subspace's (0) to W's own top subspace's (1), a scale free of d."""
+    rnd = rows["random_mean"].where(rows["random_mean"].notna(), rows["random_expected"])
+    return (rows["delta"] - rnd) / (rows["weight"] - rnd)
+
+
+TWO_Q = {PAPER_SIZED: HOLDS, MODEST: WEAKER, NOISE: FAILS, W_ALIGNED: FAILS, INCONCLUSIVE_Q: INCONCLUSIVE}
+
+
+def _fraction_stat(t7: pd.DataFrame, rank: int, f_paper: float, f_max: float) -> tuple[Stat, str, dict]:
+    rows = _t7_at(t7, rank).assign(f=lambda r: table7_fraction(r))
+    s = _stat(_cube(rows, "f"))
+    answer = INCONCLUSIVE_Q if _no_spread(s.interval) else str(two_question(s.interval, f_paper, f_max=f_max))
+    power = s.power(lambda iv: two_question(iv, f_paper, f_max=f_max), f_paper,
+                    f"P(paper-sized) at the paper's f = {f_paper:.4f}", outcome=PAPER_SIZED)
+    return s, answer, power
+
+
+def _f_line(rank: int, s: Stat, answer: str, f_paper: float) -> str:
+    return (f"r={rank}: f = {_iv_text(s.interval, '.4f')} (the paper's f = {f_paper:.4f}; W's own top subspace is 1): "
+            f"{answer}")
 
 
 @SECTION7.claim(
@@ -367,40 +579,46 @@ def _amplification(ev: Evidence) -> Finding:
 def amplification_finding(t7: pd.DataFrame | None, r_small: int, r_large: int) -> Finding:
     """The amplification claim on Table 7 rows at ``r_small`` (judged) and ``r_large`` (reported); full
     fine-tuning's F3 uses it on its own Table 7."""
-    rule = (f"at r_small: holds if the margin ‖UᵀWV‖_F / E_random has its {LEVEL:.0%} interval above {MARGIN:g} and the "
-            f"amplification above 1; does not hold if the margin's interval lies below {MARGIN:g} (ΔW not aligned with W "
-            "well above chance); else inconclusive. The fall of the factor with r is geometry, reported only")
+    pre = PRE["amplification"]
+    f_paper, f_max = pre["paper_f"], pre["f_max"]
+    rule = (f"at r_small, two questions on f (0: a random subspace, 1: W's own top subspace), its {LEVEL:.0%} "
+            f"interval over seeds: above the null (f > 0)? as large as the paper (f = {f_paper:.4f})? holds: both, "
+            f"f below {f_max:g} and the amplification's interval above 1; weaker than the paper: above the null, "
+            f"below the paper's f; does not hold: not above the null, or f above {f_max:g} (ΔW on W's own top "
+            "directions, the opposite of the claim); else inconclusive. The fall of the factor with r is "
+            "geometry, reported only")
     if not _t7_ready(t7):
         return _not_measured(rule, "no Table 7 rows with the random null")
-    margin_log, rows = _margin(t7, r_small)
-    margin = geometric_interval(margin_log)
-    amp = geometric_interval(seed_bootstrap_ci(np.log(rows["amplification"].to_numpy()), rows))
-    if margin.lo > MARGIN:
-        verdict = HOLDS if amp.lo > 1 else INCONCLUSIVE if amp.hi >= 1 else FAILS
-    else:
-        verdict = FAILS if margin.hi < MARGIN else INCONCLUSIVE
-    rand_amp = float(np.exp(np.log(rows["amplification_random"]).mean()))
+    s, answer, power = _fraction_stat(t7, r_small, f_paper, f_max)
+    rows = _t7_at(t7, r_small)
+    amp = _stat(_cube(rows.assign(log_amp=np.log(rows["amplification"])), "log_amp"))
+    amp_iv = geometric_interval(amp.interval)
+    verdict = TWO_Q[answer]
+    if verdict == HOLDS and not amp_iv.lo > 1:
+        verdict = INCONCLUSIVE if amp_iv.hi >= 1 else FAILS
+    margin = geo_mean(rows["delta_over_random"].to_numpy())
+    rand_amp = geo_mean(rows["amplification_random"].to_numpy())
     large = _t7_at(t7, r_large)
-    amp_l = float(np.exp(np.log(large["amplification"]).mean())) if len(large) else math.nan
-    rand_l = float(np.exp(np.log(large["amplification_random"]).mean())) if len(large) else math.nan
-    details = []
-    measures: dict[str, Any] = {"rank": r_small, "margin": margin.as_dict(), "amplification": amp.as_dict(),
-                                "amplification_random": rand_amp, "rank_large": r_large,
+    amp_l = geo_mean(large["amplification"].to_numpy()) if len(large) else math.nan
+    rand_l = geo_mean(large["amplification_random"].to_numpy()) if len(large) else math.nan
+    measures: dict[str, Any] = {"rank": r_small, "f": s.interval.as_dict(), "f_paper": f_paper, "f_max": f_max,
+                                "two_questions": answer, "amplification": amp_iv.as_dict(),
+                                "margin": margin, "amplification_random": rand_amp, "rank_large": r_large,
                                 "amplification_large": amp_l, "amplification_random_large": rand_l}
-    for wt in sorted(set(rows["weight_type"])):
-        sub = rows_where(rows, weight_type=wt)
-        m = geometric_interval(seed_bootstrap_ci(np.log(sub["delta_over_random"].to_numpy()), sub))
-        a = float(np.exp(np.log(sub["amplification"]).mean()))
-        measures[f"margin_{wt}"] = m.as_dict()
-        details.append(f"ΔW_{wt} at r={r_small}: projection / random {m.text('.2f')}; amplification {fmt_number(a, '.2f')} "
-                       f"(a same-norm ΔW in a random subspace: {fmt_number(float(np.exp(np.log(sub['amplification_random']).mean())), '.2f')})")
-    details.append(f"at r={r_large}: amplification {fmt_number(amp_l, '.2f')} (random subspace: {fmt_number(rand_l, '.2f')}); "
-                   "smaller at high rank for any ΔW, by geometry")
-    null = (f"a random k-dimensional pair gives E‖UᵀWV‖_F = k‖W‖_F/√(d_out d_in) (derived; sampled mean ± sd in "
-            f"table7.csv), so a same-norm ΔW in a random subspace has amplification {fmt_number(rand_amp, '.1f')} at r={r_small}")
-    ours = (f"r={r_small}: amplification {amp.text('.2f')} (random subspace {fmt_number(rand_amp, '.2f')}), projection / random "
-            f"{margin.text('.2f')}; r={r_large}: {fmt_number(amp_l, '.2f')}")
-    return _claim(ours, verdict, rule, null, "table7", measures, details)
+    details = [_f_line(r_small, s, answer, f_paper),
+               f"amplification {_iv_text(amp_iv, '.2f')} (a same-norm ΔW in a random subspace: "
+               f"{fmt_number(rand_amp, '.2f')}); projection / random (the former margin) {fmt_number(margin, '.2f')}"]
+    for wt, sub in rows.groupby("weight_type"):
+        details.append(f"ΔW_{wt} at r={r_small}: f {fmt_number(float(table7_fraction(sub).mean()), '.4f')}, "
+                       f"amplification {fmt_number(geo_mean(sub['amplification'].to_numpy()), '.2f')} (exploratory)")
+    details.append(f"at r={r_large}: amplification {fmt_number(amp_l, '.2f')} (random subspace: "
+                   f"{fmt_number(rand_l, '.2f')}); smaller at high rank for any ΔW, by geometry")
+    null = ("f = 0: a random k-dimensional pair (the mean of the sampled null in table7.csv); a same-norm ΔW in a "
+            f"random subspace has amplification {fmt_number(rand_amp, '.1f')} at r={r_small}")
+    ours = (f"r={r_small}: f = {_iv_text(s.interval, '.4f')} against the paper's {f_paper:.4f}; amplification "
+            f"{_iv_text(amp_iv, '.2f')}; r={r_large}: {fmt_number(amp_l, '.2f')}")
+    return finding(ours, verdict, rule, null, "table7", measures, details, stat=s, power=power,
+                    p=_p_greater(s.cube, 0.0))
 
 
 @SECTION7.claim(
@@ -411,39 +629,47 @@ def amplification_finding(t7: pd.DataFrame | None, r_small: int, r_large: int) -
     figures=("table7",), snapshot=True, ranks="table7")
 def _projection(ev: Evidence) -> Finding:
     t7, (r_small, r_large) = ev.get("table7"), ev.table7_pair
-    rule = (f"random < ΔW < W, 'above random' meaning a margin ‖UᵀWV‖_F / E_random whose {LEVEL:.0%} interval lies "
-            f"above {MARGIN:g}: holds at both r_small and r_large, partly at one (the other below), does not hold at "
-            "neither (both below), else inconclusive")
+    pre = PRE["projection_above_random"]
+    rule = (f"the two questions of claim 4 at r_small (paper f = {pre['paper_f_small']:.4f}) and r_large (paper "
+            f"f = {pre['paper_f_large']:.4f}): holds if paper-sized at both; weaker than the paper if above the "
+            "null at both and weaker at one or both; partly if above the null at one only; does not hold at neither "
+            f"(or f above {pre['f_max']:g}); else inconclusive")
     if not _t7_ready(t7):
         return _not_measured(rule, "no Table 7 rows with the random null")
-    outcomes, parts, details = [], [], []
-    measures: dict[str, Any] = {}
+    answers, details, measures, stats_, powers = [], [], {}, [], []
     for r in sorted({r_small, r_large}):
-        m_log, rows = _margin(t7, r)
-        m = geometric_interval(m_log)
-        below_w = bool((rows["delta"] < rows["weight"]).all())
-        outcome = three_way(m, MARGIN) if below_w else FAILS
-        outcomes.append(outcome)
-        measures[f"margin_r{r}"] = m.as_dict()
-        measures[f"delta_below_weight_r{r}"] = below_w
-        parts.append(f"r={r}: {m.text('.2f')}× random")
-        for wt in sorted(set(rows["weight_type"])):
-            sub = rows_where(rows, weight_type=wt)
-            mw = geometric_interval(seed_bootstrap_ci(np.log(sub["delta_over_random"].to_numpy()), sub))
-            details.append(f"ΔW_{wt} projection / random: {mw.text('.2f')} at k={r} (mean ‖UᵀWV‖_F: random "
-                           f"{fmt_number(float(sub['random_expected'].mean()), '.3f')}, ΔW {fmt_number(float(sub['delta'].mean()), '.3f')}, "
-                           f"W {fmt_number(float(sub['weight'].mean()), '.2f')}; z {fmt_number(float(sub['z'].mean()), '.1f')})")
-    if all(o == HOLDS for o in outcomes):
+        f_paper = pre["paper_f_small"] if r == r_small else pre["paper_f_large"]
+        s, answer, power = _fraction_stat(t7, r, f_paper, pre["f_max"])
+        answers.append(answer)
+        stats_.append(s)
+        powers.append(power)
+        measures[f"f_r{r}"] = s.interval.as_dict()
+        measures[f"two_questions_r{r}"] = answer
+        rows = _t7_at(t7, r)
+        details.append(_f_line(r, s, answer, f_paper))
+        for wt, sub in rows.groupby("weight_type"):
+            details.append(f"ΔW_{wt} at k={r}: mean ‖UᵀWV‖_F random {fmt_number(float(sub['random_mean'].mean()), '.3f')}, "
+                           f"ΔW {fmt_number(float(sub['delta'].mean()), '.3f')}, W {fmt_number(float(sub['weight'].mean()), '.2f')}; "
+                           f"f {fmt_number(float(table7_fraction(sub).mean()), '.4f')} (exploratory)")
+    above = [a in (PAPER_SIZED, MODEST) for a in answers]
+    out = [a in (NOISE, W_ALIGNED) for a in answers]
+    if all(a == PAPER_SIZED for a in answers):
         verdict = HOLDS
-    elif all(o == FAILS for o in outcomes):
+    elif all(above):
+        verdict = WEAKER
+    elif all(out):
         verdict = FAILS
-    elif HOLDS in outcomes and FAILS in outcomes:
+    elif any(above) and any(out):
         verdict = PARTLY
     else:
         verdict = INCONCLUSIVE
-    null = "E‖UᵀWV‖_F = k‖W‖_F/√(d_out d_in) for a random pair (derived; its sampled mean ± sd and z in table7.csv)"
-    return _claim("ΔW's projection / random: " + "; ".join(parts), verdict, rule, null, "table7", measures,
-                  details)
+    power = {"value": float(np.prod([p["value"] for p in powers])) if all(p.get("value") is not None for p in powers)
+             else None, "at": "P(paper-sized at both ranks) at the paper's f, the two ranks taken as independent"}
+    null = "f = 0: a random k-dimensional pair (the mean of the sampled null, table7.csv); f = 1: W's own top-k"
+    ours = "f: " + "; ".join(f"r={r}: {_iv_text(s.interval, '.4f')}" for r, s in zip(sorted({r_small, r_large}), stats_,
+                                                                                     strict=True))
+    return finding(ours, verdict, rule, null, "table7", measures, details, stat=stats_[0], power=power,
+                    p=max(_p_greater(s.cube, 0.0) for s in stats_))
 
 
 # --------------------------------------------------------------------------------------------- Figure 8
@@ -451,26 +677,32 @@ def _projection(ev: Evidence) -> Finding:
     "w_top_not_amplified", title="W's top singular directions barely overlap ΔW's",
     paper="φ(W_q, ΔW_q, i, j) 'barely exceeds 0.2' (Appendix H.3)", figures=("figure8",))
 def _fig8(ev: Evidence) -> Finding:
-    fig8 = ev.get("fig8")
-    rule = (f"mean φ(W's top-i, ΔW's top-j) over the Figure 8 grid divided by the same for a random A of that rank, per "
-            f"(module, rank, seed): holds if the {LEVEL:.0%} interval lies within {FIG8_RATIO:g}× random, does not hold "
-            "if above")
+    fig8, pre = ev.get("fig8"), PRE["w_top_not_amplified"]
+    thr = pre["threshold"]
+    rule = (f"mean φ(W's top-i, ΔW's top-j) over the Figure 8 grid divided by the same for a random A of that rank, "
+            f"averaged over ranks, per seed (every seed's Figure 8): holds if its {LEVEL:.0%} interval lies within "
+            f"{thr:g}× random, does not hold if above, else inconclusive")
     if no_rows(fig8) or len(rows_where(fig8, source="random")) == 0:
         return _not_measured(rule, "no Figure 8 rows with a random A")
-    keys = ["module", "rank", "seed"]
+    keys = ["module", "layer", "weight_type", "rank", "seed"]
     delta = rows_where(fig8, source="delta").groupby(keys)["phi"].mean()
     rnd = rows_where(fig8, source="random").groupby(keys)["phi"].mean()
     ratio = (delta / rnd).dropna().rename("ratio").reset_index()
     if len(ratio) == 0:
         return _not_measured(rule, "no Figure 8 rows with both ΔW and random A")
-    ci = seed_bootstrap_ci(ratio["ratio"], ratio)
-    verdict = three_way(ci, FIG8_RATIO, holds_above=False)
+    s = _stat(_cube(ratio, "ratio"))
+    verdict = three_way(s.interval, thr, holds_above=False)
+    power = s.power(lambda iv: iv.lo > thr, pre["departure"],
+                    f"P(does not hold) at a true ratio of {pre['departure']:g}")
     peak, peak_r = float(rows_where(fig8, source="delta")["phi"].max()), float(rows_where(fig8, source="random")["phi"].max())
-    measures = {"ratio_to_random": ci.as_dict(), "max_phi": peak, "max_phi_random": peak_r, "cells": len(ratio)}
+    measures = {"ratio_to_random": s.interval.as_dict(), "max_phi": peak, "max_phi_random": peak_r,
+                "cells": len(ratio), "seeds": int(ratio["seed"].nunique())}
     null = "a random A of the same rank against the same top directions of W (the random panel of Figure 8)"
-    ours = f"overlap with W's top directions {ci.text('.2f')}× a random A's; max φ {fmt_number(peak)} (random A: {fmt_number(peak_r)})"
+    ours = (f"overlap with W's top directions {_iv_text(s.interval, '.2f')}× a random A's over "
+            f"{int(ratio['seed'].nunique())} seeds; max φ {fmt_number(peak)} (random A: {fmt_number(peak_r)})")
     details = ["a negative claim: ΔW unrelated to W passes it; ΔW on W's top directions fails it"]
-    return _claim(ours, verdict, rule, null, "fig8", measures, details)
+    return finding(ours, verdict, rule, null, "fig8", measures, details, stat=s, power=power,
+                    p=p_value_seed_means(s.cube, thr, alternative="less"))
 
 
 # --------------------------------------------------------------------------------------------- quality
@@ -480,14 +712,22 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def _seed_column(values: pd.Series) -> np.ndarray:
+    """Per-seed values as an ``(S, 1, 1)`` cube."""
+    return values.to_numpy(dtype=np.float64)[:, None, None]
+
+
 @SECTION7.claim(
     "quality_flat_in_rank", title="Validation quality is flat in the rank (r = 1 already suffices)",
     paper="Table 6: WikiSQL 73.4/73.3/73.7/73.8/73.5, MultiNLI 91.3/91.4/91.3/91.6/91.4 at r=1/2/4/8/64",
     figures=("table6",))
 def _flat(ev: Evidence) -> Finding:
-    quality = ev.get("quality")
-    rule = (f"least-squares slope of the validation metric per doubling of r over every rank and seed: holds if its "
-            f"{LEVEL:.0%} interval lies within ±{FLAT_SLOPE:g}, does not hold if wholly outside, else inconclusive")
+    quality, pre = ev.get("quality"), PRE["quality_flat_in_rank"]
+    bound = pre["threshold"]
+    rule = (f"only where the adapters beat the frozen linear probe (the {LEVEL:.0%} interval of LoRA's mean minus "
+            f"the probe above 0); then the least-squares slope of the validation metric per doubling of r, per "
+            f"seed: holds if its {LEVEL:.0%} interval lies within ±{bound:g}, does not hold if wholly outside, "
+            "else inconclusive")
     try:
         rows = table6_rows(quality)
     except MissingRows as exc:
@@ -496,26 +736,65 @@ def _flat(ev: Evidence) -> Finding:
         return _not_measured(rule, "no weight set trained at two or more ranks")
     ws = "q,v" if "q,v" in set(rows["weight_set"]) else sorted(set(rows["weight_set"]))[0]
     rows = rows_where(rows, weight_set=ws).reset_index(drop=True)
-    x, y = np.log2(rows["rank"].to_numpy(dtype=float)), rows["val_metric"].to_numpy(dtype=float)
-    idx = np.arange(len(rows))
-    several = rows["seed"].nunique() >= 2  # else resample the points themselves, and say so
-    iv = bootstrap_ci(idx, units=rows["seed"].to_numpy() if several else None, statistic=lambda i: _slope(x[i.astype(int)], y[i.astype(int)]),
-                      level=LEVEL)
-    ci = Interval(iv.estimate, iv.lo, iv.hi, iv.level,
-                  f"{iv.method} (resampling {'seeds' if several else 'points: one seed'})")
-    verdict = within(ci, FLAT_SLOPE) if not math.isnan(ci.estimate) else INCONCLUSIVE
+    slopes = rows.groupby("seed").apply(
+        lambda g: _slope(np.log2(g["rank"].to_numpy(dtype=float)), g["val_metric"].to_numpy(dtype=float)),
+        include_groups=False).dropna()
     means = rows.groupby("rank")["val_metric"].mean()
     metric = str(rows["metric_name"].iloc[0])
     by_rank = ", ".join(f"r={int(r)}: {fmt_number(m, '.4f')}" for r, m in means.items())
-    measures = {"weight_set": ws, "metric": metric, "slope_per_doubling": ci.as_dict(),
-                "means": {int(r): float(m) for r, m in means.items()}, "seeds": int(rows["seed"].nunique())}
     details = [f"{{{ws}}} {metric}: {by_rank}; range {fmt_number(float(means.max() - means.min()), '.4f')}"]
+    measures: dict[str, Any] = {"weight_set": ws, "metric": metric, "means": {int(r): float(m) for r, m in means.items()},
+                                "seeds": int(rows["seed"].nunique())}
     probe = rows_where(quality, weight_set="linear probe")
+    beats = None
     if len(probe):
-        details.append(f"frozen linear probe: {fmt_number(float(probe['val_metric'].mean()), '.4f')}")
+        p = float(probe["val_metric"].mean())
+        gain = _stat(_seed_column(rows.groupby("seed")["val_metric"].mean() - p))
+        beats = gain.interval.lo > 0
+        measures["over_probe"] = gain.interval.as_dict()
+        details.append(f"frozen linear probe: {fmt_number(p, '.4f')}; LoRA minus probe {_iv_text(gain.interval, '+.4f')}")
+    if len(slopes) == 0:
+        return _not_measured(rule, "no seed trained at two or more ranks")
+    s = _stat(_seed_column(slopes))
+    measures["slope_per_doubling"] = s.interval.as_dict()
+    if beats is False:
+        verdict = INCONCLUSIVE
+        details.insert(0, "the adapters do not beat the frozen linear probe: nothing learned to be flat")
+    else:
+        verdict = within(s.interval, bound) if not math.isnan(s.interval.estimate) else INCONCLUSIVE
+        if beats is None:
+            details.append("no linear probe in this run: whether the adapters learned anything is unchecked")
+    power = s.power(lambda iv: within_array(iv, bound) != HOLDS, pre["departure"],
+                    f"P(not holds) at a true slope of {pre['departure']:g} per doubling")
     null = "no effect of r: slope 0; 'flat' is an equivalence claim, so it holds only when the interval is narrow"
-    ours = f"{{{ws}}} {metric} per doubling of r: {ci.text('+.4f')}"
-    return _claim(ours, verdict, rule, null, "quality", measures, details)
+    ours = f"{{{ws}}} {metric} per doubling of r: {_iv_text(s.interval, '+.4f')}"
+    return finding(ours, verdict, rule, null, "quality", measures, details, stat=s, power=power)
+
+
+def within_array(iv, bound: float) -> np.ndarray:
+    """:func:`within` on arrays of intervals (a power simulation's rule)."""
+    lo, hi = np.asarray(iv.lo), np.asarray(iv.hi)
+    return np.where((-bound <= lo) & (hi <= bound), HOLDS, np.where((lo > bound) | (hi < -bound), FAILS,
+                                                                     INCONCLUSIVE))
+
+
+def _pairwise(wide: pd.DataFrame, a: str, b: str) -> Interval:
+    """t-interval of the per-seed difference ``a − b`` (paired by seed)."""
+    return t_interval_seed_means(_seed_column(wide[a] - wide[b]), level=LEVEL)
+
+
+def best_sets_power(n_seeds: int, n_sets: int, sd: float, margin: float, *, reps: int, rng_seed: int = 0) -> float:
+    """P(claim 8 holds) when one paper set leads every other set by ``margin`` and every set's per-seed value
+    has noise ``sd``: simulated paired t-intervals, the rule of :func:`_best_sets`."""
+    if n_seeds < 2 or not sd > 0:
+        return math.nan
+    rng = np.random.default_rng(rng_seed)
+    x = rng.normal(0, sd, size=(reps, n_seeds, n_sets))
+    x[:, :, 0] += margin  # set 0: the paper's best
+    diff = x[:, :, :1] - x[:, :, 1:]  # (reps, seeds, others)
+    m, se = diff.mean(axis=1), diff.std(axis=1, ddof=1) / math.sqrt(n_seeds)
+    t = float(t_dist.ppf(0.5 + LEVEL / 2, n_seeds - 1))
+    return float(((m - t * se) > 0).all(axis=1).mean())
 
 
 @SECTION7.claim(
@@ -523,38 +802,50 @@ def _flat(ev: Evidence) -> Finding:
     paper="{W_q, W_v} and all four best at 18M parameters: WikiSQL 73.7, MultiNLI 91.3 / 91.7",
     figures=("table5",))
 def _best_sets(ev: Evidence) -> Finding:
-    quality = ev.get("quality")
-    rule = (f"share of seed resamples (bootstrap) in which the best set is {{W_q, W_v}} or all four: holds if ≥ "
-            f"{BEST_PROB:.0%}, does not hold if ≤ {1 - BEST_PROB:.0%}, else inconclusive")
+    quality, pre = ev.get("quality"), PRE["budget_best_sets"]
+    rule = (f"per-seed differences between the better of {{W_q, W_v}} and {{W_q, W_k, W_v, W_o}} and every other set "
+            f"({LEVEL:.0%} paired t-intervals): holds if it beats every other set; does not hold if some other set "
+            "beats both; else inconclusive (ties are ties)")
     try:
         rows = table5_rows(quality)
     except MissingRows as exc:
         return _not_measured(rule, str(exc))
     canon = rows["weight_set"].map(lambda s: ",".join(sorted(str(s).split(","), key="qkvo".find)))
     wide = rows.assign(canon=canon).pivot_table(index="seed", columns="canon", values="val_metric", aggfunc="mean")
-    wide = wide.dropna(axis=0)  # the seeds that trained every set: a resample compares like with like
+    wide = wide.dropna(axis=0)  # the seeds that trained every set: differences compare like with like
     if len(wide) == 0:
         return _not_measured(rule, "no seed trained every weight set of the budget")
-    sets = list(wide.columns)
-    means = wide.mean()
-    best = str(means.idxmax())
-    seeds = wide.index.to_numpy()
-    if len(seeds) >= 2:
-        draws = np.random.default_rng(0).integers(0, len(seeds), size=(4000, len(seeds)))
-        best_of_draw = wide.to_numpy(dtype=np.float64)[draws].mean(axis=1).argmax(axis=1)  # (draws,) best set
-        p = float(np.isin(np.asarray(sets, dtype=object)[best_of_draw], TABLE5_BEST).mean())
-        verdict = HOLDS if p >= BEST_PROB else FAILS if p <= 1 - BEST_PROB else INCONCLUSIVE
-    else:  # one seed: nothing to resample, no spread to judge against
-        p = float(best in TABLE5_BEST)
-        verdict = INCONCLUSIVE
-    ranking = "; ".join(f"{{{s}}}: {fmt_number(m, '.4f')}" for s, m in means.sort_values(ascending=False).items())
+    sets, means = list(wide.columns), wide.mean()
     good = [s for s in TABLE5_BEST if s in sets]
-    measures = {"best": best, "p_best_in_paper_sets": p, "seeds": len(seeds),
-                "means": {s: float(m) for s, m in means.items()}, "chance": len(good) / len(sets)}
-    null = f"with no real difference each of the {len(sets)} sets is best by chance: {len(good)}/{len(sets)}"
-    ours = (f"best {{{best}}} ({fmt_number(float(means.max()), '.4f')}); {{W_q, W_v}} or all four best in {p:.0%} of seed "
-            "resamples")
-    return _claim(ours, verdict, rule, null, "quality", measures, [f"ranking: {ranking}"])
+    others = [s for s in sets if s not in good]
+    ranking = "; ".join(f"{{{s}}}: {fmt_number(m, '.4f')}" for s, m in means.sort_values(ascending=False).items())
+    measures: dict[str, Any] = {"best": str(means.idxmax()), "seeds": len(wide),
+                                "means": {s: float(m) for s, m in means.items()}}
+    if not good or not others:
+        return _not_measured(rule, "the budget run lacks {q,v} and all four, or any other set to compare with")
+    lead = max(good, key=lambda s: means[s])
+    diffs = {o: _pairwise(wide, lead, o) for o in others}
+    measures["paper_set"] = lead
+    measures["differences"] = {o: iv.as_dict() for o, iv in diffs.items()}
+    details = [f"ranking: {ranking}"]
+    details += [f"{{{lead}}} − {{{o}}}: {_iv_text(iv, '+.4f')}" for o, iv in diffs.items()]
+    if len(wide) < 2:
+        verdict = INCONCLUSIVE
+    elif all(iv.lo > 0 for iv in diffs.values()):
+        verdict = HOLDS
+    elif any(all(_pairwise(wide, g, o).hi < 0 for g in good) for o in others):
+        verdict = FAILS
+    else:
+        verdict = INCONCLUSIVE
+    resid = wide.sub(wide.mean(axis=0), axis=1).sub(wide.sub(wide.mean(axis=0), axis=1).mean(axis=1), axis=0)
+    sd = float(np.sqrt((resid.to_numpy() ** 2).sum() / max((len(wide) - 1) * (len(sets) - 1), 1)))
+    pw = best_sets_power(len(wide), len(sets), sd, pre["margin"], reps=PRE["reps"])
+    power = {"value": None if math.isnan(pw) else pw,
+             "at": f"P(holds) when the paper's set leads every other by {pre['margin']:g} (per-seed sd {sd:.4f})"}
+    null = f"no difference between sets: each of the {len(sets)} sets is best by chance"
+    ours = (f"best {{{measures['best']}}} ({fmt_number(float(means.max()), '.4f')}); {{{lead}}} minus the others: "
+            + ", ".join(f"{{{o}}} {fmt_number(iv.estimate, '+.4f')}" for o, iv in diffs.items()))
+    return finding(ours, verdict, rule, null, "quality", measures, details, power=power)
 
 
 # --------------------------------------------------------------------------------------------- all claims
@@ -647,14 +938,32 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+def multiplicity(claims: Sequence[Claim]) -> dict[str, Any]:
+    """Holm's step-down adjustment of the primary claims' one-sided p-values (the t-test dual to each interval),
+    counted together as the pre-registration says; claims without a p-value are left out."""
+    ids = [c.id for c in claims if isinstance(c.measures.get("p_value"), float) and math.isfinite(c.measures["p_value"])]
+    if not ids:
+        return {"method": "Holm", "adjusted": {}}
+    p = [next(c for c in claims if c.id == i).measures["p_value"] for i in ids]
+    return {"method": "Holm (step-down, family-wise error 0.05 over the primary claims)",
+            "adjusted": dict(zip(ids, (float(x) for x in holm(p)), strict=True))}
+
+
+REPORT_FORMAT = "lora-structure-report/2"  # 2: interval (with coverage), power, the verdict "weaker than the paper"
+
+
 def report_json(claims: Sequence[Claim], context: Context) -> dict[str, Any]:
-    """The machine-readable report: ``{"claims": [{"id", "verdict", "measures", "rule", ...}], "context", ...}``."""
+    """The machine-readable report: ``{"claims": [{"id", "verdict", "interval", "power", "measures", "rule", ...}],
+    "context", "multiplicity", ...}``; every measured claim carries ``interval`` (lo, hi, level, method and the
+    simulated ``coverage``) and ``power``."""
     return json_safe({
-        "format": "lora-structure-report/1",
+        "format": REPORT_FORMAT,
         "verdicts": list(VERDICTS),
         "context": asdict(context),
         "counts": {v: sum(c.verdict == v for c in claims) for v in VERDICTS},
-        "claims": [{"id": c.id, "title": c.title, "verdict": c.verdict, "measures": dict(c.measures), "rule": c.rule,
+        "multiplicity": multiplicity(claims),
+        "claims": [{"id": c.id, "title": c.title, "verdict": c.verdict, "interval": c.measures.get("interval"),
+                    "power": c.measures.get("power"), "measures": dict(c.measures), "rule": c.rule,
                     "null": c.null, "quantity": c.quantity, "paper": c.paper, "ours": c.ours,
                     "details": list(c.details)} for c in claims],
     })

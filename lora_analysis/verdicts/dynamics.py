@@ -13,7 +13,7 @@ Rules:
   **never settles** within the run: training that stopped there may not be the end of the story.
 * **top-direction trend**: per (module, seed), φ(1, 1) between the rank pair at the last snapshot minus at the
   first snapshot where ΔW ≠ 0 (on ΔW's own directions, else on A). ``grows`` if the 95 % interval of the mean
-  change (bootstrap over seeds, or modules for one seed) lies above 0, ``shrinks`` if below 0, ``flat`` if it
+  change (t-interval over seeds, its coverage simulated) lies above 0, ``shrinks`` if below 0, ``flat`` if it
   lies within ±``FLAT_PHI``, else ``inconclusive``. Null: no change, 0.
 """
 
@@ -34,7 +34,7 @@ from lora_analysis.verdicts.claims import (
     NOT_MEASURED,
     evaluate_claims,
     json_safe,
-    seed_bootstrap_ci,
+    seed_stat,
     three_way,
     within,
 )
@@ -158,10 +158,11 @@ def top_overlap_trend(dynamics: pd.DataFrame | None) -> Trend:
     r1, r2 = phi_rank_pair(rows)  # the pair Figure 3 shows: nearest 8 and 64 among the pairs present
     rows = rows[(rows["r1"] == r1) & (rows["r2"] == r2)]
     first, last = int(rows["step"].min()), int(rows["step"].max())
-    a = rows[rows["step"] == first].set_index(["module", "seed1"])["value"]
-    b = rows[rows["step"] == last].set_index(["module", "seed1"])["value"]
+    keys = ["module", "seed1", "layer", "weight_type"]
+    a = rows[rows["step"] == first].set_index(keys)["value"]
+    b = rows[rows["step"] == last].set_index(keys)["value"]
     change = (b - a).dropna().rename("change").reset_index().rename(columns={"seed1": "seed"})
-    ci = seed_bootstrap_ci(change["change"], change)
+    ci = seed_stat(change, "change").interval  # t over seeds, coverage simulated for the design
     verdict = {HOLDS: GROWS, FAILS: SHRINKS}.get(three_way(ci, 0.0), INCONCLUSIVE)
     if verdict == INCONCLUSIVE and within(ci, FLAT_PHI) == HOLDS:
         verdict = FLAT

@@ -34,11 +34,12 @@ from lora_analysis.verdicts.claims import (
     MARGIN,
     Claim,
     amplification_finding,
+    finding,
     fmt_number,
     geometric_interval,
     json_safe,
     no_rows,
-    seed_bootstrap_ci,
+    seed_stat,
     three_way,
 )
 from lora_analysis.verdicts.registry import FULL_FINETUNE, Evidence, Finding
@@ -69,7 +70,8 @@ def _low_rank(ev: Evidence) -> Finding:
     if no_rows(spectra):
         return _missing(rule, "no full fine-tuning ΔW")
     ratio = spectra.assign(ratio=spectra["entropy_rank"] / spectra["random_entropy_rank"])
-    ci = seed_bootstrap_ci(ratio["ratio"], ratio)
+    stat = seed_stat(ratio, "ratio")
+    ci = stat.interval
     verdict = three_way(ci, LOW_RANK_RATIO, holds_above=False)
     details, measures = [], {"ratio_to_random": ci.as_dict(), "modules": len(ratio)}
     per_layer = ratio.groupby(["weight_type", "layer"])[["entropy_rank", "energy_rank_90", "random_entropy_rank",
@@ -85,7 +87,9 @@ def _low_rank(ev: Evidence) -> Finding:
             f"{fmt_number(float(spectra['random_entropy_rank'].mean()), '.1f')} of at most {min(d, int(spectra['d_out'].iloc[0]))}")
     ours = (f"full ΔW entropy effective rank {fmt_number(float(spectra['entropy_rank'].mean()), '.1f')} (90 %-energy rank "
             f"{fmt_number(float(spectra['energy_rank_90'].mean()), '.1f')}): {ci.text('.3f')} of a Gaussian's")
-    return _make(ours, verdict, rule, null, "full_spectra", measures, details)
+    power = stat.power(lambda iv: iv.hi < LOW_RANK_RATIO, LOW_RANK_RATIO / 2,
+                       f"P(holds) at a true ratio of {LOW_RANK_RATIO / 2:g}")
+    return finding(ours, verdict, rule, null, "full_spectra", measures, details, stat=stat, power=power)
 
 
 @FULL_FINETUNE.claim("lora_captures_full_subspace", title="LoRA finds the directions full fine-tuning uses",
@@ -99,7 +103,9 @@ def _captures(ev: Evidence) -> Finding:
         return _missing(rule, "no LoRA adapter of a full fine-tuning run's seed")
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
-    ci = geometric_interval(seed_bootstrap_ci(np.log(np.maximum(rows["phi"].to_numpy(), 1e-300) / rows["null"].to_numpy()), rows))
+    logs = rows.assign(log_ratio=np.log(np.maximum(rows["phi"].to_numpy(), 1e-300) / rows["null"].to_numpy()))
+    stat = seed_stat(logs, "log_ratio")
+    ci = geometric_interval(stat.interval)
     verdict = three_way(ci, MARGIN)
     details = []
     measures: dict[str, Any] = {"rank": r, "ratio_to_random": ci.as_dict(), "mean_phi": float(rows["phi"].mean()),
@@ -110,7 +116,9 @@ def _captures(ev: Evidence) -> Finding:
     ours = (f"LoRA r={r} captures φ = {fmt_number(float(rows['phi'].mean()))} of full fine-tuning's top-{r} subspace, "
             f"{ci.text('.2f')}× the random {fmt_number(float(rows['null'].mean()), '.4f')}")
     null = "two random r-dimensional subspaces of dimension d: E φ(r, r) = r/d"
-    return _make(ours, verdict, rule, null, "full_vs_lora", measures, details)
+    power = stat.power(lambda iv: iv.lo > np.log(MARGIN), np.log(2 * MARGIN),
+                       f"P(holds) at a true ratio of {2 * MARGIN:g}× chance")
+    return finding(ours, verdict, rule, null, "full_vs_lora", measures, details, stat=stat, power=power)
 
 
 @FULL_FINETUNE.claim(
@@ -145,7 +153,8 @@ def _intruders(ev: Evidence) -> Finding:
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
     diff = rows.assign(diff=rows["lora_intruders"] - rows["full_intruders"])
-    ci = seed_bootstrap_ci(diff["diff"], diff)
+    stat = seed_stat(diff, "diff")
+    ci = stat.interval
     verdict = three_way(ci, 0.0)
     if verdict == INCONCLUSIVE and ci.lo == ci.hi == 0.0:
         verdict = INCONCLUSIVE  # no intruder on either side: nothing to tell apart
@@ -153,7 +162,8 @@ def _intruders(ev: Evidence) -> Finding:
                 "full_mean": float(rows["full_intruders"].mean())}
     ours = (f"LoRA r={r}: {fmt_number(float(rows['lora_intruders'].mean()), '.2f')} intruders per matrix, full fine-tuning "
             f"{fmt_number(float(rows['full_intruders'].mean()), '.2f')}; difference {ci.text('.2f')}")
-    return _make(ours, verdict, rule, "no difference (0)", "full_vs_lora", measures)
+    power = stat.power(lambda iv: iv.lo > 0, 1.0, "P(holds) at one intruder more per matrix for LoRA")
+    return finding(ours, verdict, rule, "no difference (0)", "full_vs_lora", measures, stat=stat, power=power)
 
 
 def full_quality(quality: pd.DataFrame | None) -> dict[str, Any]:

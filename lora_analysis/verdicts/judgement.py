@@ -16,7 +16,13 @@ from typing import Any
 import pandas as pd
 
 from lora_analysis.verdicts.claims import Context, evaluate_claims, report_json
-from lora_analysis.verdicts.dynamics import Trajectory, Trend, claim_trajectories, dynamics_json, top_overlap_trend
+from lora_analysis.verdicts.dynamics import (
+    Trajectory,
+    Trend,
+    claim_trajectories,
+    dynamics_json,
+    top_overlap_trend,
+)
 from lora_analysis.verdicts.full_finetune import evaluate_full_claims, full_json, full_quality
 from lora_analysis.verdicts.registry import Claim
 

@@ -65,7 +65,7 @@ def test_intruder_rule_fails_and_passes():
 
 def test_full_amplification_uses_table7_rule():
     """Full ΔW rows in Table 7's schema: the amplification rule of claim 4, relabelled."""
-    aligned = synthetic_tables(layers=LAYERS, ranks=(4, 64), seeds=SEEDS, margin=10.0)["table7"]
+    aligned = synthetic_tables(layers=LAYERS, ranks=(4, 64), seeds=SEEDS, f=0.05)["table7"]  # paper-sized
     random_like = synthetic_tables(layers=LAYERS, ranks=(4, 64), seeds=SEEDS, margin=1.0)["table7"]
     a = _by_id({"full_table7": aligned})["full_amplification"]
     assert a.verdict == HOLDS and a.id == "full_amplification" and a.title == FULL_FINETUNE.spec("full_amplification").title
