@@ -3,8 +3,8 @@
 Two folders of adapters (q and v of layers 0-3, ranks 4 and 64, seeds 0-2), built in memory:
 
 * **random**: A and B plain Gaussian noise, ΔW unrelated to W and to each other (the referee's test);
-* **planted**: every seed's ΔW lies on the same band of W's own singular directions, past W's top 10 % (directions
-  W has but does not emphasise), amplified 4×: the paper's reading of Section 7, true by construction.
+* **planted**: every seed's ΔW lies on the same band of W's own singular directions, deep in W's spectrum
+  (directions W has but does not emphasise), amplified 4×: the paper's reading of Section 7, true by construction.
 
 The tables come from the same functions the analysis runs (tables.build), and the claims are judged by the same
 rules. A rule that the random folder passes, or the planted one fails, is a defect.
@@ -27,7 +27,11 @@ from lora_analysis.verdicts import claims as C
 LAYERS = (0, 1, 2, 3)
 RANKS = (4, 64)
 SEEDS = (0, 1, 2)
-BAND_START = 38  # past W's top 10 % of directions (Figure 8 looks at those)
+# Deep in W's spectrum: directions W has but does not emphasise. On MiniLM's flat-topped spectrum a band at 38
+# (just past the top 10 %) projects f = 0.53 of the way to W's own top subspace, which the pre-registered rule
+# reads as "on W's own top directions" (f_max 0.25). At 180, f is 0.17-0.23 at k = 4 and 0.05-0.10 at k = 64
+# over these 8 matrices (measured): above the paper's 0.014 and 0.042 and below f_max, so paper-sized at both.
+BAND_START = 180
 PLANTED_AMPLIFICATION = 4.0
 
 
@@ -68,14 +72,14 @@ def _planted(weights, rank: int, seed: int) -> LoadedAdapter:
 
 def _verdicts(weights, make) -> dict[str, C.Claim]:
     adapters = {(r, s): make(weights, r, s) for r in RANKS for s in SEEDS}
-    phi = [phi_table(adapters[(4, s)], adapters[(64, s)], comparison="rank", quantities=("A", "dW", "expected_random"))
+    phi = [phi_table(adapters[(4, s)], adapters[(64, s)], comparison="rank", quantities=("A", "dW", "dW-top", "expected_random"))
            for s in SEEDS]
-    phi += [phi_table(adapters[(64, a)], adapters[(64, b)], comparison="seed", quantities=("A", "dW", "expected_random"))
+    phi += [phi_table(adapters[(64, a)], adapters[(64, b)], comparison="seed", quantities=("A", "dW", "dW-top", "expected_random"))
             for a, b in itertools.combinations(SEEDS, 2)]
     tables = {
         "phi": concat_table("phi", phi),
         "table7": concat_table("table7", [table7_table(a, weights, null_draws=8) for a in adapters.values()]),
-        "fig8": concat_table("fig8", [fig8_table(a, weights) for (r, s), a in adapters.items() if s == 0]),
+        "fig8": concat_table("fig8", [fig8_table(a, weights) for a in adapters.values()]),  # every seed
     }
     claims, _ = C.evaluate_claims(tables)
     return {c.id: c for c in claims}
@@ -101,7 +105,7 @@ def test_random_adapters_pass_no_positive_claim(random_claims):
     assert v["other_directions_noise"] == C.HOLDS
     assert v["w_top_not_amplified"] == C.HOLDS
     amp = random_claims["amplification"].measures
-    assert amp["amplification"]["estimate"] > 1 and amp["margin"]["hi"] < C.MARGIN
+    assert amp["amplification"]["estimate"] > 1 and amp["two_questions"] == "noise" and amp["f"]["lo"] <= 0
     assert amp["amplification_random"] == pytest.approx(amp["amplification"]["estimate"], rel=0.25)
 
 
@@ -114,4 +118,4 @@ def test_planted_adapters_pass_the_papers_reading(planted_claims):
     assert v["other_directions_noise"] == C.FAILS  # every planted direction is shared, not noise
     amp = planted_claims["amplification"].measures
     assert amp["amplification"]["estimate"] == pytest.approx(PLANTED_AMPLIFICATION, rel=0.02)
-    assert amp["margin"]["lo"] > 10  # the band's projection is ~16x a random pair's at k = 4 (the paper's 16x)
+    assert amp["two_questions"] == "paper-sized" and amp["f"]["lo"] > amp["f_paper"]
