@@ -28,6 +28,8 @@ from lora_analysis.tables.dynamics import dynamics_table, snapshot_tables
 from lora_analysis.tables.full_finetune import full_finetune_tables
 from lora_analysis.verdicts.judgement import Judgement, judge_tables
 
+COMMITTED_GZIPPED = ("phi", "fig8")  # tens of MB as CSV: committed gzipped, so every verdict can be recomputed
+
 __all__ = ["Analysis", "Judgement", "analyse", "analyse_and_render", "judge", "render"]
 
 
@@ -78,7 +80,7 @@ def render(analysis: Analysis, judgement: Judgement, out_dir: str | os.PathLike,
     for folder in (out, out / "tables"):  # what a killed render left (a live writer's temporaries are locked, kept)
         if folder.is_dir():
             remove_stale_temps(folder)
-    written = write_tables(analysis.tables, out / "tables")
+    written = write_tables(analysis.tables, out / "tables", gzipped=COMMITTED_GZIPPED)
     written += render_all(analysis.tables, out, quiet=quiet)
     written += write_report(judgement, out, setup=analysis.setup, validation=validation)
     return written

@@ -29,7 +29,7 @@ import itertools
 import os
 import sys
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -656,8 +656,16 @@ def _section7_tables(run: Run, adapters: dict[tuple[int, int], LoadedAdapter], *
     return tables
 
 
-def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike) -> list[Path]:
-    """Write each table to ``out_dir/<name>.csv`` atomically (full float precision); returns the paths."""
+def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike, *,
+                 gzipped: Collection[str] = ()) -> list[Path]:
+    """Write each table to ``out_dir/<name>.csv`` atomically (full float precision); returns the paths.
+
+    ``gzipped``: tables also written as ``<name>.csv.gz`` (gzip with no name and no time in its header, so the
+    bytes depend on the table only): the large φ and Figure 8 tables are committed that way, so every verdict can
+    be recomputed from files in the repository.
+    """
+    import gzip
+
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: is a file; expected an output directory")
@@ -668,4 +676,10 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike)
         with atomic_path(path) as tmp:
             df.to_csv(tmp, index=False)
         paths.append(path)
+        if name in gzipped:
+            packed = root / f"{name}.csv.gz"
+            with atomic_path(packed) as tmp, open(tmp, "wb") as raw, \
+                    gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh:
+                fh.write(df.to_csv(index=False).encode("utf-8"))
+            paths.append(packed)
     return paths
