@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from lora.dora import dora_weight
+from lora.layers import delta_weight
 from lora_analysis.metrics.linalg import as_float64_matrix, top_singular
 
 __all__ = ["DENSE_LIMIT", "DoraSummary", "dora_summary"]
@@ -101,9 +103,8 @@ def dora_summary(
     if n.shape != m.shape or not bool((n > 0).all()):
         raise ValueError(f"reference_norms {tuple(n.shape)} must be ({m.shape[0]},) and positive")
     rel = m / n - 1
-    dW = scaling * (B @ A)
-    V = W0 + dW
-    eff = (m / torch.linalg.vector_norm(V, dim=1)).unsqueeze(1) * V - W0  # W' − W0
+    dW = delta_weight(A, B, scaling)  # the one ΔW and the one W' of the project (merge and export use them too)
+    eff = dora_weight(W0, dW, m) - W0  # W' − W0
     dw_eff_norm = float(torch.linalg.matrix_norm(eff))
     k = A.shape[0] if top is None else top
     delta_eff = amplification_eff = math.nan

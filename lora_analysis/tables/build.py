@@ -58,6 +58,7 @@ from lora_analysis.metrics.subspace import (
     init_control,
     phi_delta,
     phi_grid,
+    phi_weight_vs_delta,
     random_phi_expected,
     random_phi_sampled,
     start_null,
@@ -311,9 +312,9 @@ def fig8_table(
         n_w = i_max or max(1, round(FIG8_FRACTION * min(W.shape)))
         n_w = min(n_w, min(W.shape))
         ws = svd_of(key, W).truncate(n_w)
-        dw = factored_svd(f.A, f.B, scaling=f.scaling)
         meta = {**_ids(key), "rank": f.rank, "seed": _seed(adapter)}
-        frames.append(_grid_frame(phi_grid(ws.V, dw.V), {**meta, "source": "delta"}))
+        grid = phi_weight_vs_delta(W, f.A, f.B, scaling=f.scaling, i_max=n_w, w_svd=ws)  # the metric owns it
+        frames.append(_grid_frame(grid, {**meta, "source": "delta"}))
         if random:
             g = torch.Generator().manual_seed(module_seed(key, random_seed + f.rank))
             A_rand = torch.randn(f.rank, W.shape[1], generator=g, dtype=torch.float64)

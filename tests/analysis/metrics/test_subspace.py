@@ -205,3 +205,35 @@ def test_shared_dimensions_counts_planted_overlap():
     assert round(float(curve.max())) == K
     with pytest.raises(ValueError, match="d must be an int >= 12"):
         shared_dimensions(phi_grid(U1, U2), d=5)
+
+
+def test_phi_delta_with_and_without_the_top_direction():
+    """Identical ΔW directions: φ = 1 everywhere. A shared top direction with the rest orthogonal: φ(1, 1) = 1 on
+    the whole, and the directions after it (dW-top) share nothing."""
+    from lora_analysis.metrics.subspace import phi_delta
+
+    Q, _ = torch.linalg.qr(torch.randn(50, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    same = phi_delta(Q[:, :4], Q[:, :8])
+    assert same["dW"].shape == (4, 8) and same["dW-top"].shape == (3, 7)
+    assert torch.allclose(same["dW"], torch.ones(4, 8, dtype=torch.float64), atol=1e-12)  # rounding of QᵀQ
+    top_only = phi_delta(Q[:, [0, 1, 2]], Q[:, [0, 3, 4, 5]])
+    assert float(top_only["dW"][0, 0]) == pytest.approx(1.0, abs=1e-12)
+    assert float(top_only["dW-top"].abs().max()) < 1e-12
+    assert "dW-top" not in phi_delta(Q[:, :1], Q[:, :4])  # one direction: nothing after the top
+
+
+def test_start_null_sees_nested_starts():
+    """Independent starts: the mean φ on ΔW = G·A_init is the random-subspace baseline max(i, j)/d. Nested starts
+    (the small start is the first rows of the large one) share directions before anything is learned."""
+    from lora_analysis.metrics.subspace import start_null
+
+    d, g = 200, torch.Generator().manual_seed(1)
+    A_large = torch.randn(16, d, generator=g, dtype=torch.float64)
+    A_other = torch.randn(2, d, generator=g, dtype=torch.float64)
+    nested = start_null(A_large[:2], A_large, d_out=30, draws=64, seed=0)["start_null"]
+    indep = start_null(A_other, A_large, d_out=30, draws=64, seed=0)["start_null"]
+    expected = random_phi_expected(2, 16, d=d)
+    # Monte Carlo: φ(i, j) of random subspaces has sd of order its mean; 64 draws put the mean within ~3 sd/8
+    assert torch.allclose(indep, expected, rtol=0.5, atol=0.01)
+    assert float(nested[1, 15]) == pytest.approx(1.0, abs=1e-12)  # A_2's row space lies inside A_16's
+    assert float(nested[0, 0]) > 5 * float(indep[0, 0])

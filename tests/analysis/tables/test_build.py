@@ -65,7 +65,8 @@ def test_phi_table_schema_and_values(tiny_run):
     a1, a2 = load_run_adapter(tiny_run, rank=2), load_run_adapter(tiny_run, rank=8)
     t = phi_table(a1, a2, comparison="rank")
     assert list(t.columns) == COLUMNS["phi"]
-    assert set(t["quantity"]) == {"A", "A-A_init", "A_init", "B", "dW", "expected_random"}
+    assert set(t["quantity"]) == {"A", "A-A_init", "A_init", "B", "dW", "dW-top", "start_null", "start_null-top",
+                                  "expected_random"}
     assert set(t["module"]) == set(a1.factors) and t["phi"].dtype == np.float64
     row = t[(t.module == KEY)].iloc[0]
     assert (row.weight_type, row.layer, row.r1, row.r2, row.seed1, row.seed2) == ("v", 1, 2, 8, 0, 0)
@@ -296,7 +297,7 @@ def test_analyse_run_all_tables(tiny_run, tmp_path):
     assert set(zip(seed_rows.r1, seed_rows.seed1, seed_rows.seed2, strict=True)) == {(8, 0, 1)}
     assert set(zip(*[phi[phi.comparison == "random"][c] for c in ("r1", "r2")], strict=True)) == {(4, 8), (8, 8)}
     assert len(tables["table7"]) == 6 * 4 and len(tables["spectra"]) == 6 * 4
-    assert set(tables["fig8"]["rank"]) == {4, 8} and set(tables["fig8"]["seed"]) == {0}
+    assert set(tables["fig8"]["rank"]) == {4, 8} and set(tables["fig8"]["seed"]) == {0, 1}  # every seed
     assert bw.svd.computed == 4  # W's SVD once per weight matrix, shared by 6 adapters
     assert len(bw._models) == 1
     # values agree with the one-adapter functions
