@@ -46,7 +46,9 @@ import hashlib
 import os
 import pickle
 import platform
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -796,9 +798,62 @@ def pack_groups(points: Sequence[GridPoint], *, size: int | None = None) -> list
     return groups
 
 
-def _worker_init(threads: int) -> None:
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PARENT_POLL_S = 0.5
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker as soon as the process that started it ends, however it ends (``kill -9``, a stopped
+    notebook kernel, a crash), so no orphan keeps training and holding memory.
+
+    Two mechanisms, because neither alone covers every case:
+
+    * Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills this process when its parent goes.
+      Strictly, the signal fires when the parent *thread* that forked it exits; the pool's workers are forked
+      by the thread that submits the work (``_train_in_workers``), which joins the pool before it returns, so
+      that thread outlives them. Checked after the call too, since the parent may have died before it.
+    * Everywhere (the fallback off Linux, and a net on it): a daemon thread that polls ``os.getppid()`` and
+      exits at once when it no longer names the parent (an orphan is re-parented to init or a subreaper).
+
+    A worker killed while it still imports (before this runs) dies when it gets here. multiprocessing's
+    resource tracker needs nothing: it exits by itself once every process holding its pipe (the parent and
+    these workers) has gone.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl (an unusual libc): the watchdog below still runs
+            pass
+    if os.getppid() != parent_pid:  # the parent died before we could ask to follow it
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)  # no cleanup: the parent is gone, and a half-written point is only a temporary directory
+
+    threading.Thread(target=watch, name="lora-parent-watch", daemon=True).start()
+
+
+def _worker_init(threads: int, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _stop_workers(pool) -> None:
+    """End a pool's workers now (the parent was interrupted: Ctrl-C, a notebook's interrupt, an error here),
+    instead of ``shutdown(wait=True)``, which would let every queued point train first. A point killed mid-way
+    left only a temporary directory, which the next run removes and retrains."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.join(10)
 
 
 def _train_point_in_worker(cfg: TrainConfig, point: GridPoint, out_dir: str) -> str:
@@ -822,8 +877,9 @@ def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *,
 
     done: list[str] = []
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads and a lock
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(torch.get_num_threads(),)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(torch.get_num_threads(), os.getpid()))
+    try:
         pending = {pool.submit(_train_point_in_worker, cfg, p, str(out)) for p in todo}
         probe_job = pool.submit(_probe_in_worker, cfg) if probe else None
         if probe_job is not None:
@@ -832,14 +888,18 @@ def _train_in_workers(cfg: TrainConfig, todo: Sequence[GridPoint], out: Path, *,
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for f in finished:
                 if f.exception() is not None:
-                    for other in pending:
-                        other.cancel()
+                    # a point failed: queued ones are dropped, running ones finish and are kept
+                    pool.shutdown(wait=True, cancel_futures=True)
                     raise f.exception()
                 if f is probe_job:
                     _PROBES[_probe_key(cfg)] = f.result()
                     continue
                 done.append(f.result())
                 bar.update(1)
+        pool.shutdown(wait=True)
+    except BaseException:
+        _stop_workers(pool)
+        raise
     return done
 
 

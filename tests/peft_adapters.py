@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from numerics import forward64
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]])
 BERT_KW = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -90,10 +91,10 @@ def peft_merged(base_dir: Path, adapter_dir: Path):
 
 
 def output(model) -> torch.Tensor:
-    """The model's output on a fixed batch (logits for GPT-2, the last hidden state for BERT)."""
-    with torch.no_grad():
-        out = model(input_ids=IDS)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    """The model's output on a fixed batch (logits for GPT-2, the last hidden state for BERT), computed in
+    float64 (numerics.forward64): two models then differ by their weights, not by this CPU's float32
+    kernels."""
+    return forward64(model, input_ids=IDS)
 
 
 def max_state_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:

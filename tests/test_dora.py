@@ -24,6 +24,7 @@ def bases(tmp_path_factory):
     return save_bases(tmp_path_factory.mktemp("bases"))
 
 
+@pytest.mark.float_sensitive
 def test_dora_weight_at_init_is_w0_and_rescales_rows():
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(5, 7, generator=g, dtype=torch.float64)
@@ -54,6 +55,7 @@ MERGE_CASES = {
 }
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("case", sorted(MERGE_CASES))
 def test_merge_equals_peft(bases, tmp_path, case):
     name, kw = MERGE_CASES[case]
@@ -65,8 +67,13 @@ def test_merge_equals_peft(bases, tmp_path, case):
     out = tmp_path / "merged"
     assert merge_main(["--adapter", str(ad), "--base", str(base), "--out", str(out), "--quiet"]) == 0
     ours, ref = load(out, like=base), peft_merged(base, ad)
-    assert max_state_diff(ours, ref) <= 1e-4
-    torch.testing.assert_close(output(ours), output(ref), atol=1e-4, rtol=0)
+    # Ours is float64 rounded once; peft's float32 W' = m/‖W0 + s·B A‖_c ⊙ (W0 + s·B A) rounds along
+    # r + d_in + 6 ≤ 138 steps on |W'| < 1 (γ_138 = 8e-6, numerics), plus, for PiSSA, its float32 SVD
+    # (test_init_residual._factorization_bound: ≤ 2e-5 on BERT's q, v, ≤ 9e-5 on GPT-2's 128x32 c_fc): 2e-4
+    # holds on any CPU (2e-7 measured). The outputs run in float64 (peft_adapters.output), so only those weight
+    # differences reach them (5e-7 measured); plain LoRA in place of DoRA is > 5e-3 off (below).
+    assert max_state_diff(ours, ref) <= 2e-4
+    torch.testing.assert_close(output(ours), output(ref), atol=2e-4, rtol=0)
     # DoRA is not plain LoRA: W0 + s·B·A alone is far from it
     plain = load(base)
     apply_adapter(plain, adapter, allow_dora=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import forward64
 
 from lora.errors import UserError
 from lora.inject import (
@@ -121,17 +122,21 @@ def test_count_parameters(tiny_bert):
     assert count_parameters(tiny_bert).trainable == lora + 32 * 32 + 32
 
 
+@pytest.mark.float_sensitive
 def test_strip_lora_merges_and_restores_plain_modules(tiny_bert):
     layers = inject_lora(tiny_bert, ["q"], r=2, alpha=2)
     with torch.no_grad():
         for m in layers.values():
             m.lora_B.normal_()
     ids = torch.tensor([[3, 4, 5]])
+    expected = forward64(tiny_bert, input_ids=ids)
     with torch.no_grad():
-        expected = tiny_bert(input_ids=ids).last_hidden_state
         strip_lora(tiny_bert, merge=True)
-        got = tiny_bert(input_ids=ids).last_hidden_state
     assert not lora_modules(tiny_bert)
     assert type(tiny_bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
     assert not isinstance(tiny_bert.encoder.layer[0].attention.self.query, LoRALinear)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Both forwards in float64 (numerics.forward64): they differ only by the merged query weights' float32
+    # rounding, ≤ γ_4 (|W0| + s|B||A|) < 3e-7 per element (|W0| < 0.1, B ~ N(0, 1), |A| ≤ 1/√32, r = 2,
+    # s = 1), whatever the kernel; the O(1) hidden states move by 5e-11 (measured), and by 9e-4 if the merge
+    # dropped ΔW. 1e-6 sits between.
+    torch.testing.assert_close(forward64(tiny_bert, input_ids=ids), expected, atol=1e-6, rtol=0)

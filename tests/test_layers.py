@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import assert_f32_close
 from scipy import stats
 from torch import nn
 
@@ -42,14 +43,48 @@ def _conv1d(d_in, d_out_total, seed=0):
     return c
 
 
+def _dense64(base, factors, x):
+    """A Conv1D (``y = x W + b``, ``W`` stored ``(d_in, n·d_out)``) plus ``s·ΔWᵀ`` on the slices
+    ``factors`` name (``""``: the whole output; else q, k, v thirds), applied to ``x`` in float64, and the
+    same on absolute values (the magnitude the float32 rounding is relative to, numerics)."""
+    W, b, x = base.weight.detach().double(), base.bias.detach().double(), x.double()
+    W_abs = W.abs()
+    d = W.shape[1] // 3
+    for s, f in factors.items():
+        cols = slice(None) if not s else slice("qkv".index(s) * d, ("qkv".index(s) + 1) * d)
+        A, B = f.A.double(), f.B.double()
+        W[:, cols] += f.scaling * (B @ A).T
+        W_abs[:, cols] += f.scaling * (B.abs() @ A.abs()).T
+    return x @ W + b, x.abs() @ W_abs + b.abs()
+
+
+def _dense_abs(layer, kind, mag, x):
+    """``|x| (|W0| + s|B||A|)ᵀ + |b|`` for the layer of test_merged_equals_unmerged (one-hot ids for an
+    embedding), from the per-matrix magnitudes ``mag`` ((d_out, d_in) each)."""
+    if kind == "embedding":
+        return F.embedding(x, mag[""].T)
+    if kind == "fused":
+        d = layer.d_out
+        full = layer.base.weight.detach().double().abs().T.clone()  # (3·d_out, d_in), k rows unadapted
+        for s, m in mag.items():
+            full["qkv".index(s) * d:("qkv".index(s) + 1) * d] = m
+    else:
+        full = mag[""]
+    return x.double().abs() @ full.T + layer.base.bias.detach().double().abs()
+
+
+@pytest.mark.float_sensitive
 def test_delta_weight_is_scaled_product_and_checks_shapes():
     A, B = torch.randn(3, 7), torch.randn(5, 3)
-    torch.testing.assert_close(delta_weight(A, B, 0.5), 0.5 * B @ A)
+    # float32 against float64: r = 3 products summed, the scale by 0.5 exact (numerics)
+    ref, mag = 0.5 * B.double() @ A.double(), 0.5 * B.abs().double() @ A.abs().double()
+    assert_f32_close(delta_weight(A, B, 0.5), ref, mag, rounds=3)
     assert LoRAFactors(A, B, 2.0).rank == 3
     with pytest.raises(ValueError, match=r"\(3, 7\)"):
         delta_weight(A, torch.randn(5, 4), 1.0)
 
 
+@pytest.mark.float_sensitive
 def test_scaling_paper_and_rslora():
     assert lora_scaling(8, 16) == 2.0
     assert lora_scaling(16, 8, use_rslora=True) == 2.0
@@ -61,9 +96,15 @@ def test_scaling_paper_and_rslora():
     x = torch.randn(5, 16)
     with torch.no_grad():
         lora_part = layer(x) - base(x)
-    torch.testing.assert_close(lora_part, x @ layer.lora_A.T @ layer.lora_B.T * (3 / math.sqrt(4)))
+    # float32 against float64: x Aᵀ (16), then Bᵀ (4), the scale, the sum with the base output and its removal
+    # (3), each relative to the terms of W x + b + s·B A x (numerics)
+    x64, A, B, W, b = (t.detach().double() for t in (x, layer.lora_A, layer.lora_B, base.weight, base.bias))
+    s = 3 / math.sqrt(4)
+    mag = x64.abs() @ W.abs().T + b.abs() + s * x64.abs() @ A.abs().T @ B.abs().T
+    assert_f32_close(lora_part, s * x64 @ A.T @ B.T, mag, rounds=16 + 4 + 3)
 
 
+@pytest.mark.float_sensitive
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "fused", "embedding"])
 def test_merged_equals_unmerged_and_unmerge_restores(kind):
     torch.manual_seed(0)
@@ -81,26 +122,36 @@ def test_merged_equals_unmerged_and_unmerge_restores(kind):
         layer = LoRAEmbedding(base, r=3, alpha=6)
     _randomize_B(layer)
     w0 = base.weight.detach().clone()
+    W0 = {s: w.double().clone() for s, w in layer.base_weights().items()}  # (d_out, d_in) per adapted matrix
+    # |W0| + s|B||A| per matrix: what each merged weight's rounding is relative to (numerics)
+    mag = {s: w.abs() + f.scaling * f.B.double().abs() @ f.A.double().abs() for (s, w), f in
+           zip(W0.items(), layer.factors().values(), strict=True)}
+    d_in, r = 10 if kind != "embedding" else 20, 3
     with torch.no_grad():
         unmerged = layer(x)
         layer.merge()
         assert not torch.equal(base.weight, w0)
-        torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
-        for s, w in layer.base_weights().items():  # W0 is still recoverable while merged
-            ref = {"linear": w0, "conv1d": w0.T, "embedding": w0.T}.get(kind)
-            ref = w0[:, "qkv".index(s) * 8:][:, :8].T if ref is None else ref
-            torch.testing.assert_close(w, ref, atol=1e-5, rtol=0)
+        # merged x (W0 + ΔW)ᵀ + b (r + 2 roundings on the weight, d_in + 1 on the product) against the
+        # unmerged x W0ᵀ + b + s·B A x (d_in + r + 2): γ over both, relative to |x| (|W0| + s|B||A|)ᵀ + |b|
+        out_mag = _dense_abs(layer, kind, mag, x)
+        assert_f32_close(layer(x), unmerged, out_mag, rounds=2 * d_in + 2 * r + 5, what=kind)
+        # W0 is still recoverable while merged: (W0 + ΔW) − ΔW rounds twice, ΔW itself computed twice (r + 1
+        # each), all relative to |W0| + s|B||A|
+        for s, w in layer.base_weights().items():
+            assert_f32_close(w, W0[s], mag[s], rounds=2 * r + 4, what=f"{kind} W0 {s}")
         layer.unmerge()
-    torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)
+    for s, w in layer.base_weights().items():
+        assert_f32_close(w, W0[s], mag[s], rounds=2 * r + 4, what=f"{kind} unmerged {s}")
 
 
+@pytest.mark.float_sensitive
 def test_zero_B_is_the_base_model(tiny_bert):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         before = tiny_bert(input_ids=ids).last_hidden_state
         inject_lora(tiny_bert, ["q", "k", "v", "o"], r=4, alpha=16, init="gaussian")
         after = tiny_bert(input_ids=ids).last_hidden_state
-    assert torch.equal(before, after)
+    assert torch.equal(before, after)  # exact on any CPU: with B = 0 the branch adds exact zeros
 
 
 def test_gradients_reach_only_lora_and_head(tiny_bert):
@@ -159,52 +210,56 @@ def test_nested_init_across_ranks(tiny_bert):
     assert not torch.equal(a8[paths[0]].lora_A, a8[paths[1]].lora_A)  # each module draws its own A
 
 
+@pytest.mark.float_sensitive
 def test_fused_qkv_equals_dense_computation():
     d = 8
     base = _conv1d(6, 3 * d)
     layer = LoRAFusedQKV(base, slices=("v", "q"), r=2, alpha=3)
     assert layer.slices == ("q", "v")
     _randomize_B(layer)
-    f = layer.factors()
-    dense = base.weight.detach().clone()  # (d_in, 3d): y = x @ W + b
-    dense[:, 0:d] += f["q"].delta_weight().T
-    dense[:, 2 * d:] += f["v"].delta_weight().T
     x = torch.randn(3, 5, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), x @ dense + base.bias, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.base_weights()["v"], base.weight[:, 2 * d:].T)
+    ref, mag = _dense64(base, layer.factors(), x)  # W (d_in, 3d) plus s·ΔWᵀ on the q and v thirds
+    with torch.no_grad():  # float32 against float64: x W + b (6 + 1) beside s·B A x (6 + 2 + 1), summed (1)
+        assert_f32_close(layer(x), ref, mag, rounds=6 + 2 + 2)
+    assert torch.equal(layer.base_weights()["v"], base.weight[:, 2 * d:].T)  # a view: no arithmetic
     with pytest.raises(ValueError, match="slices"):
         LoRAFusedQKV(base, slices=("q", "x"), r=2, alpha=3)
     with pytest.raises(ValueError, match="rank"):
         LoRAFusedQKV(base, slices=("q",), r=9, alpha=3)
 
 
+@pytest.mark.float_sensitive
 def test_conv1d_lora_equals_dense_computation():
     """A whole Conv1D (GPT-2 c_proj / c_fc, stored (d_in, d_out)): y = x (W + ΔWᵀ) + b, ΔW = s·B A (d_out, d_in)."""
     base = _conv1d(6, 10)
     layer = LoRAConv1D(base, r=2, alpha=3, use_rslora=True)
     assert layer.lora_A.shape == (2, 6) and layer.lora_B.shape == (10, 2) and layer.scaling == 3 / math.sqrt(2)
     _randomize_B(layer)
-    dense = base.weight.detach() + layer.factors()[""].delta_weight().T
     x = torch.randn(3, 5, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), x @ dense + base.bias, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.base_weights()[""], base.weight.T)  # nn.Linear orientation (d_out, d_in)
+    ref, mag = _dense64(base, layer.factors(), x)
+    with torch.no_grad():  # float32 against float64: x W + b (6 + 1) beside s·B A x (6 + 2 + 1), summed (1)
+        assert_f32_close(layer(x), ref, mag, rounds=6 + 2 + 2)
+    assert torch.equal(layer.base_weights()[""], base.weight.T)  # nn.Linear orientation (d_out, d_in), a view
     with pytest.raises(ValueError, match="rank"):
         LoRAConv1D(base, r=7, alpha=3)
     with pytest.raises(TypeError, match="Conv1D"):
         LoRAConv1D(nn.ReLU(), r=1, alpha=1)
 
 
+@pytest.mark.float_sensitive
 def test_embedding_lora_equals_dense_table():
     torch.manual_seed(0)
     base = nn.Embedding(30, 8, padding_idx=0)
     layer = LoRAEmbedding(base, r=3, alpha=6)
     _randomize_B(layer)
-    table = base.weight.detach() + layer.factors()[""].delta_weight().T  # E + s (B A)^T, (num, dim)
+    f = layer.factors()[""]
+    E, A, B = base.weight.detach().double(), f.A.double(), f.B.double()
     ids = torch.tensor([[0, 3, 29, 7]])
+    # float32 against float64 E + s (B A)ᵀ, (num, dim): the lookups are exact, then r = 3 products, the scale
+    # and the sum, relative to |E| + s (|B| |A|)ᵀ (numerics)
+    table, mag = E + f.scaling * (B @ A).T, E.abs() + f.scaling * (B.abs() @ A.abs()).T
     with torch.no_grad():
-        torch.testing.assert_close(layer(ids), F.embedding(ids, table), atol=1e-6, rtol=0)
+        assert_f32_close(layer(ids), F.embedding(ids, table), F.embedding(ids, mag), rounds=3 + 2)
     assert layer.lora_A.shape == (3, 30) and layer.lora_B.shape == (8, 3)
     with pytest.raises(TypeError):
         LoRAEmbedding(nn.Linear(3, 3), r=1, alpha=1)
@@ -217,6 +272,7 @@ def test_linear_rank_bounds():
         LoRALinear(nn.Embedding(3, 3), r=1, alpha=1)
 
 
+@pytest.mark.float_sensitive
 def test_merge_into_bf16_rounds_once():
     """A bf16 base: W0 + ΔW is summed in float32 and rounded to bf16 once (rounding ΔW to bf16 first, then adding in
     bf16, rounds twice); a float32 base is the plain sum, as before."""
@@ -232,6 +288,7 @@ def test_merge_into_bf16_rounds_once():
     delta = layer._delta().detach()
     assert delta.dtype == torch.float32
     layer.merge()
+    # exact on any CPU: elementwise IEEE sums and casts, and the same ΔW tensor on both sides
     assert torch.equal(layer.base.weight, (w0.float() + delta.float()).to(torch.bfloat16))
     twice = w0 + delta.to(torch.bfloat16)  # the old way: ΔW rounded to bf16, then the sum rounded again
     assert not torch.equal(twice, layer.base.weight)  # the two roundings differ somewhere on this draw

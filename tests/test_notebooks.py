@@ -38,13 +38,26 @@ def test_notebooks_only_call_the_library(name):
     assert re.search(r"\bdef |\bclass |lambda", text) is None  # no helpers defined in a notebook
 
 
+# nbclient's per-cell timeout: about 10x the slowest cell on an idle machine. Measured here (2026-12-07, tiny run,
+# one torch thread): notebook 04's render_all/report cell 15.5 s wall, 14.3 s CPU, and notebook 06's
+# load_beyond cell 14.4 s wall, 13.7 s CPU (the others are < 9 s); the machine was shared (load average ~5),
+# so the CPU time, ~15 s, is the idle figure.
+CELL_TIMEOUT_S = 150
+
+
 @pytest.mark.slow
 def test_notebooks_execute(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # The kernels inherit this: one torch (OpenMP/MKL) thread, as every test runs (conftest.py). With torch's
+    # default of one thread per core, notebook 06's load_beyond cell took 30 s with nothing else running and
+    # 121 s beside one CPU-bound process on 2 cores (threads waiting on each other), against 15 s and 27 s
+    # with one thread.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
     parameters = {"RUN_DIR": str(runs), "ADAPTER_DIR": str(runs), "OUT_DIR": str(tmp_path / "out"),
                   "STEPS": 10, "TEXTS": 24}  # the planted-rank students at a smoke size
     for path in build_notebooks.build(tmp_path):
-        build_notebooks.execute(path, timeout=300, parameters=parameters)
+        build_notebooks.execute(path, timeout=CELL_TIMEOUT_S, parameters=parameters)
         nb = nbformat.read(path, as_version=4)
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
         assert not [o for o in outputs if o.output_type == "error"], path.name

@@ -77,6 +77,7 @@ def test_workers_write_the_same_snapshots(tiny_bert_dir, snap_run, tmp_path, mon
         for s in (0, 2, 4):
             a = load_file(out / d / SNAPSHOT_DIR / snapshot_name(s))
             b = load_file(snap_run / d / SNAPSHOT_DIR / snapshot_name(s))
+            # bitwise: same machine, kernel path (the workers inherit the environment) and one thread each
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

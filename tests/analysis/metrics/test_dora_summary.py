@@ -11,6 +11,8 @@ import torch
 from lora_analysis.metrics.dora import dora_summary
 from lora_analysis.metrics.linalg import top_singular
 
+pytestmark = pytest.mark.float_sensitive  # rerun under forced MKL/ATen kernels by .ci/run
+
 F64 = torch.float64
 
 

@@ -20,6 +20,8 @@ from lora_analysis.metrics.linalg import (
     weight_fingerprint,
 )
 
+pytestmark = pytest.mark.float_sensitive  # rerun under forced MKL/ATen kernels by .ci/run
+
 
 def _factors(d_out: int, d_in: int, r: int, seed: int = 0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)

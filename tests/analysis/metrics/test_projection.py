@@ -11,6 +11,8 @@ from lora.layers import delta_weight
 from lora_analysis.metrics.linalg import WeightSVDCache, top_singular
 from lora_analysis.metrics.projection import Table7Row, projection_norm, random_orthonormal, table7_row
 
+pytestmark = pytest.mark.float_sensitive  # rerun under forced MKL/ATen kernels by .ci/run
+
 F64 = torch.float64
 
 

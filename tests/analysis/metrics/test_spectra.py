@@ -49,6 +49,7 @@ def test_ranks_bad_input(bad, match):
         energy_rank(torch.ones(2), fraction=1.5)
 
 
+@pytest.mark.float_sensitive
 def test_spectrum_summary_planted_rank():
     g = torch.Generator().manual_seed(0)
     # r = 8 factors holding a rank-3 update with singular values 3, 2, 1.
@@ -74,6 +75,7 @@ def _peft_reference(W: torch.Tensor, W_merged: torch.Tensor, top_k: int, eps: fl
     return torch.where(cos_sim[:top_k] < eps)[0].tolist()
 
 
+@pytest.mark.float_sensitive
 def test_intruder_dimensions_planted():
     g = torch.Generator().manual_seed(1)
     W0 = torch.randn(40, 30, generator=g, dtype=F64)

@@ -25,6 +25,8 @@ from lora_analysis.metrics.subspace import (
     subspace_similarity,
 )
 
+pytestmark = pytest.mark.float_sensitive  # rerun under forced MKL/ATen kernels by .ci/run
+
 F64 = torch.float64
 
 
