@@ -8,10 +8,12 @@ two inits the init also rewrites the frozen weight, so the model peft runs is ``
 * ``"pissa"`` (``pissa_init``, full SVD): ``s·B₀A₀ = W_r``, the best rank-r approximation of ``W``
   (``U_r Σ_r V_rᵀ``; the scale cancels), so ``W_res = W − W_r``. The same in either orientation, so a
   ``Conv1D`` (``fan_in_fan_out``) gives the same ``W_res``, and a fused GPT-2 ``c_attn`` is decomposed whole.
-* ``"olora"`` (``olora_init``): ``Q R`` is the QR of the weight *as the module stores it* (``(d_out, d_in)`` for
-  ``nn.Linear``, ``(d_in, d_out)`` for ``Conv1D``; peft does not transpose here), ``B₀ = Q[:, :r]``,
-  ``A₀ = R[:r]`` and ``W_res = W − s·Q[:, :r] R[:r]``. ``Q_r R_r = Q_r Q_rᵀ W`` is the projection of ``W`` onto
-  the span of its first ``r`` stored columns: unique, whatever signs the QR routine picks.
+* ``"olora"`` (``olora_init``): ``Q R`` is the QR of the weight in the ``nn.Linear`` layout ``(d_out, d_in)``,
+  ``B₀ = Q[:, :r]``, ``A₀ = R[:r]`` and ``W_res = W − s·Q[:, :r] R[:r]``. ``Q_r R_r = Q_r Q_rᵀ W`` is the projection
+  of ``W`` onto the span of its first ``r`` columns: unique, whatever signs the QR routine picks. peft before 0.22
+  factorized a ``Conv1D`` weight as stored, ``(d_in, d_out)``, which projects onto other columns; since peft re-runs
+  the init at load time, the layout follows the installed peft (:func:`olora_in_linear_layout`), and without peft
+  installed, the current one.
 
 Both are deterministic given ``W``, ``r`` and ``s``. They are computed here in float64 (peft uses float32, about
 1e-7 relative apart) and rounded once to the weight's dtype, as peft stores the residual. peft's ``Embedding``
@@ -107,6 +109,22 @@ def _qr_residual(W: Tensor, r: int, scaling: float) -> Tensor:
     return W - scaling * (Q[:, :r] @ R[:r])
 
 
+def olora_in_linear_layout() -> bool:
+    """Whether the installed peft's ``olora_init`` factorizes a ``fan_in_fan_out`` (GPT-2 ``Conv1D``) weight in the
+    ``nn.Linear`` layout, as peft 0.22 and later do (earlier versions used the stored ``(d_in, d_out)`` layout).
+    Without peft: ``True``, the current behaviour."""
+    try:
+        import inspect
+
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        return True
+    try:
+        return "fan_in_fan_out" in inspect.getsource(LoraLayer.olora_init)
+    except (OSError, TypeError, AttributeError):  # no source (a frozen install): assume the current behaviour
+        return True
+
+
 def residual_weight(module: nn.Module, *, init: str, r: int, scaling: float, where: str, path: str) -> Tensor | None:
     """The weight peft leaves in ``module`` after it re-runs ``init`` at load time, or ``None`` if it leaves it.
 
@@ -130,8 +148,10 @@ def residual_weight(module: nn.Module, *, init: str, r: int, scaling: float, whe
     stored = weight.detach()
     if init == "pissa":
         res = truncated_svd_residual(stored, r)  # W − W_r is the same in either orientation
+    elif init == "olora" and conv1d and olora_in_linear_layout():
+        res = _qr_residual(stored.T, r, scaling).T  # peft >= 0.22: the QR of the Linear layout (d_out, d_in)
     elif init == "olora":
-        res = _qr_residual(stored, r, scaling)  # peft's QR runs on the stored layout, transposed or not
+        res = _qr_residual(stored, r, scaling)  # a Linear, or peft < 0.22's QR of the stored (d_in, d_out)
     else:
         raise ValueError(f"residual_weight: unknown base-changing init {init!r}")
     return res.to(stored.dtype)
