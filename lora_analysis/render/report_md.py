@@ -76,10 +76,11 @@ def _header() -> Lines:
     return ["# Section 7 of the LoRA paper, measured", "",
             "Each claim of *LoRA: Low-Rank Adaptation of Large Language Models* (Hu et al., 2021, arXiv 2106.09685), "
             "Section 7 and Appendix H, beside our measured number and a verdict. Each verdict compares a statistic "
-            "pooled over every layer, seed and weight type with a random null that can fail, through a 95 % "
-            "interval and a fixed rule (given under each claim and in `lora_analysis/verdicts/claims.py`); it judges "
-            "the paper's *qualitative* claim on our model and task, not its GPT-3 175B numbers. `report.json` beside "
-            "this file holds the same verdicts and measures, machine-readable.", ""]
+            "pooled over every layer, seed and weight type with a null that can fail, through a 95 % interval over "
+            "training runs (its coverage simulated for this run's design) and a rule fixed in advance "
+            "(`lora_analysis/verdicts/preregistration.toml`, given under each claim), and states its power; it "
+            "judges the paper's *qualitative* claim on our model and task, not its GPT-3 175B numbers. `report.json` "
+            "beside this file holds the same verdicts and measures, machine-readable.", ""]
 
 
 def _setup(context: Context, setup: Mapping[str, str] | None) -> Lines:

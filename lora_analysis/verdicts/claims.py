@@ -842,10 +842,13 @@ def _best_sets(ev: Evidence) -> Finding:
     pw = best_sets_power(len(wide), len(sets), sd, pre["margin"], reps=PRE["reps"])
     power = {"value": None if math.isnan(pw) else pw,
              "at": f"P(holds) when the paper's set leads every other by {pre['margin']:g} (per-seed sd {sd:.4f})"}
+    closest = min(others, key=lambda o: diffs[o].estimate)  # the decisive difference: the paper's set vs its nearest
+    stat = _stat(_seed_column(wide[lead] - wide[closest]))
+    measures["closest"] = closest
     null = f"no difference between sets: each of the {len(sets)} sets is best by chance"
     ours = (f"best {{{measures['best']}}} ({fmt_number(float(means.max()), '.4f')}); {{{lead}}} minus the others: "
             + ", ".join(f"{{{o}}} {fmt_number(iv.estimate, '+.4f')}" for o, iv in diffs.items()))
-    return finding(ours, verdict, rule, null, "quality", measures, details, power=power)
+    return finding(ours, verdict, rule, null, "quality", measures, details, stat=stat, power=power)
 
 
 # --------------------------------------------------------------------------------------------- all claims
