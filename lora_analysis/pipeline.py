@@ -7,7 +7,7 @@
     judgement = judge(analysis)                  # verdicts: every registered claim, section by section
     render(analysis, judgement, out)             # figures, tables/*.csv, REPORT.md, report.json
 
-:func:`analyse_and_render` is exactly those four lines. Each step reads only what the previous one returned:
+:func:`analyse_and_render` is those four lines (and refreshes the notebooks' cache). Each step reads only what the previous one returned:
 :func:`analyse` is the last to touch the run directory or the base model, :func:`judge` is pure, and
 :func:`render` writes into ``out`` only. The commands (``figures``, ``reproduce``) parse their options, call
 these and print; snapshots and full fine-tuning are sections the steps add where the run has them.
@@ -26,7 +26,7 @@ from lora_analysis.tables.build import analyse_run, write_tables
 from lora_analysis.tables.cache import read_cache, write_cache
 from lora_analysis.tables.dynamics import dynamics_table, snapshot_tables
 from lora_analysis.tables.full_finetune import full_finetune_tables
-from lora_analysis.verdicts.judgement import Judgement, judge_tables
+from lora_analysis.verdicts.judgement import Judgement, judge_analysis
 
 COMMITTED_GZIPPED = ("phi", "fig8")  # tens of MB as CSV: committed gzipped, so every verdict can be recomputed
 
@@ -66,7 +66,7 @@ def analyse(run: Run, *, progress: bool = False, cache: bool = False, threads: i
 def judge(analysis: Analysis) -> Judgement:
     """Every verdict on ``analysis``: the Section 7 claims, their trajectory over the training snapshots and
     LoRA against full fine-tuning (:mod:`lora_analysis.verdicts.registry` declares them)."""
-    return judge_tables(analysis.tables, analysis.per_step)
+    return judge_analysis(analysis)
 
 
 def render(analysis: Analysis, judgement: Judgement, out_dir: str | os.PathLike, *, validation: str | None = None,

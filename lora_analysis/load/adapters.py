@@ -361,8 +361,9 @@ def index_run(run_dir: str | os.PathLike, *, manifest: dict[str, Any] | None = N
     peft named adapters (the root too, as ``default``, when it holds a config), or a single adapter directory.
 
     Only the configs are read, so indexing a large sweep is instant. ``manifest``: the run's parsed
-    ``manifest.json`` when the caller has read it already (:class:`~lora_analysis.load.run.Run`), else it is read. Temporary directories left by a killed
-    trainer (``.name.tmp-*``) are ignored: they are never finished adapters.
+    ``manifest.json`` when the caller has read it already (:class:`~lora_analysis.load.run.Run`), else it is
+    read. Temporary directories left by a killed trainer (``.name.tmp-*``) are ignored: they are never finished
+    adapters.
 
     Raises:
         UserError: the path is missing, a file, empty, or holds no adapter directory; a config is invalid JSON.

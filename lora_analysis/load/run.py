@@ -4,9 +4,7 @@
 time: ``manifest.json`` once, every ``adapter_config.json`` once (:func:`~lora_analysis.load.adapters.index_run`),
 the list of full fine-tuning directories and of the Table 5 budget run. It owns one base-weight source
 (:class:`~lora_analysis.load.base.BaseWeights`: the base model loaded once, W0 and its SVD once per matrix), and
-loads each adapter's tensors once however many tables use them (:meth:`Run.adapter`). Commands that take
-adapters rather than a run directory (``subspace --a1/--a2``, ``projection --adapter``) build a :class:`Run`
-from those with :meth:`Run.of_adapters`.
+loads each adapter's tensors once however many tables use them (:meth:`Run.adapter`).
 
 Nothing after this module opens a run directory: tables, verdicts and renderers receive the :class:`Run` or what
 the analysis made from it (:mod:`lora_analysis.pipeline`).
@@ -96,20 +94,6 @@ class Run:
         if table5 and sub.is_dir() and any(sub.iterdir()):
             t5 = cls.open(sub, base=bw, option=option, table5=False)
         return cls(root, index, manifest, bw, full_dirs, t5)
-
-    @classmethod
-    def of_adapters(cls, paths: list[str | os.PathLike], *, base: str | os.PathLike | BaseWeights | None = None
-                    ) -> Run:
-        """A run made of explicitly named adapter directories (``subspace --a1 --a2``, ``projection --adapter``):
-        no manifest, no full fine-tuning, the adapters in the order given."""
-        adapters = [load_adapter_dir(p) for p in paths]
-        root = Path(os.path.commonpath([str(Path(p).resolve()) for p in paths])) if paths else Path(".")
-        entries = tuple(AdapterEntry(path=a.path, weight_set=a.weight_set, rank=a.rank, seed=a.seed)
-                        for a in adapters)
-        bw = base if isinstance(base, BaseWeights) else BaseWeights(base)
-        run = cls(root, RunIndex(root=root, entries=entries), None, bw)
-        run._adapters.update({a.path: a for a in adapters})
-        return run
 
     # ------------------------------------------------------------------------------------------ reading once
     def adapter(self, entry: AdapterEntry | str | os.PathLike) -> LoadedAdapter:

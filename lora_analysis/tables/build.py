@@ -106,9 +106,6 @@ PAPER_RANK_PAIR = (8, 64)  # Figure 3
 NULL_DRAWS = 32  # random pairs per Table 7 row for the null's spread (the paper shows one draw)
 START_NULL_DRAWS = 16  # random B's per start for the start-only null of φ on ΔW (its mean: sd/4 of one draw)
 PHI_QUANTITIES = ("A", "A-A_init", "A_init", "B", "dW", "dW-top", "start_null", "start_null-top", "expected_random")
-# Independent seeds share no start: their null is the random one, and the start-only null (0.2-0.3 s per module
-# pair) is drawn for rank comparisons only
-SEED_QUANTITIES = tuple(q for q in PHI_QUANTITIES if not q.startswith("start_null"))
 FIG8_FRACTION = 0.1  # Figure 8 shows W's top directions up to about 10 % of d
 
 
@@ -218,7 +215,8 @@ def phi_table(
     learned; skipped where a B is zero); ``"dW-top"`` the same without ΔW's top direction (``i`` counts
     directions 2..i+1; claim 2); ``"start_null"`` and ``"start_null-top"`` what the starting points alone give
     those two (:func:`~lora_analysis.metrics.subspace.start_null`, needs ``init.safetensors``); and
-    ``"expected_random"`` the analytic ``max(i, j)/d_in``.
+    ``"expected_random"`` the analytic ``max(i, j)/d_in``. The start-only null is drawn for ``comparison="rank"``
+    only (independent seeds share no start).
 
     Args:
         a1, a2: the adapters; rows have ``r1 = a1``'s module rank, ``r2 = a2``'s.
@@ -232,6 +230,10 @@ def phi_table(
     shared = _common_keys(a1, a2, keys)
     if not shared:
         raise UserError(f"{a1.path} and {a2.path}: no module in common to compare")
+    if comparison != "rank":
+        # Independent seeds share no start: their null is the random one, and the start-only null (0.2-0.3 s per
+        # module pair) is drawn for rank comparisons only
+        quantities = tuple(q for q in quantities if not q.startswith("start_null"))
 
     def frames_of(key: str) -> list[pd.DataFrame]:
         f1, f2 = a1.factors[key], a2.factors[key]
@@ -643,7 +645,7 @@ def _section7_tables(run: Run, adapters: dict[tuple[int, int], LoadedAdapter], *
     seeds_at_max = sorted(s for r, s in adapters if r == r_max)
     for s1, s2 in itertools.combinations(seeds_at_max, 2):  # every pair of independent replicates: the empirical null
         a1, a2 = adapters[(r_max, s1)], adapters[(r_max, s2)]
-        out["phi"].append(phi_table(a1, a2, comparison="seed", keys=keys_of(a1), quantities=SEED_QUANTITIES))
+        out["phi"].append(phi_table(a1, a2, comparison="seed", keys=keys_of(a1)))
     if len(seeds_at_max) >= 2:
         a1 = adapters[(r_max, seeds_at_max[0])]
         out["phi"].append(random_phi_table(a1, r1=r_max, r2=r_max, keys=keys_of(a1), seed=1))

@@ -71,7 +71,7 @@ def step_tables(adapters: Mapping[tuple[int, int], LoadedAdapter], base: BaseWei
     r_max = present_r[-1]
     for s1, s2 in itertools.combinations(sorted(s for r, s in adapters if r == r_max), 2):
         out["phi"].append(phi_table(adapters[(r_max, s1)], adapters[(r_max, s2)], comparison="seed",
-                                    quantities=tuple(q for q in quantities if not q.startswith("start_null"))))
+                                    quantities=quantities))
     for a in adapters.values():
         if not _trained(a):
             continue
