@@ -189,16 +189,6 @@ def _not_measured(rule: str, why: str) -> Finding:
     return Finding.not_measured(rule, why)
 
 
-def _claim(ours: str, verdict: str, rule: str, null: str, quantity: str, measures: dict,
-           details: Sequence[str] = ()) -> Finding:
-    return Finding(ours, verdict, rule, null, quantity, measures, tuple(details))
-
-
-def _phi_quantity(rows: pd.DataFrame) -> str:
-    """``dW`` (ΔW's own singular vectors) where the table has it, else the paper's ``A``."""
-    return "dW" if len(rows_where(rows, quantity="dW")) else "A"
-
-
 def _rank_rows(phi: pd.DataFrame, r1: int, r2: int) -> pd.DataFrame:
     return rows_where(rows_where(phi, comparison="rank"), r1=r1, r2=r2)
 
@@ -285,15 +275,19 @@ def _p_greater(cube: np.ndarray, null: float) -> float:
 
 
 def finding(ours: str, verdict: str, rule: str, null: str, quantity: str, measures: dict, details=(), *,
-             stat: Stat | None = None, power: Mapping[str, Any] | None = None, p: float | None = None) -> Finding:
-    """A measured claim: ``stat``'s interval and the power go into ``measures`` (report.json's ``interval`` and
-    ``power``) and into a detail line; ``p`` is the primary p-value (Holm-adjusted with the others)."""
+            stat: Stat | None = None, interval: CalibratedInterval | None = None,
+            coverage_note: str = "at this design", power: Mapping[str, Any] | None = None,
+            p: float | None = None) -> Finding:
+    """A measured claim: its interval (``stat``'s, or ``interval``) and the power go into ``measures``
+    (report.json's ``interval`` and ``power``) and into a detail line; ``coverage_note`` says what the simulated
+    coverage was simulated for; ``p`` is the primary p-value (Holm-adjusted with the others)."""
     extra: dict[str, Any] = {}
     lines = list(details)
-    if stat is not None:
-        extra["interval"] = _interval_dict(stat.interval)
-        cov = stat.interval.coverage
-        lines.append(f"interval: {stat.interval.method}; simulated coverage at this design "
+    interval = stat.interval if stat is not None else interval
+    if interval is not None:
+        extra["interval"] = _interval_dict(interval)
+        cov = interval.coverage
+        lines.append(f"interval: {interval.method}; simulated coverage {coverage_note} "
                      f"{'n/a' if cov is None else f'{cov:.3f}'} (nominal {LEVEL:.2f})")
     if power is not None:
         extra["power"] = dict(power)
@@ -304,10 +298,6 @@ def finding(ours: str, verdict: str, rule: str, null: str, quantity: str, measur
     if p is not None:
         extra["p_value"] = p
     return Finding(ours, verdict, rule, null, quantity, {**measures, **extra}, tuple(lines))
-
-
-def _iv_text(iv: Interval, fmt: str = ".3f") -> str:
-    return f"{fmt_number(iv.estimate, fmt)} [{fmt_number(iv.lo, fmt)}, {fmt_number(iv.hi, fmt)}]"
 
 
 # --------------------------------------------------------------------------------------------- φ claims
@@ -369,7 +359,7 @@ def _top(ev: Evidence) -> Finding:
     measures: dict[str, Any] = {"ranks": [r1, r2], "quantity": "dW", "mean_phi11": a.as_dict(),
                                 "null_phi11": float(frame["null"].mean()), "excess_over_null": b.as_dict(),
                                 "pairs": int(len(frame)), "shared": int((frame["phi"] > thr).sum())}
-    details = [f"φ_dW(1,1) − null: {_iv_text(b)} (null mean {fmt_number(float(frame['null'].mean()))})"]
+    details = [f"φ_dW(1,1) − null: {b.text('.3f')} (null mean {fmt_number(float(frame['null'].mean()))})"]
     for wt, sub in frame.groupby("weight_type"):
         details.append(f"ΔW_{wt}: mean φ(1,1) {fmt_number(float(sub['phi'].mean()))}; > {thr:g} in "
                        f"{int((sub['phi'] > thr).sum())} of {len(sub)} (layer, seed) cells (exploratory)")
@@ -384,7 +374,7 @@ def _top(ev: Evidence) -> Finding:
         measures["independent_seeds_mean_phi11"] = float(seeds["phi"].mean())
         details.append(f"independent seeds at r={int(seeds['r1'].max())} (they share only the task): mean "
                        f"φ(1,1) {fmt_number(float(seeds['phi'].mean()))}")
-    ours = (f"mean φ_dW(1,1) at r={r1} vs r={r2}: {_iv_text(a)}; above the null by {_iv_text(b)}")
+    ours = (f"mean φ_dW(1,1) at r={r1} vs r={r2}: {a.text('.3f')}; above the null by {b.text('.3f')}")
     return finding(ours, verdict, rule, null_text, "dW", measures, details, stat=phi_s, power=power,
                     p=_p_greater(phi_s.cube, thr))
 
@@ -435,24 +425,25 @@ def _noise(ev: Evidence) -> Finding:
         details.append(f"the previous statistic (φ(i, j) over 2..r with direction 1 inside, against max(i, j)/d): "
                        f"{fmt_number(float(whole['phi'].mean() / base['phi'].mean()), '.2f')}× — cumulative φ "
                        "contains direction 1, so a shared top direction inflated it")
-    ours = f"directions 2..{r1} of r={r1} vs r={r2}, top one removed: {_iv_text(s.interval, '.2f')}× the null"
+    ours = f"directions 2..{r1} of r={r1} vs r={r2}, top one removed: {s.interval.text('.2f')}× the null"
     return finding(ours, verdict, rule, null_text, "dW-top", measures, details, stat=s, power=power,
                     p=p_value_seed_means(s.cube, thr, alternative="less"))
 
 
-def _jackknife_pairs(values: pd.DataFrame) -> Interval:
+def _jackknife_pairs(values: pd.DataFrame) -> tuple[Interval, float, int]:
     """Mean of ``values["diff"]`` over (seed pair, layer), with a delete-one-seed jackknife t-interval: pairs share
-    seeds, so the seed, not the pair, is the unit (S − 1 degrees of freedom)."""
+    seeds, so the seed, not the pair, is the unit (S − 1 degrees of freedom). Returns the interval, its standard
+    error (NaN under three seeds) and the number of seeds."""
     seeds = sorted(set(values["seed1"]) | set(values["seed2"]))
-    est = float(values["diff"].mean())
-    if len(seeds) < 3:
-        return Interval(est, est, est, LEVEL, "one unit: a jackknife over seed pairs needs three seeds")
+    est, n = float(values["diff"].mean()), len(seeds)
+    if n < 3:
+        return Interval(est, est, est, LEVEL, "one unit: a jackknife over seed pairs needs three seeds"), math.nan, n
     loo = np.array([values[(values["seed1"] != s) & (values["seed2"] != s)]["diff"].mean() for s in seeds])
-    n = len(seeds)
     se = math.sqrt((n - 1) / n * float(((loo - loo.mean()) ** 2).sum()))
     t = float(t_dist.ppf(0.5 + LEVEL / 2, n - 1))
-    return Interval(est, est - t * se, est + t * se, LEVEL,
-                    f"delete-one-seed jackknife t-interval over {n} seeds ({n - 1} df; seed pairs share seeds)")
+    return (Interval(est, est - t * se, est + t * se, LEVEL,
+                     f"delete-one-seed jackknife t-interval over {n} seeds ({n - 1} df; seed pairs share seeds)"),
+            se, n)
 
 
 def jackknife_coverage(n_seeds: int, n_layers: int, *, seed_share: float, reps: int, rng_seed: int = 0) -> float:
@@ -497,19 +488,20 @@ def _intrinsic(ev: Evidence) -> Finding:
     if not {"q", "v"} <= set(wide.columns):
         return _not_measured(rule, "needs both ΔW_q and ΔW_v")
     wide = wide.dropna(subset=["q", "v"]).reset_index().assign(diff=lambda w: w["q"] - w["v"])
-    ci = _jackknife_pairs(wide)
-    n_seeds = len(set(wide["seed1"]) | set(wide["seed2"]))
+    ci, se, n_seeds = _jackknife_pairs(wide)
     n_layers = int(wide["layer"].nunique())
     coverage = min(jackknife_coverage(n_seeds, n_layers, seed_share=sh, reps=PRE["reps"]) for sh in (0.0, 0.5, 1.0)) \
         if n_seeds >= 3 else None
     ci = CalibratedInterval(ci.estimate, ci.lo, ci.hi, ci.level, ci.method, coverage)
     verdict = three_way(ci, 0.0)
-    power = None
-    if n_seeds >= 3 and math.isfinite(ci.hi - ci.lo) and ci.hi > ci.lo:
-        se = (ci.hi - ci.lo) / (2 * float(t_dist.ppf(0.5 + LEVEL / 2, n_seeds - 1)))
-        nc = pre["paper_effect"] / se  # P(t-interval above 0) at the stated effect, this se: noncentral t
-        power = {"value": float(nct_dist.sf(float(t_dist.ppf(0.5 + LEVEL / 2, n_seeds - 1)), n_seeds - 1, nc)),
+    power = p = None
+    if n_seeds >= 3 and se > 0:
+        df = n_seeds - 1
+        t = float(t_dist.ppf(0.5 + LEVEL / 2, df))
+        # P(t-interval above 0) at the stated effect and this standard error: a noncentral t
+        power = {"value": float(nct_dist.sf(t, df, pre["paper_effect"] / se)),
                  "at": "P(holds) at one more shared direction for q than for v, at this run's standard error"}
+        p = float(t_dist.sf(ci.estimate / se, df))
     per_layer = wide.groupby("layer")[["q", "v"]].mean()
     details = [f"layer {int(lay)}: ΔW_q {fmt_number(row.q, '.2f')} vs ΔW_v {fmt_number(row.v, '.2f')} shared "
                "directions above chance (exploratory)" for lay, row in per_layer.iterrows()]
@@ -520,14 +512,9 @@ def _intrinsic(ev: Evidence) -> Finding:
     null = (f"no difference (0); two random {k}-dimensional subspaces share k²/d directions by chance, "
             "subtracted from each")
     ours = (f"r={r}, top {k}: ΔW_q shares {fmt_number(float(wide['q'].mean()), '.2f')}, ΔW_v "
-            f"{fmt_number(float(wide['v'].mean()), '.2f')} directions across seeds above chance; q − v {_iv_text(ci, '.2f')}")
-    p = None
-    if n_seeds >= 3 and ci.hi > ci.lo:
-        se = (ci.hi - ci.lo) / (2 * float(t_dist.ppf(0.5 + LEVEL / 2, n_seeds - 1)))
-        p = float(t_dist.sf(ci.estimate / se, n_seeds - 1))
-    f = finding(ours, verdict, rule, null, "dW", measures, details, power=power, p=p)
-    cov_line = f"interval: {ci.method}; simulated coverage {fmt_number(coverage)} (worst of seed shares 0, 0.5, 1)"
-    return replace(f, measures={**f.measures, "interval": _interval_dict(ci)}, details=(*f.details, cov_line))
+            f"{fmt_number(float(wide['v'].mean()), '.2f')} directions across seeds above chance; q − v {ci.text('.2f')}")
+    return finding(ours, verdict, rule, null, "dW", measures, details, interval=ci, power=power, p=p,
+                   coverage_note="at this design, worst of seed shares 0, 0.5, 1,")
 
 
 # --------------------------------------------------------------------------------------------- Table 7 claims
@@ -564,7 +551,7 @@ def _fraction_stat(t7: pd.DataFrame, rank: int, f_paper: float, f_max: float) ->
 
 
 def _f_line(rank: int, s: Stat, answer: str, f_paper: float) -> str:
-    return (f"r={rank}: f = {_iv_text(s.interval, '.4f')} (the paper's f = {f_paper:.4f}; W's own top subspace is 1): "
+    return (f"r={rank}: f = {s.interval.text('.4f')} (the paper's f = {f_paper:.4f}; W's own top subspace is 1): "
             f"{answer}")
 
 
@@ -606,7 +593,7 @@ def amplification_finding(t7: pd.DataFrame | None, r_small: int, r_large: int) -
                                 "margin": margin, "amplification_random": rand_amp, "rank_large": r_large,
                                 "amplification_large": amp_l, "amplification_random_large": rand_l}
     details = [_f_line(r_small, s, answer, f_paper),
-               f"amplification {_iv_text(amp_iv, '.2f')} (a same-norm ΔW in a random subspace: "
+               f"amplification {amp_iv.text('.2f')} (a same-norm ΔW in a random subspace: "
                f"{fmt_number(rand_amp, '.2f')}); projection / random (the former margin) {fmt_number(margin, '.2f')}"]
     for wt, sub in rows.groupby("weight_type"):
         details.append(f"ΔW_{wt} at r={r_small}: f {fmt_number(float(table7_fraction(sub).mean()), '.4f')}, "
@@ -615,8 +602,8 @@ def amplification_finding(t7: pd.DataFrame | None, r_small: int, r_large: int) -
                    f"{fmt_number(rand_l, '.2f')}); smaller at high rank for any ΔW, by geometry")
     null = ("f = 0: a random k-dimensional pair (the mean of the sampled null in table7.csv); a same-norm ΔW in a "
             f"random subspace has amplification {fmt_number(rand_amp, '.1f')} at r={r_small}")
-    ours = (f"r={r_small}: f = {_iv_text(s.interval, '.4f')} against the paper's {f_paper:.4f}; amplification "
-            f"{_iv_text(amp_iv, '.2f')}; r={r_large}: {fmt_number(amp_l, '.2f')}")
+    ours = (f"r={r_small}: f = {s.interval.text('.4f')} against the paper's {f_paper:.4f}; amplification "
+            f"{amp_iv.text('.2f')}; r={r_large}: {fmt_number(amp_l, '.2f')}")
     return finding(ours, verdict, rule, null, "table7", measures, details, stat=s, power=power,
                     p=_p_greater(s.cube, 0.0))
 
@@ -666,7 +653,7 @@ def _projection(ev: Evidence) -> Finding:
     power = {"value": float(np.prod([p["value"] for p in powers])) if all(p.get("value") is not None for p in powers)
              else None, "at": "P(paper-sized at both ranks) at the paper's f, the two ranks taken as independent"}
     null = "f = 0: a random k-dimensional pair (the mean of the sampled null, table7.csv); f = 1: W's own top-k"
-    ours = "f: " + "; ".join(f"r={r}: {_iv_text(s.interval, '.4f')}" for r, s in zip(sorted({r_small, r_large}), stats_,
+    ours = "f: " + "; ".join(f"r={r}: {s.interval.text('.4f')}" for r, s in zip(sorted({r_small, r_large}), stats_,
                                                                                      strict=True))
     return finding(ours, verdict, rule, null, "table7", measures, details, stat=stats_[0], power=power,
                     p=max(_p_greater(s.cube, 0.0) for s in stats_))
@@ -698,7 +685,7 @@ def _fig8(ev: Evidence) -> Finding:
     measures = {"ratio_to_random": s.interval.as_dict(), "max_phi": peak, "max_phi_random": peak_r,
                 "cells": len(ratio), "seeds": int(ratio["seed"].nunique())}
     null = "a random A of the same rank against the same top directions of W (the random panel of Figure 8)"
-    ours = (f"overlap with W's top directions {_iv_text(s.interval, '.2f')}× a random A's over "
+    ours = (f"overlap with W's top directions {s.interval.text('.2f')}× a random A's over "
             f"{int(ratio['seed'].nunique())} seeds; max φ {fmt_number(peak)} (random A: {fmt_number(peak_r)})")
     details = ["a negative claim: ΔW unrelated to W passes it; ΔW on W's top directions fails it"]
     return finding(ours, verdict, rule, null, "fig8", measures, details, stat=s, power=power,
@@ -752,7 +739,7 @@ def _flat(ev: Evidence) -> Finding:
         gain = _stat(_seed_column(rows.groupby("seed")["val_metric"].mean() - p))
         beats = gain.interval.lo > 0
         measures["over_probe"] = gain.interval.as_dict()
-        details.append(f"frozen linear probe: {fmt_number(p, '.4f')}; LoRA minus probe {_iv_text(gain.interval, '+.4f')}")
+        details.append(f"frozen linear probe: {fmt_number(p, '.4f')}; LoRA minus probe {gain.interval.text('+.4f')}")
     if len(slopes) == 0:
         return _not_measured(rule, "no seed trained at two or more ranks")
     s = _stat(_seed_column(slopes))
@@ -767,7 +754,7 @@ def _flat(ev: Evidence) -> Finding:
     power = s.power(lambda iv: within_array(iv, bound) != HOLDS, pre["departure"],
                     f"P(not holds) at a true slope of {pre['departure']:g} per doubling")
     null = "no effect of r: slope 0; 'flat' is an equivalence claim, so it holds only when the interval is narrow"
-    ours = f"{{{ws}}} {metric} per doubling of r: {_iv_text(s.interval, '+.4f')}"
+    ours = f"{{{ws}}} {metric} per doubling of r: {s.interval.text('+.4f')}"
     return finding(ours, verdict, rule, null, "quality", measures, details, stat=s, power=power)
 
 
@@ -828,7 +815,7 @@ def _best_sets(ev: Evidence) -> Finding:
     measures["paper_set"] = lead
     measures["differences"] = {o: iv.as_dict() for o, iv in diffs.items()}
     details = [f"ranking: {ranking}"]
-    details += [f"{{{lead}}} − {{{o}}}: {_iv_text(iv, '+.4f')}" for o, iv in diffs.items()]
+    details += [f"{{{lead}}} − {{{o}}}: {iv.text('+.4f')}" for o, iv in diffs.items()]
     if len(wide) < 2:
         verdict = INCONCLUSIVE
     elif all(iv.lo > 0 for iv in diffs.values()):

@@ -50,14 +50,6 @@ __all__ = ["FULL_CLAIM_IDS", "LOW_RANK_RATIO", "evaluate_full_claims", "full_cla
 LOW_RANK_RATIO = 0.5  # "low intrinsic rank": under half the effective rank of an unstructured (Gaussian) ΔW
 
 
-def _missing(rule: str, why: str) -> Finding:
-    return Finding.not_measured(rule, why)
-
-
-def _make(ours: str, verdict: str, rule: str, null: str, quantity: str, measures: dict, details=()) -> Finding:
-    return Finding(ours, verdict, rule, null, quantity, measures, tuple(details))
-
-
 @FULL_FINETUNE.claim(
     "full_low_rank", title="Full fine-tuning's ΔW has a low intrinsic rank (Section 4.1's hypothesis)",
     paper="'the change in weights during model adaptation also has a low intrinsic rank' (hypothesis, Section 4.1; "
@@ -68,7 +60,7 @@ def _low_rank(ev: Evidence) -> Finding:
     rule = (f"entropy effective rank of the full ΔW / that of a same-shape Gaussian, per (module, seed): holds if the "
             f"mean's {LEVEL:.0%} interval lies below {LOW_RANK_RATIO:g}, does not hold if above, else inconclusive")
     if no_rows(spectra):
-        return _missing(rule, "no full fine-tuning ΔW")
+        return Finding.not_measured(rule, "no full fine-tuning ΔW")
     ratio = spectra.assign(ratio=spectra["entropy_rank"] / spectra["random_entropy_rank"])
     stat = seed_stat(ratio, "ratio")
     ci = stat.interval
@@ -100,7 +92,7 @@ def _captures(ev: Evidence) -> Finding:
             f"r/d, per (module, seed), geometric mean: holds if its {LEVEL:.0%} interval lies above {MARGIN:g}, does "
             f"not hold if below, else inconclusive")
     if no_rows(vs):
-        return _missing(rule, "no LoRA adapter of a full fine-tuning run's seed")
+        return Finding.not_measured(rule, "no LoRA adapter of a full fine-tuning run's seed")
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
     logs = rows.assign(log_ratio=np.log(np.maximum(rows["phi"].to_numpy(), 1e-300) / rows["null"].to_numpy()))
@@ -128,7 +120,7 @@ def _captures(ev: Evidence) -> Finding:
 def _full_amp(ev: Evidence) -> Finding:
     t7, lora_t7 = ev.get("full_table7"), ev.get("table7")
     if no_rows(t7):
-        return _missing("Table 7's amplification rule on the full ΔW", "no full fine-tuning ΔW")
+        return Finding.not_measured("Table 7's amplification rule on the full ΔW", "no full fine-tuning ΔW")
     ks = sorted({int(k) for k in t7["rank"]})
     ts = nearest_rank(ks, PAPER_TABLE7_RANKS[0])
     base = amplification_finding(t7, ts, ks[-1])
@@ -149,7 +141,7 @@ def _intruders(ev: Evidence) -> Finding:
             f"fine-tuning, per (module, seed): holds if the mean's {LEVEL:.0%} interval lies above 0, does not hold if "
             "below, else inconclusive")
     if no_rows(vs):
-        return _missing(rule, "no LoRA adapter of a full fine-tuning run's seed")
+        return Finding.not_measured(rule, "no LoRA adapter of a full fine-tuning run's seed")
     r = nearest_rank(sorted({int(x) for x in vs["rank"]}), PAPER_RANK_SMALL)
     rows = vs[vs["rank"] == r]
     diff = rows.assign(diff=rows["lora_intruders"] - rows["full_intruders"])

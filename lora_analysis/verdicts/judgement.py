@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from lora_analysis.tables.analysis import Analysis
 from lora_analysis.verdicts.claims import Context, evaluate_claims, report_json
 from lora_analysis.verdicts.dynamics import (
     Trajectory,
@@ -26,7 +27,7 @@ from lora_analysis.verdicts.dynamics import (
 from lora_analysis.verdicts.full_finetune import evaluate_full_claims, full_json, full_quality
 from lora_analysis.verdicts.registry import Claim
 
-__all__ = ["Judgement", "judge_tables"]
+__all__ = ["Judgement", "judge_analysis"]
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,15 @@ class Judgement:
         return {**doc, "setup": dict(setup)}
 
 
-def judge_tables(tables: Mapping[str, pd.DataFrame], per_step: Mapping[int, Mapping[str, pd.DataFrame]],
-                 *, layer: int | None = None) -> Judgement:
-    """Every verdict on the tables of one run (see :class:`lora_analysis.tables.analysis.Analysis`)."""
-    section7 = {k: v for k, v in tables.items() if not k.startswith("full_") and k != "dynamics"}
-    claims, context = evaluate_claims(section7, layer=layer)
+def judge_analysis(analysis: Analysis, *, layer: int | None = None) -> Judgement:
+    """Every verdict on the tables of one run, section by section."""
+    tables = analysis.tables
+    claims, context = evaluate_claims(analysis.section7, layer=layer)
     trajectories, trend, dynamics = [], None, None
-    if per_step:
-        trajectories = claim_trajectories(per_step)
-        dynamics = tables.get("dynamics", pd.DataFrame())
+    if analysis.per_step:
+        trajectories = claim_trajectories(analysis.per_step)
+        dynamics = analysis.dynamics if analysis.dynamics is not None else pd.DataFrame()
         trend = top_overlap_trend(dynamics)
-    full = {k: v for k, v in tables.items() if k.startswith("full_")}
+    full = analysis.full
     full_claims = evaluate_full_claims(full, lora_table7=tables.get("table7")) if full else []
     return Judgement(claims, context, trajectories, trend, full_claims, full_quality(tables.get("quality")), dynamics)

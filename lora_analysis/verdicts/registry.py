@@ -33,12 +33,10 @@ VERDICTS = (HOLDS, WEAKER, PARTLY, FAILS, INCONCLUSIVE, NOT_MEASURED)
 
 
 @dataclass(frozen=True)
-class Claim:
-    """One claim with its measurement, null, interval and verdict, as the report shows it.
+class Finding:
+    """What a claim's function returns: the outcome without the claim's identity (see :class:`Claim`).
 
     Attributes:
-        id: the declared id (:class:`ClaimSpec`).
-        title, paper: the claim in a few words, and what the paper reports.
         ours: our number(s) with their interval, one line.
         verdict: one of :data:`VERDICTS`.
         rule: the rule that gave the verdict (thresholds on the interval).
@@ -46,25 +44,7 @@ class Claim:
         quantity: the φ quantity (``dW``, ``A``, ...) or table the statistic uses.
         measures: machine-readable numbers (``report.json``).
         details: further lines (per weight type, per layer, the paper-scaled ranks, ...).
-        figures: names of the figures that show it.
     """
-
-    id: str
-    title: str
-    paper: str
-    ours: str
-    verdict: str
-    rule: str
-    null: str = ""
-    quantity: str = ""
-    measures: Mapping[str, Any] = field(default_factory=dict)
-    details: tuple[str, ...] = ()
-    figures: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Finding:
-    """What a claim's function returns: the outcome without the claim's identity (see :class:`Claim`)."""
 
     ours: str
     verdict: str
@@ -76,7 +56,23 @@ class Finding:
 
     @classmethod
     def not_measured(cls, rule: str, why: str) -> Finding:
-        return cls(f"not measured: {why}", NOT_MEASURED, rule)
+        return Finding(f"not measured: {why}", NOT_MEASURED, rule)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim(Finding):
+    """One claim as the report shows it: a :class:`Finding` with the claim's identity from its declaration.
+
+    Attributes:
+        id: the declared id (:class:`ClaimSpec`).
+        title, paper: the claim in a few words, and what the paper reports.
+        figures: names of the figures that show it.
+    """
+
+    id: str
+    title: str
+    paper: str
+    figures: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,8 +120,8 @@ class ClaimSpec:
 
     def judge(self, evidence: Evidence) -> Claim:
         f = self.evaluate(evidence)
-        return Claim(self.id, self.title, self.paper, f.ours, f.verdict, f.rule, f.null, f.quantity, f.measures,
-                     tuple(f.details), self.figures)
+        return Claim(f.ours, f.verdict, f.rule, f.null, f.quantity, f.measures, tuple(f.details), id=self.id,
+                     title=self.title, paper=self.paper, figures=self.figures)
 
     def with_scaled(self, claim: Claim, scaled: Claim, ranks: tuple[int, int], d: int) -> Claim:
         """``claim`` with its verdict at the paper-scaled ranks ``ranks`` recorded beside it."""

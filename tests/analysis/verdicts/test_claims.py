@@ -17,8 +17,9 @@ from lora_analysis.load.adapters import RunIndex
 from lora_analysis.load.base import BaseWeights
 from lora_analysis.load.run import Run
 from lora_analysis.render import report_md
+from lora_analysis.tables.analysis import Analysis
 from lora_analysis.verdicts import claims as C
-from lora_analysis.verdicts.judgement import judge_tables
+from lora_analysis.verdicts.judgement import judge_analysis
 
 SEEDS = (0, 1, 2)
 LAYERS = (0, 1, 2, 3)
@@ -155,7 +156,7 @@ def test_write_report(paper_like, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     setup = Run(tmp_path, RunIndex(root=tmp_path, entries=()), read_manifest(tmp_path), BaseWeights()).setup()
     assert "all-MiniLM-L6-v2" in setup["base model"] and "nested" in setup["initialisation"]
-    md, js = report_md.write_report(judge_tables(paper_like, {}), tmp_path, setup=setup,
+    md, js = report_md.write_report(judge_analysis(Analysis(paper_like)), tmp_path, setup=setup,
                                     validation="layer level: PASSED")
     text = md.read_text()
     assert md.name == "REPORT.md" and js.name == "report.json"
@@ -171,7 +172,7 @@ def test_write_report(paper_like, tmp_path):
 
 def test_report_says_plainly_what_fails_and_what_is_inconclusive(tmp_path):
     t = synthetic_tables(layers=LAYERS, ranks=(2, 8, 32), seeds=SEEDS, top=0.1, q_shared=0.1, v_shared=0.1)
-    md, _ = report_md.write_report(judge_tables(t, {}), tmp_path)
+    md, _ = report_md.write_report(judge_analysis(Analysis(t)), tmp_path)
     text = md.read_text()
     assert "**Does not hold here:**" in text and "top singular direction" in text
     assert "**Inconclusive here**" in text
