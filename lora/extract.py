@@ -1,7 +1,7 @@
 """Extract a LoRA adapter from a fine-tuned model: per Linear / Conv1D module, the best rank-K approximation of
 ``ΔW = W_ft − W0``, written as a PEFT adapter.
 
-    python -m lora.extract --base minilm --finetuned runs/default/qv_full_s0 --rank 8 --out x8/ --eval
+    python -m lora.extract --base minilm --finetuned RUN/qv_full_s0 --rank 8 --out x8/ --eval
     python -m lora.extract --base ./llama-7b --finetuned ./llama-7b-ft --energy 0.5 --out x/ --others save
 
 ``--finetuned`` is a transformers model directory (safetensors, one file or shards with
@@ -405,7 +405,7 @@ def build_parser() -> ArgumentParser:
                     "approximation of W_ft − W0 (Eckart–Young), written as a PEFT adapter with balanced factors and "
                     "scale 1. Prints, per module and in total, the kept fraction of ‖ΔW‖_F², the relative error and φ "
                     "between the kept and the original top right singular directions (also in OUT/extract.json).",
-        epilog="example: python -m lora.extract --base minilm --finetuned runs/default/qv_full_s0 --rank 8 --out x8 "
+        epilog="example: python -m lora.extract --base minilm --finetuned RUN/qv_full_s0 --rank 8 --out x8 "
                "--eval",
     )
     p.add_argument("--base", default=None, help="the base model: a model directory or the embedded default "

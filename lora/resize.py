@@ -1,7 +1,7 @@
 """Resize a LoRA adapter: each module's ``ΔW = s·B·A`` truncated to its best rank-K approximation.
 
-    python -m lora.resize --adapter runs/default/qv_r64_s0 --rank 8 --out r8/            # one rank for all
-    python -m lora.resize --adapter runs/default/qv_r64_s0 --energy 0.9 --out e90/       # smallest K keeping 90 %
+    python -m lora.resize --adapter RUN/qv_r64_s0 --rank 8 --out r8/            # one rank for all
+    python -m lora.resize --adapter RUN/qv_r64_s0 --energy 0.9 --out e90/       # smallest K keeping 90 %
     python -m lora.resize --adapter DIR --rank-pattern ranks.json --out small/ --eval    # a rank per module
 
 The truncation is Eckart–Young's, from the factored SVD (:mod:`lora.lowrank`: QR of A and B, SVD of the r × r
@@ -251,7 +251,7 @@ def build_parser() -> ArgumentParser:
                     "fraction of ‖ΔW‖_F², the relative error ‖ΔW − ΔW_K‖_F/‖ΔW‖_F and φ between the kept and the "
                     "original top right singular directions; the same goes to OUT/resize.json.",
         epilog="DoRA, PiSSA and OLoRA adapters are refused (the reason is printed).\n"
-               "example: python -m lora.resize --adapter runs/default/qv_r64_s0 --rank 8 --out r8 --eval",
+               "example: python -m lora.resize --adapter RUN/qv_r64_s0 --rank 8 --out r8 --eval",
     )
     p.add_argument("--adapter", required=True, help="the adapter directory (PEFT layout) to resize")
     how = p.add_mutually_exclusive_group(required=True)

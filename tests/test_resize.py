@@ -239,5 +239,5 @@ def test_dora_and_pissa_are_refused_with_the_reason(tmp_path):
 
 
 def test_help_explains():
-    text = resize.build_parser().format_help()
+    text = " ".join(resize.build_parser().format_help().split())
     assert "Eckart" in text and "--energy" in text and "--rank-pattern" in text and "DoRA" in text
