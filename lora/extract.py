@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from lora.adapter_io import FORMAT_VERSION, PREFIX, TOOLKIT_KEY, quiet_transformers, resolve_base_name
 from lora.errors import ArgumentParser, UserError, run_cli
-from lora.fsio import atomic_dir, check_output_path, remove_stale_temps
+from lora.fsio import check_output_path
 from lora.full_ft import DELTA_NAME, DESCRIPTION_NAME, HEAD_NAME
 from lora.lowrank import (
     DENSE_MAX,
@@ -55,7 +55,7 @@ from lora.lowrank import (
     format_table,
     rank_fields,
     totals,
-    write_adapter_files,
+    write_outputs,
 )
 
 __all__ = ["REPORT_NAME", "Checkpoint", "Extraction", "extract", "streamed_fingerprint"]
@@ -457,17 +457,15 @@ def _main(argv: Sequence[str] | None) -> int:
         "seconds": round(seconds, 3), "total": totals(ex.kept), "modules": [k.to_dict() for k in ex.kept],
         "unchanged_modules": ex.unchanged, "other_changed_tensors": ex.others,
     }
-    remove_stale_temps(out.absolute().parent, out.name)
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
-        write_adapter_files(tmp, ex.config, ex.sidecar, ex.tensors)
-        if args.eval:
-            task = args.task or src.task
-            report["eval"] = {
-                "finetuned": evaluate_model(src.original_model(), ex.config | {TOOLKIT_KEY: {"task": task}},
-                                            task=task, max_length=args.max_length, base=None),
-                "extracted": evaluate_adapter(tmp, task=task, max_length=args.max_length),
-            }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    def evaluate(tmp: Path) -> dict[str, Any]:
+        task = args.task or src.task
+        original = src.original_model()
+        return {"finetuned": evaluate_model(original, ex.config | {TOOLKIT_KEY: {"task": task}}, task=task,
+                                            max_length=args.max_length, base=None),
+                "extracted": evaluate_adapter(tmp, task=task, max_length=args.max_length)}
+
+    write_outputs(out, overwrite=args.overwrite, config=ex.config, sidecar=ex.sidecar, tensors=ex.tensors,
+                  report_name=REPORT_NAME, report=report, evaluate=evaluate if args.eval else None)
     if not args.quiet:
         extra = [f"extracted {len(ex.kept)} modules from {fin} ({report['rule']}) -> {out} in {seconds:.2f} s"]
         if ex.unchanged:

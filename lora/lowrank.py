@@ -274,6 +274,22 @@ def write_adapter_files(tmp: Path, config: Mapping[str, Any], sidecar: Mapping[s
               metadata={"format": "pt"})
 
 
+def write_outputs(out: Path, *, overwrite: bool, config: Mapping[str, Any], sidecar: Mapping[str, Any],
+                  tensors: Mapping[str, Tensor], report_name: str, report: dict[str, Any],
+                  evaluate: Any = None) -> None:
+    """Write the adapter and its report at ``out`` atomically (nothing is left there on any failure, a full disk
+    included); ``evaluate(tmp)`` (``--eval``), run on the written adapter before it is renamed into place, adds
+    ``report["eval"]``."""
+    from lora.fsio import atomic_dir, remove_stale_temps
+
+    remove_stale_temps(out.absolute().parent, out.name)  # left by a killed writer; a live one's are locked
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_adapter_files(tmp, config, sidecar, tensors)
+        if evaluate is not None:
+            report["eval"] = evaluate(tmp)
+        (tmp / report_name).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
 def check_rank_option(rank: int | None, energy: float | None) -> None:
     """``--rank`` at least 1, ``--energy`` in (0, 1]."""
     if rank is not None and rank < 1:

@@ -47,7 +47,7 @@ from lora.adapter_io import (
     load_adapter,
 )
 from lora.errors import ArgumentParser, UserError, run_cli
-from lora.fsio import atomic_dir, check_output_path, remove_stale_temps
+from lora.fsio import check_output_path
 from lora.layers import FUSED_SLICES, LoRAFactors
 from lora.lowrank import (
     Kept,
@@ -58,7 +58,7 @@ from lora.lowrank import (
     rank_fields,
     resize_factors,
     totals,
-    write_adapter_files,
+    write_outputs,
 )
 
 __all__ = ["REPORT_NAME", "ResizeRule", "Unit", "resize", "units"]
@@ -299,16 +299,12 @@ def _main(argv: Sequence[str] | None) -> int:
         "adapter": str(Path(args.adapter).resolve()), "rule": rule.describe(), "seconds": round(seconds, 3),
         "total": totals(kept), "modules": [k.to_dict() for k in kept],
     }
-    remove_stale_temps(out.absolute().parent, out.name)
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
-        write_adapter_files(tmp, config, sidecar, tensors)
-        if args.eval:
-            report["eval"] = {
-                "original": evaluate_adapter(Path(args.adapter), task=args.task, max_length=args.max_length,
-                                             base=args.base),
-                "resized": evaluate_adapter(tmp, task=args.task, max_length=args.max_length, base=args.base),
-            }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    def evaluate(tmp: Path) -> dict[str, Any]:
+        kw = {"task": args.task, "max_length": args.max_length, "base": args.base}
+        return {"original": evaluate_adapter(Path(args.adapter), **kw), "resized": evaluate_adapter(tmp, **kw)}
+
+    write_outputs(out, overwrite=args.overwrite, config=config, sidecar=sidecar, tensors=tensors,
+                  report_name=REPORT_NAME, report=report, evaluate=evaluate if args.eval else None)
     if not args.quiet:
         extra = [f"resized {args.adapter} ({rule.describe()}) -> {out} in {seconds:.2f} s"]
         for name, m in (report.get("eval") or {}).items():
