@@ -92,6 +92,7 @@ def test_lazy_report_equals_the_loaded_model_route(llama, folder, tmp_path, caps
         assert {(48, 32), (32, 48), (16, 32)} <= set(zip(t7["d_out"], t7["d_in"], strict=True))
     assert _verdicts(lazy) == _verdicts(loaded)
     assert (lazy / "REPORT.md").is_file() and list(lazy.glob("figure*.png"))
+    assert not list(lazy.glob("tables/*.gz"))  # adapters from elsewhere: the plain CSV only (pipeline)
 
 
 @pytest.mark.parametrize("folder", ["ko", "one"])
