@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 from llama_checkpoint import ALL_LINEAR, INDEX, SHARDS, peft_adapter, save_llama
+from test_faults import _fill, small_tmpfs  # noqa: F401 (a fixture: a real 1 MiB tmpfs, skipped where none mounts)
 
 from lora.fsio import TEMP_MARK
 from lora_analysis import figures
@@ -212,34 +213,7 @@ def test_lazy_base_without_base_and_a_cache_that_is_a_file(llama, tmp_path, caps
 
 
 # ---------------------------------------------------------------------------------------------- a full disk
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs (mounting needs root and a kernel that lets this process mount: skipped otherwise)."""
-    import subprocess
-
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(mnt: Path, leave_kib: int) -> Path:
-    import os
-
-    st = os.statvfs(mnt)
-    filler = mnt / "filler"
-    filler.write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave_kib * 1024))
-    return filler
-
-
-def test_a_full_disk_for_the_cache_is_a_note_and_for_the_report_one_line(llama, small_tmpfs, tmp_path, capsys):
+def test_a_full_disk_for_the_cache_is_a_note_and_for_the_report_one_line(llama, small_tmpfs, tmp_path, capsys):  # noqa: F811
     """A real full tmpfs: the spectral cache there is one note and the report is written elsewhere in full; the
     report there is one line, exit 2, no temporary left."""
     _fill(small_tmpfs, 8)
