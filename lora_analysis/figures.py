@@ -3,17 +3,24 @@ existing run, without training.
 
 A thin command: parse, open the run once (:class:`lora_analysis.load.run.Run`), call the pipeline
 (:func:`lora_analysis.pipeline.analyse_and_render`: analyse -> judge -> render), print. Any folder of PEFT
-adapters works; claims that need training metrics say "not measured".
+adapters works; claims that need training metrics say "not measured". ``--base CKPT --lazy-base`` reads a big
+base (a 7B LLaMA/Mistral/Qwen checkpoint) one W at a time from its safetensors shards; W's SVDs are kept in a
+spectral cache (:mod:`lora_analysis.load.spectral_cache`) for the next report on the same base.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from lora import rundir
+from lora.errors import UserError
 from lora_analysis.cli import check_output_dir, entry_point, new_parser
+from lora_analysis.load.base import BaseWeights
 from lora_analysis.load.run import Run, check_run_dir
+from lora_analysis.load.spectral_cache import SPECTRA_SUBDIR, SpectralCache
 from lora_analysis.pipeline import analyse_and_render
 
 __all__ = ["analyse_and_render", "build_parser", "main"]
@@ -32,8 +39,36 @@ def build_parser():
     p.add_argument("--out", default="figures", metavar="DIR",
                    help="output folder for figures, tables, REPORT.md and report.json (default: %(default)s, the "
                         "folder the README links to)")
+    p.add_argument("--base", default=None, metavar="PATH",
+                   help="base model to read W from instead of each adapter's base_model_name_or_path: a "
+                        "transformers model directory (or hub id), or with --lazy-base a safetensors checkpoint")
+    p.add_argument("--lazy-base", action="store_true",
+                   help="read each W from --base's safetensors file(s) when its module's turn comes (a .safetensors "
+                        "file, or a directory with model.safetensors or model.safetensors.index.json: a LLaMA, "
+                        "Mistral or Qwen checkpoint), never loading the model: for bases too big for memory, such as "
+                        "7B. Linear layers as stored; GPT-2 Conv1D, fused c_attn slices and PiSSA/OLoRA need the "
+                        "model loaded")
+    p.add_argument("--spectral-cache", default=None, metavar="DIR",
+                   help=f"keep W's singular vectors here, so a second report on the same base computes no SVD of W "
+                        f"(default: <runs>/{SPECTRA_SUBDIR} where the run directory is writable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def spectral_cache_for(run_dir: Path, directory: str | None, *, quiet: bool) -> SpectralCache | None:
+    """``--spectral-cache DIR``, else ``<run>/analysis/spectra`` where the run directory is writable (else none,
+    with a note)."""
+    if directory is not None:
+        path = Path(directory)
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--spectral-cache {directory}: is a file; expected a directory")
+        return SpectralCache(path)
+    if os.access(run_dir, os.W_OK):
+        return SpectralCache(run_dir / SPECTRA_SUBDIR)
+    if not quiet:
+        print(f"note: {run_dir} is read-only: W's spectra are not cached (--spectral-cache DIR keeps them)",
+              file=sys.stderr)
+    return None
 
 
 def _run(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +80,11 @@ def _run(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.runs) if args.runs is not None else rundir.default_run_dir()
     check_run_dir(run_dir, option="--runs")
     out = check_output_dir("--out", args.out)
-    run = Run.open(run_dir, option="--runs")
+    if args.lazy_base and args.base is None:
+        raise UserError("--lazy-base: needs --base (the checkpoint's safetensors file or directory)")
+    cache = spectral_cache_for(run_dir, args.spectral_cache, quiet=args.quiet)
+    base = BaseWeights(args.base, lazy=args.lazy_base, spectral_cache=cache)  # a broken checkpoint: one line here
+    run = Run.open(run_dir, base=base, option="--runs")
     if not args.quiet and run.manifest is None:  # adapters from elsewhere: say which were found
         entries = run.index.entries
         print(f"{run_dir}: {len(entries)} adapter(s): "

@@ -70,9 +70,9 @@ def judge(analysis: Analysis) -> Judgement:
 
 
 def render(analysis: Analysis, judgement: Judgement, out_dir: str | os.PathLike, *, validation: str | None = None,
-           quiet: bool = True) -> list[Path]:
-    """Write ``<out>/tables/*.csv``, every figure and table (``<out>/``), then REPORT.md and report.json, which
-    link the figures written before them. Returns the files written."""
+           quiet: bool = True, gzipped: tuple[str, ...] = COMMITTED_GZIPPED) -> list[Path]:
+    """Write ``<out>/tables/*.csv`` (and gzipped copies of ``gzipped``), every figure and table (``<out>/``), then
+    REPORT.md and report.json, which link the figures written before them. Returns the files written."""
     from lora_analysis.render.figures import render_all
     from lora_analysis.render.report_md import write_report
 
@@ -80,7 +80,7 @@ def render(analysis: Analysis, judgement: Judgement, out_dir: str | os.PathLike,
     for folder in (out, out / "tables"):  # what a killed render left (a live writer's temporaries are locked, kept)
         if folder.is_dir():
             remove_stale_temps(folder)
-    written = write_tables(analysis.tables, out / "tables", gzipped=COMMITTED_GZIPPED)
+    written = write_tables(analysis.tables, out / "tables", gzipped=gzipped)
     written += render_all(analysis.tables, out, quiet=quiet)
     written += write_report(judgement, out, setup=analysis.setup, validation=validation)
     return written
@@ -91,10 +91,13 @@ def analyse_and_render(run_dir: str | os.PathLike | Run, out_dir: str | os.PathL
     """Run directory -> tables -> verdicts -> figures, tables, REPORT.md, report.json in ``out_dir``.
 
     The run's analysis cache (for notebooks) is refreshed where the run directory is writable and holds a
-    training manifest; a read-only run is only read.
+    training manifest; a read-only run is only read. The gzipped copies of the φ and Figure 8 tables are written
+    for a run trained here (a manifest: the committed default run is one), not for a folder of adapters from
+    elsewhere, whose plain CSV holds the same table (at 7B the copies cost a second write of hundreds of MB).
     """
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
     analysis = analyse(run, progress=not quiet)
     if run.manifest is not None:
         write_cache(run, analysis)  # notebooks on this run then load instantly
-    return render(analysis, judge(analysis), out_dir, validation=validation, quiet=quiet)
+    return render(analysis, judge(analysis), out_dir, validation=validation, quiet=quiet,
+                  gzipped=COMMITTED_GZIPPED if run.manifest is not None else ())

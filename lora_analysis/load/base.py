@@ -1,11 +1,13 @@
 """The frozen base weights ``W0`` behind each adapted module, and W's SVD computed once per weight matrix.
 
 The base comes from the adapter's ``base_model_name_or_path`` (the embedded default id maps to the installed
-package, a local directory stays, anything else is a hub id) or from an explicit ``base`` (``--base``).
-:class:`BaseWeights` loads each base model once and shares one
-:class:`~lora_analysis.metrics.linalg.WeightSVDCache`, so W's SVD is computed once per weight matrix for every rank
-and seed that adapts it. For an adapter whose ``init_lora_weights`` rewrites the base on load (PiSSA, OLoRA),
-``W0`` is the residual peft adapts, not the stored weight (:mod:`lora.init_residual`).
+package, a local directory stays, anything else is a hub id), from an explicit ``base`` (``--base``), or lazily
+from a checkpoint's safetensors shards (:class:`CheckpointWeights`, a 7B base one W at a time).
+:class:`BaseWeights` is the run's one base source: each base model loaded once, W's SVD computed once per weight
+matrix for every rank, seed and table that adapts it (:meth:`BaseWeights.spectrum`, optionally kept on disk by
+:mod:`lora_analysis.load.spectral_cache`), and a lazy W released once its module is done. For an adapter whose
+``init_lora_weights`` rewrites the base on load (PiSSA, OLoRA), ``W0`` is the residual peft adapts, not the stored
+weight (:mod:`lora.init_residual`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,30 +26,82 @@ from torch import Tensor, nn
 from lora.adapter_io import quiet_transformers, resolve_base_name
 from lora.errors import UserError, os_error_reason
 from lora_analysis.load.adapters import LoadedAdapter
-from lora_analysis.metrics.linalg import WeightSVDCache
+from lora_analysis.metrics.linalg import DENSE_SVDVALS_MAX, SVD, as_float64_matrix, top_singular
+
+if TYPE_CHECKING:
+    from lora_analysis.load.spectral_cache import SpectralCache
 
 __all__ = ["BaseWeights", "CheckpointWeights"]
 
 
-class BaseWeights:
-    """Base weights ``W0`` per module key (float64, ``(d_out, d_in)``) and their SVDs, each computed once.
+# SHIM (remove when the engine branch is merged): W's top-k triplets by the engine (block Krylov, with a
+# certificate); until then the dense SVD, sliced. Every W-SVD request goes through BaseWeights.spectrum or
+# w_spectrum below, so this is the one place that changes.
+try:
+    from lora_analysis.metrics.linalg import top_singular_triplets
+except ImportError:  # the engine's API is not there yet
+    def top_singular_triplets(W: Tensor, k: int, **_: Any) -> SVD:
+        return top_singular(W, k=k)
 
-    One instance serves a whole analysis: each base model is loaded once (keyed by its resolved path), each
-    ``W0`` is extracted once, and :attr:`svd` (a :class:`~lora_analysis.metrics.linalg.WeightSVDCache`) gives W's SVD
-    shared by every rank and seed that adapts it.
+
+def w_spectrum(W: Tensor, k: int | None = None) -> SVD:
+    """W's SVD holding at least ``k`` triplets (``None``: all ``min(d_out, d_in)``), float64.
+
+    Up to ``DENSE_SVDVALS_MAX`` (or for ``k=None``) the full dense SVD (:func:`~lora_analysis.metrics.linalg.
+    top_singular`), whatever ``k``: it costs no more than a top-k there, every later request of that W is a
+    slice of it, and the default run's numbers are exactly today's. Above it the top-``k`` triplets only.
+    """
+    if k is None or min(W.shape) <= DENSE_SVDVALS_MAX:
+        return top_singular(W)
+    return top_singular_triplets(W, k)
+
+
+class BaseWeights:
+    """Base weights ``W0`` per module key (float64, ``(d_out, d_in)``) and their SVDs: the run's one base source.
+
+    W comes from a loaded model (each base model loaded once, keyed by its resolved path; ``W0`` extracted once)
+    or, with ``lazy=True`` or a :class:`CheckpointWeights` as ``base``, from a checkpoint's safetensors shards, one
+    tensor at a time (never the model through transformers). :meth:`spectrum` is W's SVD (top-k or full), computed
+    once per matrix for every rank, seed and table that needs it, and read from / stored in ``spectral_cache``
+    (:class:`~lora_analysis.load.spectral_cache.SpectralCache`) when one is given.
+
+    Memory: with a loaded model every W and SVD stays in memory for every later table (snapshots, full
+    fine-tuning; the model is in memory anyway). From a lazy checkpoint (a 7B base: 64 W of 128 MB in float64,
+    and their SVDs) :meth:`release` drops a module's W and SVD once its tables are done, so the analysis holds
+    the modules it is working on only (:func:`lora_analysis.tables.build.weight_tables` goes module by module).
 
     Args:
         base: a base model directory or hub id that overrides every adapter's ``base_model_name_or_path``
-            (the ``--base`` option), or a loaded ``nn.Module``.
+            (the ``--base`` option), a loaded ``nn.Module``, or a lazy :class:`CheckpointWeights`.
+        lazy: read ``base`` (a safetensors file or checkpoint directory) lazily as :class:`CheckpointWeights`.
+        spectral_cache: W's SVDs on disk, shared by later analyses of the same base.
+
+    Raises:
+        ValueError: ``lazy`` without ``base``. UserError: an unreadable lazy checkpoint (:class:`CheckpointWeights`).
     """
 
-    def __init__(self, base: str | os.PathLike | nn.Module | None = None) -> None:
+    def __init__(self, base: str | os.PathLike | nn.Module | CheckpointWeights | None = None, *, lazy: bool = False,
+                 spectral_cache: SpectralCache | None = None) -> None:
+        if lazy and base is None:
+            raise ValueError("lazy base weights need a checkpoint (a safetensors file or directory)")
+        if lazy and not isinstance(base, CheckpointWeights):
+            base = CheckpointWeights(base)
         self.base = base
-        self.svd = WeightSVDCache()
+        self.checkpoint = base if isinstance(base, CheckpointWeights) else None
+        self.retain = self.checkpoint is None  # see the class docstring: a loaded model keeps W, a lazy one streams
+        self.spectral_cache = spectral_cache
+        self.computed = 0  # SVDs of W actually computed (not served from memory or the spectral cache)
         self._models: dict[str, nn.Module] = {}
         self._weights: dict[tuple[str, str, Any], Tensor] = {}  # (base, module key, residual tag)
         self._checked: set[tuple[str, str]] = set()  # (base, adapter fingerprint) pairs already compared
-        self._svd_memo: dict[str, tuple[Tensor, Any]] = {}
+        self._lazy_checked: set[Path] = set()  # adapters checked against the lazy checkpoint's headers
+        self._fingerprints: dict[str, list[tuple[Tensor, str]]] = {}  # module key -> [(W, content fingerprint)]
+        self._spectra: dict[tuple[str, str], SVD] = {}  # (module key, fingerprint) -> SVD
+        self._lock = threading.Lock()
+
+    @property
+    def lazy(self) -> bool:
+        return self.checkpoint is not None
 
     def _check_fingerprint(self, name: str, model: nn.Module, adapter: LoadedAdapter) -> None:
         """Warn (once per base and fingerprint) if ``base_fingerprint`` recorded by the trainer does not match the
@@ -82,16 +137,51 @@ class BaseWeights:
         else:
             raise UserError(f"{adapter.path}: records no base_model_name_or_path; pass --base PATH")
         target = resolve_base_name(name)[0]
-        if target not in self._models:
-            # base_model_for picks the model class that owns the adapter's module paths (task head, LM head).
-            shim = Adapter(path=adapter.path, config={**adapter.config, "base_model_name_or_path": target}, factors={})
-            try:
-                with quiet_transformers():
-                    self._models[target] = base_model_for(shim, target if self.base is not None else None)
-            except UserError as exc:
-                hint = "" if self.base is not None else "; pass --base PATH to use a local copy"
-                raise UserError(f"{exc}{hint}") from None
+        with self._lock:  # threads serving modules of one run: the model is loaded once
+            if target not in self._models:
+                # base_model_for picks the model class that owns the adapter's module paths (task head, LM head).
+                shim = Adapter(path=adapter.path, config={**adapter.config, "base_model_name_or_path": target},
+                               factors={})
+                try:
+                    with quiet_transformers():
+                        self._models[target] = base_model_for(shim, target if self.base is not None else None)
+                except UserError as exc:
+                    hint = "" if self.base is not None else "; pass --base PATH to use a local copy"
+                    raise UserError(f"{exc}{hint}") from None
         return target, self._models[target]
+
+    @staticmethod
+    def _tag(config: Mapping[str, Any], where: str) -> Any:
+        """What, besides the module key, W0 depends on: ``None`` for the stored weight, else the base-changing
+        init and peft's rank and scale per module (the residual ``W − s·B₀A₀`` of PiSSA, OLoRA)."""
+        from lora.init_residual import base_changing_init
+
+        init = base_changing_init(config, where)
+        return None if init is None else (init, *(repr(config.get(c)) for c in
+                                                  ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")))
+
+    def source(self, adapter: LoadedAdapter) -> tuple[str, Any]:
+        """Which W0 ``adapter``'s modules are added to, as a hashable ``(base, residual tag)``: adapters with equal
+        sources share every W (the tables group them per module)."""
+        if self.lazy:
+            return str(self.checkpoint.path), None
+        return self._model_for(adapter)[0], self._tag(adapter.config, str(adapter.path))
+
+    def check(self, adapter: LoadedAdapter, keys: Iterable[str] | None = None) -> None:
+        """``UserError`` (one line) unless W0 of each of ``keys`` (default: every module) exists and has ΔW's shape;
+        before any work. A lazy checkpoint answers from its headers (:meth:`CheckpointWeights.check_adapter`),
+        reading no tensor; a loaded model extracts W0 (kept: the model is in memory anyway)."""
+        keys = list(adapter.factors) if keys is None else list(keys)
+        if not self.lazy:
+            self.weights(adapter, keys)
+            return
+        if adapter.path not in self._lazy_checked:
+            self.checkpoint.check_adapter(adapter)
+            self._lazy_checked.add(adapter.path)
+        missing = [k for k in keys if k not in self.checkpoint]
+        if missing:
+            raise UserError(f"{self.checkpoint.path}: holds no tensor {missing[0]}.weight, which {adapter.path} "
+                            f"adapts ({len(missing)} module(s) missing): adapter and checkpoint do not match")
 
     def weights(
         self, adapter: LoadedAdapter, keys: Iterable[str] | None = None, *, original: bool = False
@@ -101,6 +191,7 @@ class BaseWeights:
         ``W0`` is the weight peft adapts when it loads the adapter: for ``init_lora_weights`` ``"pissa"`` or
         ``"olora"`` the residual ``W − s·B₀A₀`` peft rebuilds (:mod:`lora.init_residual`), else the stored weight.
         ``original=True`` gives the stored weight in every case (DoRA's magnitude is initialised from its norms).
+        From a lazy checkpoint W is read (and upcast) when first asked for; :meth:`release` drops it.
 
         Raises:
             UserError: naming the adapter and module if a module is missing from the base model or ``W0``'s shape
@@ -108,14 +199,18 @@ class BaseWeights:
                 change cannot be rebuilt (``pissa_niter_*``, ``corda``, ``lora_ga``, ``loftq``).
         """
         from lora.adapter_io import load_base_weights
-        from lora.init_residual import base_changing_init
 
         keys = list(adapter.factors) if keys is None else list(keys)
+        if self.lazy:  # the lazy route refuses base-changing inits (check), so the original is W itself
+            self.check(adapter, keys)
+            name = str(self.checkpoint.path)
+            for k in keys:
+                if (name, k, None) not in self._weights:
+                    self._weights[(name, k, None)] = as_float64_matrix(self.checkpoint[k], name=f"{name}: {k}")
+            return {k: self._weights[(name, k, None)] for k in keys}
         config = {**adapter.config, "init_lora_weights": True} if original else adapter.config
-        init = base_changing_init(config, str(adapter.path))
         # The residual depends on the init and on peft's rank and scale per module: part of the cache key.
-        tag = None if init is None else (init, *(repr(config.get(c)) for c in
-                                                 ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")))
+        tag = self._tag(config, str(adapter.path))
         name, model = self._model_for(adapter)
         missing = [k for k in keys if (name, k, tag) not in self._weights]
         if missing:
@@ -141,18 +236,58 @@ class BaseWeights:
         self._check_fingerprint(name, model, adapter)  # after the shape checks: a misfit base is an error, not a warning
         return out
 
-    def w_svd(self, key: str, W: Tensor):
-        """The full thin SVD of ``W`` (cached; slice it with ``.truncate(k)``).
+    def _fingerprint(self, key: str, W: Tensor) -> str:
+        """W's content fingerprint, hashed once per tensor handed out (memoised by identity)."""
+        from lora_analysis.load.spectral_cache import content_fingerprint
 
-        ``W`` tensors handed out by :meth:`weights` are memoised by identity, so repeated calls skip even the
-        content hash that :class:`~lora_analysis.metrics.linalg.WeightSVDCache` uses to key its entries.
+        for held, fp in self._fingerprints.get(key, ()):
+            if held is W:
+                return fp
+        fp = content_fingerprint(W)
+        with self._lock:
+            self._fingerprints.setdefault(key, []).append((W, fp))
+        return fp
+
+    def spectrum(self, key: str, W: Tensor, k: int | None = None) -> SVD:
+        """W's SVD holding at least ``k`` triplets (``None``: the full thin SVD; slice it with ``.truncate``): the
+        one place the analysis asks for W's singular vectors.
+
+        Served from memory (per module key and content fingerprint), else from the spectral cache (a file holding
+        at least ``k``), else computed (:func:`w_spectrum`) and stored there. A larger ``k`` than held recomputes
+        and replaces.
         """
-        memo = self._svd_memo.get(key)
-        if memo is not None and memo[0] is W:
-            return memo[1]
-        svd = self.svd.get(key, W)
-        self._svd_memo[key] = (W, svd)
+        need = min(W.shape) if k is None else k
+        fp = self._fingerprint(key, W)
+        svd = self._spectra.get((key, fp))
+        if svd is not None and svd.k >= need:
+            return svd
+        cache = self.spectral_cache
+        svd = cache.load(key, fp, k, tuple(W.shape)) if cache is not None else None
+        if svd is None:
+            svd = w_spectrum(W, k)
+            with self._lock:
+                self.computed += 1
+            if cache is not None:
+                cache.store(key, fp, svd)
+        with self._lock:
+            self._spectra[(key, fp)] = svd
         return svd
+
+    def w_svd(self, key: str, W: Tensor) -> SVD:
+        """The full thin SVD of ``W`` (:meth:`spectrum` with every triplet)."""
+        return self.spectrum(key, W)
+
+    def release(self, key: str) -> None:
+        """Drop module ``key``'s W and SVDs when reading lazily (nothing with a loaded model, which keeps them
+        for later tables): the module's tables are done, and at 7B each W and its SVD are hundreds of MB."""
+        if self.retain:
+            return
+        with self._lock:
+            for entry in [e for e in self._weights if e[1] == key]:
+                del self._weights[entry]
+            for entry in [e for e in self._spectra if e[0] == key]:
+                del self._spectra[entry]
+            self._fingerprints.pop(key, None)
 
 
 class CheckpointWeights(Mapping):

@@ -41,12 +41,12 @@ from lora.errors import UserError
 from lora.fsio import atomic_path
 from lora.threads import analysis_workers, torch_threads
 from lora_analysis.load.adapters import LoadedAdapter, module_layer, weight_type
-from lora_analysis.load.base import BaseWeights, CheckpointWeights
+from lora_analysis.load.base import BaseWeights, CheckpointWeights, w_spectrum
 from lora_analysis.load.run import Run
 from lora_analysis.metrics.dora import dora_summary
 from lora_analysis.metrics.linalg import (
     DENSE_SVDVALS_MAX,
-    WeightSVDCache,
+    SVD,
     as_float64_matrix,
     factored_svd,
     right_singular_vectors,
@@ -84,6 +84,7 @@ __all__ = [
     "table7_table",
     "table7_tables",
     "torch_threads",
+    "weight_tables",
     "write_tables",
 ]
 
@@ -274,6 +275,9 @@ def random_phi_table(
 
 
 # ---------------------------------------------------------------------------------------------- W vs ΔW
+WEIGHT_TABLES = ("table7", "dora", "spectra", "fig8")  # the tables that need the base weight W
+
+
 def _check_mapping(adapter: LoadedAdapter, base: Mapping[str, Tensor], keys: list[str]) -> None:
     """``UserError`` if a plain-mapping ``base`` lacks one of ``keys``, or (a lazy checkpoint) stores W in a form
     it does not rebuild for ``adapter`` (:meth:`~lora_analysis.load.base.CheckpointWeights.check_adapter`)."""
@@ -284,13 +288,168 @@ def _check_mapping(adapter: LoadedAdapter, base: Mapping[str, Tensor], keys: lis
         raise UserError(f"{adapter.path}: module {missing[0]}: no base weight given")
 
 
-def _weights(adapter: LoadedAdapter, base: BaseWeights | Mapping[str, Tensor], keys: Iterable[str] | None):
-    """``({key: W float64}, svd_of(key, W) -> full thin SVD of W)`` from shared base weights or a plain dict."""
-    keys = list(adapter.factors) if keys is None else list(keys)
-    if isinstance(base, BaseWeights):
-        return base.weights(adapter, keys), base.w_svd
-    _check_mapping(adapter, base, keys)
-    return {k: base[k].to(torch.float64) for k in keys}, WeightSVDCache().get
+def _top(adapter: LoadedAdapter, key: str, shape: tuple[int, int], top: int | None) -> int:
+    """The subspace dimension k for a module of W's ``shape``: ``top``, or its rank; ``UserError`` if it exceeds
+    either."""
+    r = adapter.factors[key].rank
+    k = r if top is None else top
+    if not 0 < k <= min(r, *shape):
+        raise UserError(f"top k = {top} must be in 1..{min(r, *shape)} for module {key} of {adapter.path}")
+    return k
+
+
+def _spectra_row(adapter: LoadedAdapter, key: str, W: Tensor | None, w_svd: SVD | None, intruder_k: int) -> dict:
+    """One ``spectra`` row; ``n_intruders`` is -1 without ``W``."""
+    f = adapter.factors[key]
+    s = spectrum_summary(f.A, f.B, scaling=f.scaling, fraction=0.9)
+    n_intr = -1
+    if W is not None:
+        n_intr = intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=min(intruder_k, *W.shape),
+                                     w0_svd=w_svd).count
+    return {**_ids(key), "rank": f.rank, "seed": _seed(adapter), "stable_rank": s.stable_rank,
+            "entropy_rank": s.effective_rank, "energy_rank_90": s.energy_rank, "dw_norm": s.frobenius,
+            "n_intruders": n_intr}
+
+
+def weight_tables(
+    adapters: Sequence[LoadedAdapter],
+    base: BaseWeights | Mapping[str, Tensor],
+    *,
+    keys: Sequence[Iterable[str]] | None = None,
+    tables: Collection[str] = WEIGHT_TABLES,
+    fig8: Collection[int] = (),
+    intruders: bool = True,
+    top: int | None = None,
+    random_seed: int = 0,
+    null_draws: int = NULL_DRAWS,
+    intruder_k: int = 10,
+    i_max: int | None = None,
+    fig8_random: bool = True,
+    workers: int | None = None,
+    progress: bool = False,
+) -> dict[str, pd.DataFrame]:
+    """Every table that needs the base weight W, in ONE pass over the modules (module-major): each W is read once,
+    every adapter adapting it is served (Table 7, DoRA, spectra with intruders, Figure 8), and W is released
+    (:meth:`~lora_analysis.load.base.BaseWeights.release`) before the next; so a 7B base streams through memory
+    ``workers`` matrices at a time. Rows come back in adapter-major order (each adapter's modules in its order),
+    exactly as the per-adapter functions (:func:`table7_tables`, :func:`dora_table`, :func:`spectra_table`,
+    :func:`fig8_table`) give them, with the same numbers: every module's rows are computed by the same operations
+    whichever thread computes them.
+
+    W's SVD is asked for once per module (:meth:`~lora_analysis.load.base.BaseWeights.spectrum`, with the
+    spectral cache; :func:`~lora_analysis.load.base.w_spectrum` for a plain mapping) with the largest number of
+    triplets any table needs: all of them for the intruder count (today's :func:`~lora_analysis.metrics.spectra.
+    intruder_dimensions` decides on W's full SVD), else Figure 8's ``i_max``; Table 7's "W" column takes W's singular
+    values from it where it holds them (below ``DENSE_SVDVALS_MAX`` the full SVD, as always).
+
+    Args:
+        adapters: the adapters. base: the run's :class:`~lora_analysis.load.base.BaseWeights`, or
+            ``{module key: W}`` (e.g. a :class:`~lora_analysis.load.base.CheckpointWeights`).
+        keys: per adapter, its module keys (default: all of each adapter's modules).
+        tables: which of ``table7``, ``dora``, ``spectra``, ``fig8`` to compute.
+        fig8: indices of the adapters that get Figure 8 (in this order in the table).
+        intruders: count intruder dimensions in ``spectra`` (else ``n_intruders`` is -1).
+        top, random_seed, null_draws: Table 7's (:func:`table7_tables`); ``random_seed`` also seeds Figure 8's
+            random ``A`` (:func:`fig8_table`). intruder_k: :func:`spectra_table`'s. i_max, fig8_random:
+            :func:`fig8_table`'s ``i_max`` and ``random``.
+        workers: modules computed at once (threads; :func:`map_workers`). progress: one bar over the modules.
+
+    Raises:
+        UserError: before any W is read, if a module is missing from the base or does not fit ΔW's shape, or
+            ``top`` exceeds a module's rank.
+    """
+    from tqdm import tqdm  # plain text bars: tqdm.auto warns without ipywidgets in a notebook
+
+    bw = base if isinstance(base, BaseWeights) else None
+    ks_of = [list(a.factors) if keys is None else list(keys[i]) for i, a in enumerate(adapters)]
+    fig8 = list(fig8) if "fig8" in tables else []
+    modules: dict[tuple[str, object], list[int]] = {}  # (key, W's source) -> adapters adapting it, in order
+    for i, a in enumerate(adapters):  # every check before any work
+        if bw is not None:
+            bw.check(a, ks_of[i])
+        else:
+            _check_mapping(a, base, ks_of[i])
+        source = None if bw is None else bw.source(a)
+        for key in ks_of[i]:
+            if {"table7", "dora"} & set(tables):
+                f = a.factors[key]
+                _top(a, key, (f.B.shape[0], f.A.shape[1]), top)
+            modules.setdefault((key, source), []).append(i)
+    bar = tqdm(total=len(modules), desc="base weights", unit="module", disable=not progress, dynamic_ncols=True)
+
+    def module_rows(job: tuple[tuple[str, object], list[int]]) -> dict[tuple[str, int, str], object]:
+        (key, _), members = job
+        W = (bw.weights(adapters[members[0]], [key])[key] if bw is not None
+             else as_float64_matrix(base[key], name=f"base weight of {key}"))
+        shape = (int(W.shape[0]), int(W.shape[1]))
+        dense = min(shape) <= DENSE_SVDVALS_MAX
+        n_w = min(i_max or max(1, round(FIG8_FRACTION * min(shape))), min(shape))
+        count = "spectra" in tables and intruders
+        drawn = any(i in fig8 for i in members)
+        # ENGINE: once intruder_dimensions decides on a partial SVD, count asks for max(n_w, intruder_k) here
+        k = None if count else n_w if drawn else None
+        svd = None
+        if count or drawn or (bw is not None and "table7" in tables and dense):
+            svd = bw.spectrum(key, W, k) if bw is not None else w_spectrum(W, k)
+        out: dict[tuple[str, int, str], object] = {}
+        if "table7" in tables:
+            deltas = [(f.A, f.B, f.scaling, f.rank if top is None else top)
+                      for f in (adapters[i].factors[key] for i in members)]
+            k_max = max(t for *_, t in deltas)
+            # W's singular values from its SVD where it holds them (below DENSE_SVDVALS_MAX a plain mapping's
+            # Table 7 has always taken them from svdvals, kept so); else table7_rows' own (block Krylov above it)
+            w_values = svd.S if svd is not None and svd.k >= k_max and (bw is not None or not dense) else None
+            got = table7_rows(W, deltas, random_seed=module_seed(key, random_seed), null_draws=null_draws,
+                              w_values=w_values)
+            for i, row in zip(members, got, strict=True):
+                a = adapters[i]
+                out[("table7", i, key)] = {**_ids(key), "rank": a.factors[key].rank, "seed": _seed(a),
+                                           "d_out": shape[0], "d_in": shape[1], "top": row.rank,
+                                           **{c: getattr(row, c) for c in COLUMNS["table7"][8:]}}
+        for i in members:
+            a = adapters[i]
+            f = a.factors[key]
+            if "dora" in tables and a.magnitude:
+                original = bw.weights(a, [key], original=True)[key] if bw is not None else W
+                kd = _top(a, key, shape, top)
+                d = dora_summary(W, f.A, f.B, a.magnitude[key], scaling=f.scaling, top=kd,
+                                 reference_norms=torch.linalg.vector_norm(original, dim=1))
+                out[("dora", i, key)] = {**_ids(key), "rank": f.rank, "seed": _seed(a), "d_out": shape[0],
+                                         "d_in": shape[1], "top": kd, **d.as_dict()}
+            if "spectra" in tables:
+                out[("spectra", i, key)] = _spectra_row(a, key, W if count else None, svd, intruder_k)
+            if i in fig8:
+                ws = svd.truncate(n_w)
+                meta = {**_ids(key), "rank": f.rank, "seed": _seed(a)}
+                grid = phi_weight_vs_delta(W, f.A, f.B, scaling=f.scaling, i_max=n_w, w_svd=ws)  # the metric owns it
+                frames = [_grid_frame(grid, {**meta, "source": "delta"})]
+                if fig8_random:
+                    g = torch.Generator().manual_seed(module_seed(key, random_seed + f.rank))
+                    A_rand = torch.randn(f.rank, shape[1], generator=g, dtype=torch.float64)
+                    frames.append(_grid_frame(phi_grid(ws.V, right_singular_vectors(A_rand)),
+                                              {**meta, "source": "random"}))
+                out[("fig8", i, key)] = frames
+        del W, svd
+        if bw is not None:
+            bw.release(key)  # a lazy base: this module's W and SVD are done with
+        bar.update(1)
+        return out
+
+    try:
+        done: dict = {}
+        for part in map_workers(module_rows, list(modules.items()), workers):
+            done.update(part)
+    finally:
+        bar.close()
+    result: dict[str, pd.DataFrame] = {}
+    for name in ("table7", "dora", "spectra"):
+        if name in tables:
+            rows = [done[(name, i, key)] for i in range(len(adapters)) for key in ks_of[i]
+                    if (name, i, key) in done]
+            result[name] = pd.DataFrame(rows, columns=COLUMNS[name]) if rows else _empty(name)
+    if "fig8" in tables:
+        result["fig8"] = concat_table("fig8", [fr for i in fig8 for key in ks_of[i] for fr in done[("fig8", i, key)]])
+    return result
 
 
 def fig8_table(
@@ -310,31 +469,8 @@ def fig8_table(
         i_max: W's directions (default ``round(0.1 · min(d_out, d_in))``, as the paper's ~10 % of d).
         random: add ``source="random"`` rows: a seeded Gaussian ``A`` of the same rank in place of ΔW.
     """
-    Ws, svd_of = _weights(adapter, base, keys)
-    frames = []
-    for key, W in Ws.items():
-        f = adapter.factors[key]
-        n_w = i_max or max(1, round(FIG8_FRACTION * min(W.shape)))
-        n_w = min(n_w, min(W.shape))
-        ws = svd_of(key, W).truncate(n_w)
-        meta = {**_ids(key), "rank": f.rank, "seed": _seed(adapter)}
-        grid = phi_weight_vs_delta(W, f.A, f.B, scaling=f.scaling, i_max=n_w, w_svd=ws)  # the metric owns it
-        frames.append(_grid_frame(grid, {**meta, "source": "delta"}))
-        if random:
-            g = torch.Generator().manual_seed(module_seed(key, random_seed + f.rank))
-            A_rand = torch.randn(f.rank, W.shape[1], generator=g, dtype=torch.float64)
-            frames.append(_grid_frame(phi_grid(ws.V, right_singular_vectors(A_rand)), {**meta, "source": "random"}))
-    return concat_table("fig8", frames)
-
-
-def _top(adapter: LoadedAdapter, key: str, shape: tuple[int, int], top: int | None) -> int:
-    """The subspace dimension k for a module of W's ``shape``: ``top``, or its rank; ``UserError`` if it exceeds
-    either."""
-    r = adapter.factors[key].rank
-    k = r if top is None else top
-    if not 0 < k <= min(r, *shape):
-        raise UserError(f"top k = {top} must be in 1..{min(r, *shape)} for module {key} of {adapter.path}")
-    return k
+    return weight_tables([adapter], base, keys=None if keys is None else [keys], tables=("fig8",), fig8=[0],
+                         i_max=i_max, fig8_random=random, random_seed=random_seed)["fig8"]
 
 
 def table7_table(
@@ -383,50 +519,12 @@ def table7_tables(
         keys: per adapter, the module keys (default: all of each adapter's modules).
         workers: W matrices computed at once, each in its own thread running torch's ops on the threads the
             process already has (default: the cores available divided by those threads). The numbers do not
-            depend on it: each W's rows are computed by the same operations in the same order. With a plain
-            mapping as ``base``, W is read from it (and upcast) only when its turn comes, so a 7B base streams
-            through memory ``workers`` matrices at a time (a lazy mapping over a safetensors file reads each W
-            once).
+            depend on it: each W's rows are computed by the same operations in the same order. W is read (and
+            upcast) only when its turn comes, so a 7B base streams through memory ``workers`` matrices at a time
+            (:func:`weight_tables`).
     """
-    lazy = not isinstance(base, BaseWeights)
-    groups: dict[tuple[str, int | None], list[tuple[int, str]]] = {}
-    order: list[tuple[int, str]] = []
-    for i, a in enumerate(adapters):
-        ks = list(a.factors) if keys is None else list(keys[i])
-        if lazy:
-            _check_mapping(a, base, ks)
-            ident = dict.fromkeys(ks)  # one base: the key names the W
-        else:
-            ident = {k: id(W) for k, W in base.weights(a, ks).items()}  # cached there: identity tells bases apart
-        for key in ks:
-            f = a.factors[key]
-            _top(a, key, (f.B.shape[0], f.A.shape[1]), top)  # checked before any work
-            groups.setdefault((key, ident[key]), []).append((i, key))
-            order.append((i, key))
-
-    def rows_of(key: str, members: list[tuple[int, str]]) -> list[tuple[tuple[int, str], dict]]:
-        if lazy:
-            W = as_float64_matrix(base[key], name=f"base weight of {key}")
-            w_values = None  # table7_rows: svdvals up to DENSE_SVDVALS_MAX, block Krylov above
-        else:
-            W = base.weights(adapters[members[0][0]], [key])[key]
-            w_values = base.w_svd(key, W).S if min(W.shape) <= DENSE_SVDVALS_MAX else None
-        deltas = [(f.A, f.B, f.scaling, f.rank if top is None else top)
-                  for f in (adapters[i].factors[key] for i, _ in members)]
-        got = table7_rows(W, deltas, random_seed=module_seed(key, random_seed), null_draws=null_draws,
-                          w_values=w_values)
-        out = []
-        for (i, _), row in zip(members, got, strict=True):
-            a = adapters[i]
-            out.append(((i, key), {**_ids(key), "rank": a.factors[key].rank, "seed": _seed(a),
-                                   "d_out": int(W.shape[0]), "d_in": int(W.shape[1]), "top": row.rank,
-                                   **{c: getattr(row, c) for c in COLUMNS["table7"][8:]}}))
-        return out
-
-    jobs = [(key, members) for (key, _), members in groups.items()]
-    rows = dict(itertools.chain.from_iterable(map_workers(lambda job: rows_of(*job), jobs, workers)))
-    out = [rows[ik] for ik in order]
-    return pd.DataFrame(out, columns=COLUMNS["table7"]) if out else _empty("table7")
+    return weight_tables(adapters, base, keys=keys, tables=("table7",), top=top, random_seed=random_seed,
+                         null_draws=null_draws, workers=workers)["table7"]
 
 
 def dora_table(
@@ -445,17 +543,7 @@ def dora_table(
     """
     if not adapter.magnitude:
         return _empty("dora")
-    Ws, _ = _weights(adapter, base, keys)
-    originals = base.weights(adapter, list(Ws), original=True) if isinstance(base, BaseWeights) else Ws
-    rows = []
-    for key, W in Ws.items():
-        f = adapter.factors[key]
-        k = _top(adapter, key, tuple(W.shape), top)
-        d = dora_summary(W, f.A, f.B, adapter.magnitude[key], scaling=f.scaling, top=k,
-                         reference_norms=torch.linalg.vector_norm(originals[key], dim=1))
-        rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "d_out": int(W.shape[0]),
-                     "d_in": int(W.shape[1]), "top": k, **d.as_dict()})
-    return pd.DataFrame(rows, columns=COLUMNS["dora"]) if rows else _empty("dora")
+    return weight_tables([adapter], base, keys=None if keys is None else [keys], tables=("dora",), top=top)["dora"]
 
 
 def spectra_table(
@@ -469,20 +557,9 @@ def spectra_table(
     number of intruder dimensions among the top ``intruder_k`` directions of W0 + ΔW (needs ``base``;
     ``n_intruders`` is ``-1`` without it)."""
     if base is not None:
-        Ws, svd_of = _weights(adapter, base, keys)
-    else:
-        Ws, svd_of = {k: None for k in (adapter.factors if keys is None else keys)}, None
-    rows = []
-    for key, W in Ws.items():
-        f = adapter.factors[key]
-        s = spectrum_summary(f.A, f.B, scaling=f.scaling, fraction=0.9)
-        n_intr = -1
-        if W is not None:
-            n_intr = intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=min(intruder_k, *W.shape),
-                                         w0_svd=svd_of(key, W)).count
-        rows.append({**_ids(key), "rank": f.rank, "seed": _seed(adapter), "stable_rank": s.stable_rank,
-                     "entropy_rank": s.effective_rank, "energy_rank_90": s.energy_rank, "dw_norm": s.frobenius,
-                     "n_intruders": n_intr})
+        return weight_tables([adapter], base, keys=None if keys is None else [keys], tables=("spectra",),
+                             intruder_k=intruder_k)["spectra"]
+    rows = [_spectra_row(adapter, key, None, None, intruder_k) for key in (adapter.factors if keys is None else keys)]
     return pd.DataFrame(rows, columns=COLUMNS["spectra"]) if rows else _empty("spectra")
 
 
@@ -611,25 +688,24 @@ def _section7_tables(run: Run, adapters: dict[tuple[int, int], LoadedAdapter], *
                      fig8_ranks, intruders, progress) -> dict[str, pd.DataFrame]:
     from tqdm import tqdm  # plain text bars: tqdm.auto warns without ipywidgets in a notebook
 
-    bw = run.base
-    bar = tqdm(total=2 * len(adapters) + 3, desc="analysis", disable=not progress, dynamic_ncols=True)
-    bar.update(len(adapters))  # loaded
-
     def keys_of(a: LoadedAdapter) -> list[str]:
         return [k for k in a.factors if layers is None or module_layer(k) in set(layers)]
 
     out: dict[str, list[pd.DataFrame]] = {k: [] for k in COLUMNS}
-    # every rank and seed that adapts one W in one batch (one GEMM per W; the null drawn once per W and k)
-    out["table7"].append(table7_tables(list(adapters.values()), bw, keys=[keys_of(a) for a in adapters.values()]))
-    for a in adapters.values():
-        keys = keys_of(a)
-        out["dora"].append(dora_table(a, bw, keys=keys))  # empty unless a is a DoRA adapter
-        out["spectra"].append(spectra_table(a, bw if intruders else None, keys=keys))
-        out["singular_values"].append(singular_values_table(a, keys=keys))
-        bar.update(1)
-
     present_r = sorted({r for r, _ in adapters})
     present_s = sorted({s for _, s in adapters})
+    # Every table that needs W in one pass over the modules: each W read once for every rank and seed that adapts
+    # it (Table 7, DoRA, spectra, Figure 8 at the ranks nearest 4, 8 and 64, every seed: claim 6's unit is the run)
+    listed = list(adapters.values())
+    position = {rs: i for i, rs in enumerate(adapters)}
+    fig8 = [position[(r, s)] for r in sorted({nearest_rank(present_r, r) for r in fig8_ranks}) for s in present_s
+            if (r, s) in adapters]
+    for name, table in weight_tables(listed, run.base, keys=[keys_of(a) for a in listed], fig8=fig8,
+                                     intruders=intruders, progress=progress).items():
+        out[name].append(table)
+    for a in listed:
+        out["singular_values"].append(singular_values_table(a, keys=keys_of(a)))
+    bar = tqdm(total=2, desc="subspaces", disable=not progress, dynamic_ncols=True)
     if len(present_r) >= 2:
         pairs = compared_rank_pairs(adapters, ranks_compared)
         for r_small, r_large in pairs:
@@ -650,16 +726,37 @@ def _section7_tables(run: Run, adapters: dict[tuple[int, int], LoadedAdapter], *
         a1 = adapters[(r_max, seeds_at_max[0])]
         out["phi"].append(random_phi_table(a1, r1=r_max, r2=r_max, keys=keys_of(a1), seed=1))
     bar.update(1)
-    for r in sorted({nearest_rank(present_r, r) for r in fig8_ranks}):  # every seed: claim 6's unit is the run
-        for s in present_s:
-            a = adapters.get((r, s))
-            if a is not None:
-                out["fig8"].append(fig8_table(a, bw, keys=keys_of(a)))
-    bar.update(1)
     bar.close()
     tables = {name: concat_table(name, frames) for name, frames in out.items() if name != "quality"}
     tables["quality"] = quality_table(run)
     return tables
+
+
+class _Tee:
+    """A text sink that writes what pandas formats to the CSV file and, UTF-8 encoded, to its gzip copy: the table
+    is formatted once and never held whole as one string (at 7B Figure 8's CSV is hundreds of MB). pandas writes
+    row by row, so chunks are gathered to about 1 MB before each write. Deflate's output depends on the bytes fed,
+    not on how they are split, so the copy is byte-identical to compressing the whole CSV at once."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, text, packed) -> None:
+        self.text, self.packed = text, packed
+        self._parts: list[str] = []
+        self._size = 0
+
+    def write(self, chunk: str) -> int:
+        self._parts.append(chunk)
+        self._size += len(chunk)
+        if self._size >= self.CHUNK:
+            self.flush()
+        return len(chunk)
+
+    def flush(self) -> None:
+        block = "".join(self._parts)
+        self._parts, self._size = [], 0
+        self.text.write(block)
+        self.packed.write(block.encode("utf-8"))
 
 
 def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike, *,
@@ -668,7 +765,7 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike,
 
     ``gzipped``: tables also written as ``<name>.csv.gz`` (gzip with no name and no time in its header, so the
     bytes depend on the table only): the large φ and Figure 8 tables are committed that way, so every verdict can
-    be recomputed from files in the repository.
+    be recomputed from files in the repository. Both files come from one formatting pass (:class:`_Tee`).
     """
     import gzip
 
@@ -679,13 +776,17 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike,
     paths = []
     for name, df in tables.items():
         path = root / f"{name}.csv"
-        with atomic_path(path) as tmp:
-            df.to_csv(tmp, index=False)
-        paths.append(path)
-        if name in gzipped:
-            packed = root / f"{name}.csv.gz"
-            with atomic_path(packed) as tmp, open(tmp, "wb") as raw, \
+        if name not in gzipped:
+            with atomic_path(path) as tmp:
+                df.to_csv(tmp, index=False)
+            paths.append(path)
+            continue
+        packed = root / f"{name}.csv.gz"
+        with atomic_path(path) as tmp, atomic_path(packed) as tmp_gz:
+            with open(tmp, "w", encoding="utf-8", newline="") as text, open(tmp_gz, "wb") as raw, \
                     gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh:
-                fh.write(df.to_csv(index=False).encode("utf-8"))
-            paths.append(packed)
+                tee = _Tee(text, fh)
+                df.to_csv(tee, index=False)
+                tee.flush()
+        paths += [path, packed]
     return paths

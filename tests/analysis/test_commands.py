@@ -367,6 +367,9 @@ def test_a_rerun_cleans_what_a_killed_render_left(run, tmp_path):
         p.write_bytes(b"half a file")
     assert figures.main(["--runs", str(run), "--out", str(out), "--quiet"]) == 0
     assert not any(p.exists() for p in stale) and (out / "REPORT.md").is_file() and (out / "report.json").is_file()
+    # a run trained here (a manifest) gets the gzipped copies it may commit; a folder of adapters does not
+    assert {p.name for p in (out / "tables").glob("*.csv.gz")} == {"phi.csv.gz", "fig8.csv.gz"}
+    assert (run / "analysis" / "spectra").is_dir()  # W's SVDs kept beside the run for the next report
 
 
 def test_cli_bad_inputs_exit_2(tmp_path, capsys):

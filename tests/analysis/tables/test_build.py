@@ -300,7 +300,7 @@ def test_analyse_run_all_tables(tiny_run, tmp_path):
     assert set(zip(*[phi[phi.comparison == "random"][c] for c in ("r1", "r2")], strict=True)) == {(4, 8), (8, 8)}
     assert len(tables["table7"]) == 6 * 4 and len(tables["spectra"]) == 6 * 4
     assert set(tables["fig8"]["rank"]) == {4, 8} and set(tables["fig8"]["seed"]) == {0, 1}  # every seed
-    assert bw.svd.computed == 4  # W's SVD once per weight matrix, shared by 6 adapters
+    assert bw.computed == 4  # W's SVD once per weight matrix, shared by 6 adapters
     assert len(bw._models) == 1
     # values agree with the one-adapter functions
     a = load_run_adapter(tiny_run, rank=4, seed=0)
