@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lora.errors import UserError
 from lora_analysis.render.which_rank import rank_advice_lines, which_rank_lines, write_which_rank
 from lora_analysis.tables.rank_advice import rank_advice, rank_pattern, round_up_pow2
 from lora_analysis.tables.which_rank import seed_overlap, shared_k, spectral_answers
@@ -155,4 +156,22 @@ def test_rank_advice_rule():
     assert set(advice["rank"]) == {8} and set(advice["suggested_rank"]) == {8}  # max over seeds 5 -> 8
     assert rank_pattern(advice) == {"a.query": 8}
     assert rank_advice(None).empty and rank_advice_lines(None) == []
+    with pytest.raises(UserError, match="energy_rank_90"):
+        rank_advice(spectra.drop(columns=["energy_rank_90"]))
     assert "rank_pattern.json" in "\n".join(rank_advice_lines(advice))
+
+
+def test_report_md_and_json_carry_the_section(tmp_path):
+    from lora_analysis.render.report_md import write_report
+    from lora_analysis.verdicts.claims import Context
+    from lora_analysis.verdicts.judgement import Judgement
+
+    wr = judge_which_rank({"quality": _quality(), "which_rank_evals": _evals()})
+    advice = rank_advice(pd.DataFrame([{"module": "a.query", "weight_type": "q", "layer": 0, "rank": 8, "seed": 0,
+                                        "energy_rank_90": 3, "entropy_rank": 3.0, "stable_rank": 1.1}]))
+    md, js = write_report(Judgement([], Context()), tmp_path, which_rank=wr, rank_advice=advice)
+    text = md.read_text()
+    assert text.index("## Which rank?") < text.index("### Per-layer rank advice")
+    assert json.loads(js.read_text())["which_rank"]["recommended"] == {"q": 1, "v": 4}
+    md, js = write_report(Judgement([], Context()), tmp_path)  # without it: no section, no key
+    assert "Which rank?" not in md.read_text() and "which_rank" not in json.loads(js.read_text())
