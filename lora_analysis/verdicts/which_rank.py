@@ -120,13 +120,15 @@ def decide(values: pd.DataFrame, *, curve: str, types: str = "q,v", label: str =
             parts.append(f"ranks {rank_span(sorted([*tied, best]), span)} are indistinguishable at {seeds} seeds "
                          "(each difference's interval contains 0)")
         if within:
-            parts.append(f"within {margin:g} of the best: {rank_span(within, span)}")
+            parts.append(f"within {margin:g} of the best: ranks {rank_span(sorted([*within, best]), span)}")
         if worse:
             parts.append(f"worse by more than {margin:g}: {rank_span(list(worse), span)}")
         if recommended != best:
             d = difference[recommended]
             parts.append(f"recommended r={recommended}, the smallest within {margin:g} of the best (difference "
                          f"{d.text('+.4f')})")
+        elif best == ladder[0]:
+            parts.append(f"recommended r={best}, the smallest rank measured")
         else:
             parts.append(f"no smaller rank shown within {margin:g} of the best: recommended r={best}")
     return RankDecision(curve, types, label or curve, metric, seeds, ladder, accuracy, difference, best,
@@ -193,7 +195,7 @@ def judge_which_rank(tables: Mapping[str, pd.DataFrame]) -> WhichRank:
     quality = tables.get("quality")
     full = None
     if quality is not None and len(quality):
-        f = quality[(quality["method"] == "full") & (quality["weight_set"] == f"full:{ws}")]
+        f = quality[(quality["method"] == "full") & quality["weight_set"].isin([ws, f"full:{ws}"])]
         if len(f):
             full = {"mean": float(f["val_metric"].mean()), "seeds": int(f["seed"].nunique())}
     curves: list[RankDecision] = []

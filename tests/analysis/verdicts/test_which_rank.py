@@ -42,7 +42,7 @@ def test_must_recommend_the_smallest_rank_within_the_margin():
     values = _curve({1: 0.80, 2: 0.85, 4: 0.905, 8: 0.905, 64: 0.91}, [0.0, 0.02, -0.02])
     d = decide(values, curve="resized")
     assert d.best == 64 and d.recommended == 4 and d.worse == (1, 2)
-    assert "recommended r=4, the smallest within 0.01 of the best" in d.answer
+    assert "recommended r=4, the smallest within 0.01 of the best" in d.answer and "ranks 4–64" in d.answer
 
 
 def test_must_say_indistinguishable_when_three_seeds_cannot_separate_the_ranks():
@@ -79,7 +79,7 @@ def _evals() -> pd.DataFrame:
 def _quality() -> pd.DataFrame:
     rows = [{"weight_set": "q,v", "method": "lora", "rank": r, "seed": s, "val_metric": 0.9, "metric_name": "accuracy"}
             for r in LADDER for s in range(3)]
-    rows += [{"weight_set": "full:q,v", "method": "full", "rank": 0, "seed": s, "val_metric": 0.89,
+    rows += [{"weight_set": "q,v", "method": "full", "rank": 0, "seed": s, "val_metric": 0.89,
               "metric_name": "accuracy"} for s in range(3)]
     return pd.DataFrame(rows)
 
@@ -126,6 +126,8 @@ def test_section_rendered_with_a_recommendation_per_weight_type(tmp_path):
                                 for t in "qv" for s in range(3)]), seed_overlap(_phi()))}
     wr = judge_which_rank(tables)
     assert wr.measured and wr.per_type["q"].recommended == 1 and wr.per_type["v"].recommended == 4
+    assert "the smallest rank measured" in wr.per_type["q"].answer and wr.full == {"mean": pytest.approx(0.89),
+                                                                                   "seeds": 3}
     assert [d.curve for d in wr.curves] == ["trained", "resized", "extracted"]
     files = write_which_rank(wr, tmp_path)
     assert {p.name for p in files} == {"which_rank.png", "which_rank.pdf"}
