@@ -1,6 +1,6 @@
 """The main job: train (or resume) the Section 7 grid, analyse it, draw every figure, write REPORT.md.
 
-``python -m lora_analysis.reproduce`` (console script ``lora-reproduce``) runs three stages:
+``python -m lora_analysis.reproduce`` (console script ``lora-reproduce``) runs four stages:
 
 1. **Train or resume** with :func:`lora.train.run_sweep` (finished grid points are skipped):
    - ``<runs>``: ranks 1 2 4 8 64 × seeds 0 1 2 on {W_q, W_v} (Table 6, Figures 3, 4, 6–8, Table 7), each adapter
@@ -9,7 +9,12 @@
      parameters, the {W_q} r = 8 budget (so r = 8, 4, 2 for one, two, four weight types, as the paper).
 2. **Validate** the metrics against a planted ground truth: the quick planted-rank validation
    (:mod:`lora_analysis.groundtruth.planted`).
-3. **Analyse, judge, render** through the pipeline (:func:`lora_analysis.pipeline.analyse_and_render`): every
+3. **Which rank?** Each seed's largest-rank adapter resized to every smaller rank of the sweep (all modules, and
+   one weight type at a time), and LoRA extracted at every rank from each seed's full fine-tuning, evaluated on
+   the task's validation set (:func:`lora_analysis.tables.which_rank.evaluate`; cached in
+   ``<runs>/analysis/which_rank.csv``, so a rerun evaluates nothing new). Only this command has the task and the
+   model for it; ``python -m lora_analysis.figures`` reads the cache, or says the section was not measured.
+4. **Analyse, judge, render** through the pipeline (:func:`lora_analysis.pipeline.analyse_and_render`): every
    table, every verdict, every figure into ``<out>``, the tidy tables into ``<out>/tables``, ``<out>/REPORT.md``
    and ``<out>/report.json``.
 
@@ -134,7 +139,9 @@ def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *
 
     Args:
         timings: if given, filled with the wall seconds of each stage (``train_s``, ``validation_s``,
-            ``analysis_s``) and the layout (``workers``, ``threads``), as ``benchmarks`` records the main job.
+            ``which_rank_s``, ``analysis_s``), the which-rank evaluations done (``which_rank_evaluated``; the
+            others came from the cache) and the layout (``workers``, ``threads``), as ``benchmarks`` records the
+            main job.
 
     Returns:
         The files written into ``out``.
@@ -145,6 +152,7 @@ def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *
 
     from lora_analysis.load.run import check_run_dir
     from lora_analysis.pipeline import analyse_and_render
+    from lora_analysis.tables import which_rank
 
     runs, out = Path(runs), Path(out)
     if runs.exists() and not runs.is_dir():
@@ -152,7 +160,7 @@ def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *
     check_output_dir("--out", out)
     clock = {} if timings is None else timings
     clock.update(workers=workers or default_workers(), threads=threads)
-    stages = tqdm(total=3, desc="reproduce", disable=quiet, unit="stage", position=0)
+    stages = tqdm(total=4, desc="reproduce", disable=quiet, unit="stage", position=0)
     t0 = time.perf_counter()
     if train:
         stages.set_postfix_str("train")
@@ -167,11 +175,16 @@ def reproduce(plan: GridPlan, runs: str | os.PathLike, out: str | os.PathLike, *
         validation = _validation(out, quiet=quiet)
     stages.update(1)
     t2 = time.perf_counter()
+    stages.set_postfix_str("which rank: resize, extract, evaluate")
+    _, cost = which_rank.evaluate(runs, progress=not quiet)
+    stages.update(1)
+    t3 = time.perf_counter()
     stages.set_postfix_str("analyse, render, report")
     written = analyse_and_render(runs, out, quiet=quiet, validation=validation)
     stages.update(1)
     stages.close()
-    clock.update(train_s=t1 - t0, validation_s=t2 - t1, analysis_s=time.perf_counter() - t2)
+    clock.update(train_s=t1 - t0, validation_s=t2 - t1, which_rank_s=t3 - t2, which_rank_evaluated=cost["evaluated"],
+                 analysis_s=time.perf_counter() - t3)
     return written
 
 

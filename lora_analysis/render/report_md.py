@@ -13,6 +13,7 @@ from pathlib import Path
 from lora.fsio import write_json, write_text
 from lora_analysis.render.markdown import claim_lines, md_escape
 from lora_analysis.render.report_beyond import dynamics_lines, full_lines
+from lora_analysis.render.which_rank import rank_advice_lines, which_rank_lines
 from lora_analysis.verdicts.claims import (
     F_MAX,
     FAILS,
@@ -25,6 +26,7 @@ from lora_analysis.verdicts.claims import (
     Context,
 )
 from lora_analysis.verdicts.judgement import Judgement
+from lora_analysis.verdicts.which_rank import WhichRank
 
 LOW_POWER = PRE["low_power"]
 
@@ -173,27 +175,37 @@ def _file_lists(files: set[str]) -> Lines:
 
 
 def render_report(judgement: Judgement, *, setup: Mapping[str, str] | None = None,
-                  figure_files: Sequence[str | Path] = (), validation: str | None = None) -> str:
+                  figure_files: Sequence[str | Path] = (), validation: str | None = None,
+                  which_rank: WhichRank | None = None, rank_advice=None) -> str:
     """REPORT.md text, section after section: the setup, a summary table (claim, paper, ours, verdict), how to
     read the verdicts, a section per claim, the initialisation control, the training snapshots and full
-    fine-tuning where the run has them, the planted-rank validation, and the lists of figures and tables."""
+    fine-tuning where the run has them, "Which rank?" (``which_rank``, with the per-layer ``rank_advice`` table),
+    the planted-rank validation, and the lists of figures and tables."""
     files = {Path(f).name for f in figure_files}
     claims = judgement.claims
     sections: list[Lines] = [
         _header(), _setup(judgement.context, setup), _summary(claims), HOW_TO_READ, _claims(claims, files),
-        _init_control(files), dynamics_lines(judgement), full_lines(judgement), _validation(validation),
+        _init_control(files), dynamics_lines(judgement), full_lines(judgement),
+        which_rank_lines(which_rank, files=files), rank_advice_lines(rank_advice), _validation(validation),
         _file_lists(files),
     ]
     return "\n".join(line for section in sections for line in section)
 
 
 def write_report(judgement: Judgement, out_dir: str | os.PathLike, *, setup: Mapping[str, str] | None = None,
-                 validation: str | None = None) -> list[Path]:
+                 validation: str | None = None, which_rank: WhichRank | None = None,
+                 rank_advice=None) -> list[Path]:
     """Write ``<out_dir>/REPORT.md`` and ``<out_dir>/report.json`` atomically; returns both paths.
 
     Figures already in ``out_dir`` (from :func:`lora_analysis.render.figures.render_all`) are linked from the report.
+    ``which_rank`` adds the "Which rank?" section and ``report.json``'s ``"which_rank"``; ``rank_advice`` (the
+    :func:`lora_analysis.tables.rank_advice.rank_advice` table) its per-layer subsection.
     """
     out = Path(out_dir)
     files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    text = render_report(judgement, setup=setup, figure_files=files, validation=validation)
-    return [write_text(out / "REPORT.md", text), write_json(out / "report.json", judgement.as_json(setup or {}))]
+    text = render_report(judgement, setup=setup, figure_files=files, validation=validation, which_rank=which_rank,
+                         rank_advice=rank_advice)
+    doc = judgement.as_json(setup or {})
+    if which_rank is not None:
+        doc["which_rank"] = which_rank.as_json()
+    return [write_text(out / "REPORT.md", text), write_json(out / "report.json", doc)]
