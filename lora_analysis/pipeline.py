@@ -26,7 +26,9 @@ from lora_analysis.tables.build import analyse_run, write_tables
 from lora_analysis.tables.cache import read_cache, write_cache
 from lora_analysis.tables.dynamics import dynamics_table, snapshot_tables
 from lora_analysis.tables.full_finetune import full_finetune_tables
+from lora_analysis.tables.which_rank import which_rank_tables
 from lora_analysis.verdicts.judgement import Judgement, judge_analysis
+from lora_analysis.verdicts.rank_advice import rank_advice, write_rank_advice
 
 COMMITTED_GZIPPED = ("phi", "fig8")  # tens of MB as CSV: committed gzipped, so every verdict can be recomputed
 
@@ -57,6 +59,9 @@ def analyse(run: Run, *, progress: bool = False, cache: bool = False, threads: i
     if len(dynamics):
         tables["dynamics"] = dynamics
     tables.update({name: t for name, t in full.items() if len(t)})
+    # "Which rank?": the evaluations reproduce cached in the run (read here, never computed), the seeds' overlap
+    # and the spectral answers
+    tables.update(which_rank_tables(run.root))
     analysis = Analysis(tables, per_step, run.setup())
     if cache:
         write_cache(run, analysis)
@@ -75,6 +80,7 @@ def render(analysis: Analysis, judgement: Judgement, out_dir: str | os.PathLike,
     REPORT.md and report.json, which link the figures written before them. Returns the files written."""
     from lora_analysis.render.figures import render_all
     from lora_analysis.render.report_md import write_report
+    from lora_analysis.render.which_rank import write_which_rank
 
     out = Path(out_dir)
     for folder in (out, out / "tables"):  # what a killed render left (a live writer's temporaries are locked, kept)
@@ -82,7 +88,10 @@ def render(analysis: Analysis, judgement: Judgement, out_dir: str | os.PathLike,
             remove_stale_temps(folder)
     written = write_tables(analysis.tables, out / "tables", gzipped=gzipped)
     written += render_all(analysis.tables, out, quiet=quiet)
-    written += write_report(judgement, out, setup=analysis.setup, validation=validation)
+    spectra = analysis.tables.get("spectra")
+    written += write_which_rank(judgement.which_rank, out) + write_rank_advice(spectra, out)
+    written += write_report(judgement, out, setup=analysis.setup, validation=validation,
+                            which_rank=judgement.which_rank, rank_advice=rank_advice(spectra))
     return written
 
 

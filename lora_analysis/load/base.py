@@ -26,22 +26,18 @@ from torch import Tensor, nn
 from lora.adapter_io import quiet_transformers, resolve_base_name
 from lora.errors import UserError, os_error_reason
 from lora_analysis.load.adapters import LoadedAdapter
-from lora_analysis.metrics.linalg import DENSE_SVDVALS_MAX, SVD, as_float64_matrix, top_singular
+from lora_analysis.metrics.linalg import (
+    DENSE_SVDVALS_MAX,
+    SVD,
+    as_float64_matrix,
+    top_singular,
+    top_singular_triplets,
+)
 
 if TYPE_CHECKING:
     from lora_analysis.load.spectral_cache import SpectralCache
 
 __all__ = ["BaseWeights", "CheckpointWeights"]
-
-
-# SHIM (remove when the engine branch is merged): W's top-k triplets by the engine (block Krylov, with a
-# certificate); until then the dense SVD, sliced. Every W-SVD request goes through BaseWeights.spectrum or
-# w_spectrum below, so this is the one place that changes.
-try:
-    from lora_analysis.metrics.linalg import top_singular_triplets
-except ImportError:  # the engine's API is not there yet
-    def top_singular_triplets(W: Tensor, k: int, **_: Any) -> SVD:
-        return top_singular(W, k=k)
 
 
 def w_spectrum(W: Tensor, k: int | None = None) -> SVD:
@@ -53,7 +49,7 @@ def w_spectrum(W: Tensor, k: int | None = None) -> SVD:
     """
     if k is None or min(W.shape) <= DENSE_SVDVALS_MAX:
         return top_singular(W)
-    return top_singular_triplets(W, k)
+    return top_singular_triplets(W, k)  # block Krylov with a certificate (or its dense fallback)
 
 
 class BaseWeights:

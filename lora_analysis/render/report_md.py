@@ -199,7 +199,7 @@ def write_report(judgement: Judgement, out_dir: str | os.PathLike, *, setup: Map
 
     Figures already in ``out_dir`` (from :func:`lora_analysis.render.figures.render_all`) are linked from the report.
     ``which_rank`` adds the "Which rank?" section and ``report.json``'s ``"which_rank"``; ``rank_advice`` (the
-    :func:`lora_analysis.tables.rank_advice.rank_advice` table) its per-layer subsection.
+    :func:`lora_analysis.verdicts.rank_advice.rank_advice` table) its per-layer subsection.
     """
     out = Path(out_dir)
     files = sorted(p.name for p in out.iterdir()) if out.is_dir() else []

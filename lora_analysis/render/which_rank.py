@@ -1,6 +1,6 @@
 """The "Which rank?" section: its figure, its REPORT.md lines and its tables; and the per-layer rank advice's
 REPORT.md subsection. Text in, text out: the decisions come from :mod:`lora_analysis.verdicts.which_rank`, the
-advice from :mod:`lora_analysis.tables.rank_advice`.
+advice from :mod:`lora_analysis.verdicts.rank_advice`.
 
 - ``which_rank`` figure: validation accuracy against rank (log₂ axis), mean over seeds with the 95 % t-interval
   as bars: left, the three routes (trained at r, the largest-rank adapter resized to r, extracted at r from full
@@ -142,7 +142,7 @@ def which_rank_lines(wr: WhichRank | None, *, files: set[str] | frozenset[str] =
               "- **Routes:** *trained* = adapters trained at r (Table 6); *resized* = each seed's largest-rank "
               "adapter truncated to its best rank-r approximation (`python -m lora.resize`); *extracted* = the best "
               "rank-r LoRA of each seed's full fine-tuning ΔW (`python -m lora.extract`), with its task head. "
-              "Resized and extracted adapters are evaluated as `--eval` does (their task, their head, the run's "
+              "Resized and extracted adapters are evaluated as `lora.resize` evaluates (their task, their head, the run's "
               "max_length); at the largest rank the resized route evaluates the original adapter.", ""]
     for d in wr.curves:
         lines.append(f"- {d.label}: {d.answer}")
@@ -178,7 +178,7 @@ def rank_advice_lines(advice: pd.DataFrame | None) -> list[str]:
     """The per-layer rank advice subsection (none without the table)."""
     if advice is None or len(advice) == 0:
         return []
-    from lora_analysis.tables.rank_advice import RULE as ADVICE_RULE
+    from lora_analysis.verdicts.rank_advice import RULE as ADVICE_RULE
 
     per = advice.groupby("weight_type")["suggested_rank"].agg(["min", "max"])
     summary = ", ".join(f"ΔW_{t} {int(r['min'])}–{int(r['max'])}" if r["min"] != r["max"] else f"ΔW_{t} {int(r['min'])}"
@@ -186,15 +186,23 @@ def rank_advice_lines(advice: pd.DataFrame | None) -> list[str]:
     source = int(advice["rank"].max())
     return ["### Per-layer rank advice", "",
             f"Per module, from the spectra alone (no task, no forward pass): {ADVICE_RULE}. Suggested ranks for the "
-            f"r={source} adapters: {summary}. [rank_pattern.json](rank_pattern.json) holds them in the form "
-            f"`python -m lora.resize --adapter ADAPTER --rank-pattern rank_pattern.json --out SMALLER` takes; "
+            f"r={source} adapters: {summary}. [rank_pattern.json](rank_pattern.json) holds them as the rank "
+            f"pattern `python -m lora.resize` takes (a smaller adapter in one command); "
             "[tables/rank_advice.csv](tables/rank_advice.csv) has each module's energy, entropy and stable ranks "
             "per seed.", ""]
 
 
-def write_which_rank(wr: WhichRank, out_dir: str | os.PathLike) -> list[Path]:
-    """Draw the figure into ``out_dir`` (png, pdf); returns the files written (none when nothing was measured)."""
+def write_which_rank(wr: WhichRank | None, out_dir: str | os.PathLike) -> list[Path]:
+    """Draw the figure into ``out_dir`` (png, pdf) and write ``tables/which_rank_spectral.csv`` and
+    ``tables/which_rank_overlap.csv``; returns the files written."""
     from lora_analysis.render.figures import save_figure
+    from lora_analysis.tables.build import write_tables
 
+    if wr is None:
+        return []
+    # the spectral answers and the seeds' overlap are judged (not analysis tables): written here, beside them
+    judged = {name: t for name, t in (("which_rank_spectral", wr.spectral), ("which_rank_overlap", wr.overlap))
+              if len(t)}
+    written = write_tables(judged, Path(out_dir) / "tables") if judged else []
     fig = which_rank_figure(wr)
-    return [] if fig is None else save_figure(fig, out_dir, FIGURE)
+    return written + ([] if fig is None else save_figure(fig, out_dir, FIGURE))

@@ -304,8 +304,10 @@ def _spectra_row(adapter: LoadedAdapter, key: str, W: Tensor | None, w_svd: SVD 
     s = spectrum_summary(f.A, f.B, scaling=f.scaling, fraction=0.9)
     n_intr = -1
     if W is not None:
+        # a partial SVD decides only with its certificate (a dense fallback truncated to k has none)
+        partial = w_svd is not None and w_svd.k < min(W.shape) and w_svd.certificate is None
         n_intr = intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=min(intruder_k, *W.shape),
-                                     w0_svd=w_svd).count
+                                     w0_svd=None if partial else w_svd).count
     return {**_ids(key), "rank": f.rank, "seed": _seed(adapter), "stable_rank": s.stable_rank,
             "entropy_rank": s.effective_rank, "energy_rank_90": s.energy_rank, "dw_norm": s.frobenius,
             "n_intruders": n_intr}
@@ -386,8 +388,12 @@ def weight_tables(
         n_w = min(i_max or max(1, round(FIG8_FRACTION * min(shape))), min(shape))
         count = "spectra" in tables and intruders
         drawn = any(i in fig8 for i in members)
-        # ENGINE: once intruder_dimensions decides on a partial SVD, count asks for max(n_w, intruder_k) here
-        k = None if count else n_w if drawn else None
+        # one request for the most triplets any table needs: Figure 8's n_w, Table 7's largest k (its "W" column),
+        # and the intruder count's head (W's top max(64, 4k) left vectors, as intruder_dimensions takes alone);
+        # below DENSE_SVDVALS_MAX every request is the full dense SVD
+        k_t7 = max(adapters[i].factors[key].rank if top is None else top for i in members) if "table7" in tables else 0
+        k = max(n_w if drawn else 0, k_t7, max(64, 4 * intruder_k) if count else 0)
+        k = min(k, min(shape)) or None
         svd = None
         if count or drawn or (bw is not None and "table7" in tables and dense):
             svd = bw.spectrum(key, W, k) if bw is not None else w_spectrum(W, k)

@@ -35,13 +35,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from lora import rundir
 
-__all__ = ["EVAL_COLUMNS", "EVAL_FILE", "Job", "evaluate", "plan", "read_evaluations", "seed_overlap",
-           "spectral_answers", "which_rank_tables"]
+__all__ = ["EVAL_COLUMNS", "EVAL_FILE", "Job", "evaluate", "plan", "read_evaluations", "which_rank_tables"]
 
 EVAL_FILE = "which_rank.csv"  # in <run>/analysis (the run's analysis cache folder)
 EVAL_COLUMNS = ("curve", "types", "rank", "seed", "source", "metric_name", "val_metric", "val_loss", "kept",
@@ -267,93 +265,11 @@ def _writable(folder: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- spectral answers
-SPECTRAL = ("energy_rank_90", "entropy_rank", "stable_rank")
-
-
-def seed_overlap(phi: pd.DataFrame | None, *, threshold: float | None = None) -> pd.DataFrame:
-    """Per weight type and ``k``: ``φ_ΔW(k, k)`` between two seeds' top-``k`` subspaces at the largest rank over
-    its random null ``k/d`` (the ``expected_random`` rows), mean over layers and seed pairs, with claim 3's
-    delete-one-seed jackknife interval (seed pairs share seeds), and whether it is **above the null by claim 2's
-    rule** (the interval's lower end above ``threshold``, default claim 2's 2×: "within 2× the null looks like
-    noise"), and ``shared``: claim 3's directions shared above chance ``k·φ(k, k) − k²/d``. φ(k, k) is cumulative:
-    a few shared top directions keep the ratio above 2× up to ``k ≈ √(shared·d/2)``, which ``shared`` tells apart.
-    Columns ``weight_type, rank, k, ratio, lo, hi, above, shared``; empty without seed comparisons."""
-    from lora_analysis.verdicts.claims import NOISE_RATIO, _jackknife_pairs
-
-    thr = NOISE_RATIO if threshold is None else threshold
-    cols = ["weight_type", "rank", "k", "ratio", "lo", "hi", "above", "shared"]
-    if phi is None or len(phi) == 0 or "comparison" not in phi.columns:
-        return pd.DataFrame(columns=cols)
-    seed = phi[(phi["comparison"] == "seed") & (phi["i"] == phi["j"])]
-    if not len(seed):
-        return pd.DataFrame(columns=cols)
-    r = int(seed["r1"].max())
-    seed = seed[(seed["r1"] == r) & (seed["r2"] == r)]
-    keys = ["weight_type", "layer", "seed1", "seed2", "i"]
-    obs = seed[seed["quantity"] == "dW"].set_index(keys)["phi"]
-    null = seed[seed["quantity"] == "expected_random"].set_index(keys)["phi"]
-    ratio = (obs / null).dropna().rename("diff").reset_index()
-    # claim 3's directions shared above chance, k·φ(k, k) − k²/d = k·(φ − null), as null = k/d
-    excess = (obs - null).dropna()
-    shared = (excess * excess.index.get_level_values("i")).groupby(["weight_type", "i"]).mean()
-    out = []
-    for (wt, k), g in ratio.groupby(["weight_type", "i"], sort=True):
-        iv, _, _ = _jackknife_pairs(g)
-        above = bool(iv.lo > thr) and not iv.method.startswith("one unit")
-        out.append({"weight_type": wt, "rank": r, "k": int(k), "ratio": iv.estimate, "lo": iv.lo, "hi": iv.hi,
-                    "above": above, "shared": float(shared.get((wt, k), np.nan))})
-    return pd.DataFrame(out, columns=cols)
-
-
-def shared_k(overlap: pd.DataFrame, weight_type: str) -> int | None:
-    """The largest ``k`` such that the top-``k`` subspaces overlap above the null at every ``k' ≤ k`` (0: not
-    even ``k = 1``; ``None``: no rows)."""
-    rows = overlap[overlap["weight_type"] == weight_type].sort_values("k")
-    if not len(rows):
-        return None
-    k = 0
-    for row in rows.itertuples(index=False):
-        if not row.above or int(row.k) != k + 1:
-            break
-        k = int(row.k)
-    return k
-
-
-def spectral_answers(spectra: pd.DataFrame | None, overlap: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per weight type of the largest-rank adapters: the mean (over layers and seeds), min and max of the 90 %
-    energy rank, entropy effective rank and stable rank of ``ΔW``, the seed-overlap ``k`` (:func:`shared_k`) and
-    the directions shared above chance there. Columns ``weight_type, rank, seeds, layers, <measure>_mean/_min/_max,
-    shared_k, shared_directions``."""
-    if spectra is None or len(spectra) == 0:
-        return pd.DataFrame()
-    r = int(spectra["rank"].max())
-    top = spectra[spectra["rank"] == r]
-    out = []
-    for wt, g in top.groupby("weight_type", sort=True):
-        row = {"weight_type": wt, "rank": r, "seeds": int(g["seed"].nunique()), "layers": int(g["layer"].nunique())}
-        for m in SPECTRAL:
-            row |= {f"{m}_mean": float(g[m].mean()), f"{m}_min": float(g[m].min()), f"{m}_max": float(g[m].max())}
-        k = shared_k(overlap, wt) if overlap is not None and len(overlap) else None
-        row["shared_k"] = np.nan if k is None else k
-        at = overlap[(overlap["weight_type"] == wt) & (overlap["k"] == k)] if k else None
-        row["shared_directions"] = float(at["shared"].iloc[0]) if at is not None and len(at) else np.nan
-        out.append(row)
-    return pd.DataFrame(out)
-
-
-def which_rank_tables(run_dir: str | Path | None, tables: dict) -> dict[str, pd.DataFrame]:
-    """The tables the "Which rank?" section is judged from, from a run's analysis ``tables`` and the cached
-    evaluations (read, never computed: :func:`evaluate` is ``reproduce``'s stage): ``which_rank_evals`` (absent
-    without cached evaluations), ``which_rank_overlap`` and ``which_rank_spectral``."""
-    out: dict[str, pd.DataFrame] = {}
-    if run_dir is not None:
-        evals = read_evaluations(run_dir)
-        if len(evals):
-            out["which_rank_evals"] = evals
-    overlap = seed_overlap(tables.get("phi"))
-    if len(overlap):
-        out["which_rank_overlap"] = overlap
-    spectral = spectral_answers(tables.get("spectra"), overlap)
-    if len(spectral):
-        out["which_rank_spectral"] = spectral
-    return out
+def which_rank_tables(run_dir: str | Path | None) -> dict[str, pd.DataFrame]:
+    """``{"which_rank_evals": ...}``: the evaluations ``reproduce`` cached in the run (read, never computed here:
+    :func:`evaluate` is ``reproduce``'s stage); empty without them. The seeds' overlap and the spectral answers
+    are judged from the ``phi`` and ``spectra`` tables (:mod:`lora_analysis.verdicts.which_rank`)."""
+    if run_dir is None:
+        return {}
+    evals = read_evaluations(run_dir)
+    return {"which_rank_evals": evals} if len(evals) else {}

@@ -26,6 +26,7 @@ from lora_analysis.verdicts.dynamics import (
 )
 from lora_analysis.verdicts.full_finetune import evaluate_full_claims, full_json, full_quality
 from lora_analysis.verdicts.registry import Claim
+from lora_analysis.verdicts.which_rank import WhichRank, judge_which_rank
 
 __all__ = ["Judgement", "judge_analysis"]
 
@@ -38,6 +39,7 @@ class Judgement:
             snapshots).
         full_claims, full_quality: LoRA against full fine-tuning (empty: no full fine-tuning).
         dynamics: the tidy ``dynamics`` table the trend came from (``report.json`` summarises it).
+        which_rank: the "Which rank?" section (:mod:`lora_analysis.verdicts.which_rank`); ``None`` when not judged.
     """
 
     claims: list[Claim]
@@ -47,6 +49,7 @@ class Judgement:
     full_claims: list[Claim] = field(default_factory=list)
     full_quality: Mapping[str, Any] = field(default_factory=dict)
     dynamics: pd.DataFrame | None = None
+    which_rank: WhichRank | None = None
 
     def as_json(self, setup: Mapping[str, str]) -> dict[str, Any]:
         """``report.json``: the Section 7 claims, then ``"dynamics"`` and ``"full_finetune"`` where the run has
@@ -70,4 +73,5 @@ def judge_analysis(analysis: Analysis, *, layer: int | None = None) -> Judgement
         trend = top_overlap_trend(dynamics)
     full = analysis.full
     full_claims = evaluate_full_claims(full, lora_table7=tables.get("table7")) if full else []
-    return Judgement(claims, context, trajectories, trend, full_claims, full_quality(tables.get("quality")), dynamics)
+    return Judgement(claims, context, trajectories, trend, full_claims, full_quality(tables.get("quality")), dynamics,
+                     judge_which_rank(tables))

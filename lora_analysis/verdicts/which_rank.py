@@ -27,10 +27,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from lora_analysis.tables.aggregate import Interval
-from lora_analysis.verdicts.claims import PRE, _seed_column, _stat, json_safe
+from lora_analysis.verdicts.claims import NOISE_RATIO, PRE, _jackknife_pairs, _seed_column, _stat, json_safe
 
 __all__ = ["MARGIN", "RankDecision", "WhichRank", "decide", "judge_which_rank", "rank_span"]
 
@@ -135,6 +136,79 @@ def decide(values: pd.DataFrame, *, curve: str, types: str = "q,v", label: str =
                         recommended, tuple(sorted(tied)), worse, "; ".join(parts))
 
 
+SPECTRAL = ("energy_rank_90", "entropy_rank", "stable_rank")
+
+
+def seed_overlap(phi: pd.DataFrame | None, *, threshold: float | None = None) -> pd.DataFrame:
+    """Per weight type and ``k``: ``φ_ΔW(k, k)`` between two seeds' top-``k`` subspaces at the largest rank over
+    its random null ``k/d`` (the ``expected_random`` rows), mean over layers and seed pairs, with claim 3's
+    delete-one-seed jackknife interval (seed pairs share seeds), and whether it is **above the null by claim 2's
+    rule** (the interval's lower end above ``threshold``, default claim 2's 2×: "within 2× the null looks like
+    noise"), and ``shared``: claim 3's directions shared above chance ``k·φ(k, k) − k²/d``. φ(k, k) is cumulative:
+    a few shared top directions keep the ratio above 2× up to ``k ≈ √(shared·d/2)``, which ``shared`` tells apart.
+    Columns ``weight_type, rank, k, ratio, lo, hi, above, shared``; empty without seed comparisons."""
+    thr = NOISE_RATIO if threshold is None else threshold
+    cols = ["weight_type", "rank", "k", "ratio", "lo", "hi", "above", "shared"]
+    if phi is None or len(phi) == 0 or "comparison" not in phi.columns:
+        return pd.DataFrame(columns=cols)
+    seed = phi[(phi["comparison"] == "seed") & (phi["i"] == phi["j"])]
+    if not len(seed):
+        return pd.DataFrame(columns=cols)
+    r = int(seed["r1"].max())
+    seed = seed[(seed["r1"] == r) & (seed["r2"] == r)]
+    keys = ["weight_type", "layer", "seed1", "seed2", "i"]
+    obs = seed[seed["quantity"] == "dW"].set_index(keys)["phi"]
+    null = seed[seed["quantity"] == "expected_random"].set_index(keys)["phi"]
+    ratio = (obs / null).dropna().rename("diff").reset_index()
+    # claim 3's directions shared above chance, k·φ(k, k) − k²/d = k·(φ − null), as null = k/d
+    excess = (obs - null).dropna()
+    shared = (excess * excess.index.get_level_values("i")).groupby(["weight_type", "i"]).mean()
+    out = []
+    for (wt, k), g in ratio.groupby(["weight_type", "i"], sort=True):
+        iv, _, _ = _jackknife_pairs(g)
+        above = bool(iv.lo > thr) and not iv.method.startswith("one unit")
+        out.append({"weight_type": wt, "rank": r, "k": int(k), "ratio": iv.estimate, "lo": iv.lo, "hi": iv.hi,
+                    "above": above, "shared": float(shared.get((wt, k), np.nan))})
+    return pd.DataFrame(out, columns=cols)
+
+
+def shared_k(overlap: pd.DataFrame, weight_type: str) -> int | None:
+    """The largest ``k`` such that the top-``k`` subspaces overlap above the null at every ``k' ≤ k`` (0: not
+    even ``k = 1``; ``None``: no rows)."""
+    rows = overlap[overlap["weight_type"] == weight_type].sort_values("k")
+    if not len(rows):
+        return None
+    k = 0
+    for row in rows.itertuples(index=False):
+        if not row.above or int(row.k) != k + 1:
+            break
+        k = int(row.k)
+    return k
+
+
+def spectral_answers(spectra: pd.DataFrame | None, overlap: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per weight type of the largest-rank adapters: the mean (over layers and seeds), min and max of the 90 %
+    energy rank, entropy effective rank and stable rank of ``ΔW``, the seed-overlap ``k`` (:func:`shared_k`) and
+    the directions shared above chance there. Columns ``weight_type, rank, seeds, layers, <measure>_mean/_min/_max,
+    shared_k, shared_directions``."""
+    if spectra is None or len(spectra) == 0:
+        return pd.DataFrame()
+    r = int(spectra["rank"].max())
+    top = spectra[spectra["rank"] == r]
+    out = []
+    for wt, g in top.groupby("weight_type", sort=True):
+        row = {"weight_type": wt, "rank": r, "seeds": int(g["seed"].nunique()), "layers": int(g["layer"].nunique())}
+        for m in SPECTRAL:
+            row |= {f"{m}_mean": float(g[m].mean()), f"{m}_min": float(g[m].min()), f"{m}_max": float(g[m].max())}
+        k = shared_k(overlap, wt) if overlap is not None and len(overlap) else None
+        row["shared_k"] = np.nan if k is None else k
+        at = overlap[(overlap["weight_type"] == wt) & (overlap["k"] == k)] if k else None
+        row["shared_directions"] = float(at["shared"].iloc[0]) if at is not None and len(at) else np.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+
 @dataclass(frozen=True)
 class WhichRank:
     """The section: the all-types curves, the per-weight-type decisions, the spectral answers, what was not
@@ -147,6 +221,7 @@ class WhichRank:
     why_not: str | None = None
     cost: Mapping[str, float] = field(default_factory=dict)
     margin: float = MARGIN
+    overlap: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def measured(self) -> bool:
@@ -169,7 +244,7 @@ class WhichRank:
 
 
 NOT_MEASURED_WHY = ("accuracy of resized and extracted adapters needs the task and the model: "
-                    "`python -m lora_analysis.reproduce --no-train` evaluates them (cached in "
+                    "`python -m lora_analysis.reproduce` evaluates them, with or without training (cached in "
                     "<run>/analysis/which_rank.csv; later renders read the cache)")
 
 
@@ -188,10 +263,11 @@ def _trained(quality: pd.DataFrame | None) -> tuple[pd.DataFrame, str, str]:
 
 
 def judge_which_rank(tables: Mapping[str, pd.DataFrame]) -> WhichRank:
-    """The section from a run's tables (``quality``, ``which_rank_evals``, ``which_rank_spectral``)."""
+    """The section from a run's tables: ``quality``, ``which_rank_evals`` (the cached evaluations), and ``phi`` and
+    ``spectra`` for the spectral answers beside them (:func:`seed_overlap`, :func:`spectral_answers`)."""
     trained, ws, metric = _trained(tables.get("quality"))
-    spectral = tables.get("which_rank_spectral")
-    spectral = spectral if spectral is not None else pd.DataFrame()
+    overlap = seed_overlap(tables.get("phi"))
+    spectral = spectral_answers(tables.get("spectra"), overlap)
     quality = tables.get("quality")
     full = None
     if quality is not None and len(quality):
@@ -204,7 +280,7 @@ def judge_which_rank(tables: Mapping[str, pd.DataFrame]) -> WhichRank:
         curves.append(d)
     evals = tables.get("which_rank_evals")
     if evals is None or len(evals) == 0:
-        return WhichRank(curves, {}, spectral, full, NOT_MEASURED_WHY)
+        return WhichRank(curves, {}, spectral, full, NOT_MEASURED_WHY, overlap=overlap)
     evals = evals.rename(columns={"val_metric": "value"})
     metric = str(evals["metric_name"].iloc[0])
     top = int(evals[evals["curve"] == "resized"]["rank"].max()) if (evals["curve"] == "resized").any() else None
@@ -224,4 +300,4 @@ def judge_which_rank(tables: Mapping[str, pd.DataFrame]) -> WhichRank:
             per_type[t] = d
     cost = {"evaluations": int(len(evals)), "seconds": float(evals["eval_s"].sum())}
     why = None if per_type else "the run has one weight type or one rank: no per-weight-type evaluation"
-    return WhichRank(curves, per_type, spectral, full, why, cost)
+    return WhichRank(curves, per_type, spectral, full, why, cost, overlap=overlap)

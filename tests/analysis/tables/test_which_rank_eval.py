@@ -12,7 +12,7 @@ from tiny_run import tiny_run
 
 from lora import resize as resize_cli
 from lora_analysis.tables import which_rank
-from lora_analysis.tables.rank_advice import write_rank_advice
+from lora_analysis.verdicts.rank_advice import write_rank_advice
 
 
 @pytest.fixture(scope="module")

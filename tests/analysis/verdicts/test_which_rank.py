@@ -10,9 +10,16 @@ import pytest
 
 from lora.errors import UserError
 from lora_analysis.render.which_rank import rank_advice_lines, which_rank_lines, write_which_rank
-from lora_analysis.tables.rank_advice import rank_advice, rank_pattern, round_up_pow2
-from lora_analysis.tables.which_rank import seed_overlap, shared_k, spectral_answers
-from lora_analysis.verdicts.which_rank import MARGIN, decide, judge_which_rank, rank_span
+from lora_analysis.verdicts.rank_advice import rank_advice, rank_pattern, round_up_pow2
+from lora_analysis.verdicts.which_rank import (
+    MARGIN,
+    decide,
+    judge_which_rank,
+    rank_span,
+    seed_overlap,
+    shared_k,
+    spectral_answers,
+)
 
 LADDER = (1, 2, 4, 8, 64)
 N_VAL = 180  # the default task's validation examples: accuracies are multiples of 1/180
@@ -119,18 +126,19 @@ def test_seed_overlap_k_follows_claim_2s_rule_and_counts_the_shared_directions()
 
 
 def test_section_rendered_with_a_recommendation_per_weight_type(tmp_path):
-    tables = {"quality": _quality(), "which_rank_evals": _evals(),
-              "which_rank_spectral": spectral_answers(
-                  pd.DataFrame([{"module": f"l0.{t}", "weight_type": t, "layer": 0, "rank": 64, "seed": s,
-                                 "energy_rank_90": 3, "entropy_rank": 5.0, "stable_rank": 1.2}
-                                for t in "qv" for s in range(3)]), seed_overlap(_phi()))}
+    # the spectral answers are judged from the phi and spectra tables (verdicts.which_rank)
+    tables = {"quality": _quality(), "which_rank_evals": _evals(), "phi": _phi(),
+              "spectra": pd.DataFrame([{"module": f"l0.{t}", "weight_type": t, "layer": 0, "rank": 64, "seed": s,
+                                        "energy_rank_90": 3, "entropy_rank": 5.0, "stable_rank": 1.2}
+                                       for t in "qv" for s in range(3)])}
     wr = judge_which_rank(tables)
     assert wr.measured and wr.per_type["q"].recommended == 1 and wr.per_type["v"].recommended == 4
     assert "the smallest rank measured" in wr.per_type["q"].answer and wr.full == {"mean": pytest.approx(0.89),
                                                                                    "seeds": 3}
     assert [d.curve for d in wr.curves] == ["trained", "resized", "extracted"]
     files = write_which_rank(wr, tmp_path)
-    assert {p.name for p in files} == {"which_rank.png", "which_rank.pdf"}
+    assert {p.name for p in files} == {"which_rank.png", "which_rank.pdf", "which_rank_spectral.csv",
+                                       "which_rank_overlap.csv"}
     text = "\n".join(which_rank_lines(wr, files={"which_rank.png"}))
     assert "## Which rank?" in text and "**ΔW_q: r=1**, **ΔW_v: r=4**" in text
     assert "![which rank](which_rank.png)" in text and "Rule" in text and "indistinguishable" in text
