@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["THREADS_PER_PROCESS", "analysis_workers", "default_workers", "torch_threads"]
+__all__ = ["THREADS_PER_PROCESS", "analysis_workers", "compute_device", "default_workers", "process_group",
+           "torch_threads"]
 
 THREADS_PER_PROCESS = 1
 
@@ -45,3 +46,34 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)``: under ``torchrun --nproc_per_node N`` this process's rank among N, joined to the
+    gloo process group on first call; ``(0, 1)`` otherwise. The trainer splits grid points this way, the
+    analysis splits weight matrices."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # long timeout: a collective waits for the slowest process's whole share of the work
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+    return dist.get_rank(), dist.get_world_size()
+
+
+DEVICE_ENV = "LORA_ANALYSIS_DEVICE"  # "cpu" keeps the analysis off a GPU; "cuda" / "cuda:1" picks one
+
+
+def compute_device() -> torch.device:
+    """Where the analysis decomposes big weight matrices: ``$LORA_ANALYSIS_DEVICE`` if set, else the GPU of this
+    process (``cuda:$LOCAL_RANK`` under torchrun) when ``torch.cuda.is_available()``, else the CPU."""
+    want = os.environ.get(DEVICE_ENV, "").strip()
+    if want:
+        return torch.device(want)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")

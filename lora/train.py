@@ -52,7 +52,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +86,7 @@ from lora.fsio import (
     write_json,
 )
 from lora.inject import count_parameters, inject_lora, lora_modules, mark_only_lora_trainable, resolve_targets
-from lora.threads import THREADS_PER_PROCESS, default_workers, torch_threads
+from lora.threads import THREADS_PER_PROCESS, default_workers, process_group, torch_threads
 
 
 # ---------------------------------------------------------------------------------------------- the grid
@@ -768,15 +767,7 @@ def build_manifest(cfg: TrainConfig, points: Sequence[GridPoint], prep: Prepared
 
 def _dist() -> tuple[int, int]:
     """``(rank, world size)``; joins the process group (gloo) when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # Long timeout: a barrier waits for the slowest process's whole share of the grid.
-        dist.init_process_group("gloo", timeout=timedelta(days=7))
-    return dist.get_rank(), dist.get_world_size()
+    return process_group()
 
 
 def _barrier(world: int) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lora import rundir
 from lora.errors import UserError
+from lora.threads import process_group
 from lora_analysis.cli import check_output_dir, entry_point, new_parser
 from lora_analysis.load.base import BaseWeights
 from lora_analysis.load.run import Run, check_run_dir
@@ -91,7 +92,7 @@ def _run(argv: Sequence[str] | None = None) -> int:
               + ", ".join(f"{e.path.relative_to(run_dir) if e.path != run_dir else '.'} ({e.weight_set}, r={e.rank})"
                           for e in entries))
     written = analyse_and_render(run, out, quiet=args.quiet)
-    if not args.quiet:
+    if not args.quiet and process_group()[0] == 0:
         print(f"wrote {len(written)} files into {args.out}")
     return 0
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from lora.fsio import remove_stale_temps
-from lora.threads import torch_threads
+from lora.threads import process_group, torch_threads
 from lora_analysis.load.run import Run
 from lora_analysis.tables.analysis import Analysis
 from lora_analysis.tables.build import analyse_run, write_tables
@@ -100,12 +100,16 @@ def analyse_and_render(run_dir: str | os.PathLike | Run, out_dir: str | os.PathL
     """Run directory -> tables -> verdicts -> figures, tables, REPORT.md, report.json in ``out_dir``.
 
     The run's analysis cache (for notebooks) is refreshed where the run directory is writable and holds a
-    training manifest; a read-only run is only read. The gzipped copies of the φ and Figure 8 tables are written
-    for a run trained here (a manifest: the committed default run is one), not for a folder of adapters from
-    elsewhere, whose plain CSV holds the same table (at 7B the copies cost a second write of hundreds of MB).
+    training manifest; a read-only run is only read. Under ``torchrun --nproc_per_node N`` every rank analyses
+    (the weight matrices split over the ranks, :func:`~lora_analysis.tables.build.weight_tables`) and rank 0
+    alone writes. The gzipped copies of the φ and Figure 8 tables are written for a run trained here (a
+    manifest: the committed default run is one), not for a folder of adapters from elsewhere, whose plain CSV
+    holds the same table (at 7B the copies cost a second write of hundreds of MB).
     """
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
     analysis = analyse(run, progress=not quiet)
+    if process_group()[0] != 0:
+        return []  # under torchrun: this rank computed its share of the weight matrices; rank 0 writes everything
     if run.manifest is not None:
         write_cache(run, analysis)  # notebooks on this run then load instantly
     return render(analysis, judge(analysis), out_dir, validation=validation, quiet=quiet,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lora.adapter_io import quiet_transformers, resolve_base_name
 from lora.errors import UserError, os_error_reason
+from lora.threads import compute_device
 from lora_analysis.load.adapters import LoadedAdapter
 from lora_analysis.metrics.linalg import (
     DENSE_SVDVALS_MAX,
@@ -40,16 +41,34 @@ if TYPE_CHECKING:
 __all__ = ["BaseWeights", "CheckpointWeights"]
 
 
+def svd_to(svd: SVD, device: torch.device) -> SVD:
+    """``svd`` with its vectors, values and certificate moved to ``device``."""
+    import dataclasses
+
+    def moved(x):
+        return x.to(device) if isinstance(x, Tensor) else x
+
+    cert = svd.certificate
+    if cert is not None:
+        cert = dataclasses.replace(cert, **{f.name: moved(getattr(cert, f.name)) for f in dataclasses.fields(cert)})
+    return SVD(moved(svd.U), moved(svd.S), moved(svd.V), cert)
+
+
 def w_spectrum(W: Tensor, k: int | None = None) -> SVD:
     """W's SVD holding at least ``k`` triplets (``None``: all ``min(d_out, d_in)``), float64.
 
-    Up to ``DENSE_SVDVALS_MAX`` (or for ``k=None``) the full dense SVD (:func:`~lora_analysis.metrics.linalg.
+    On the GPU of :func:`lora.threads.compute_device` when there is one. Up to ``DENSE_SVDVALS_MAX`` (or for
+    ``k=None``) the full dense SVD (:func:`~lora_analysis.metrics.linalg.
     top_singular`), whatever ``k``: it costs no more than a top-k there, every later request of that W is a
     slice of it, and the default run's numbers are exactly today's. Above it the top-``k`` triplets only.
     """
     if k is None or min(W.shape) <= DENSE_SVDVALS_MAX:
         return top_singular(W)
-    return top_singular_triplets(W, k)  # block Krylov with a certificate (or its dense fallback)
+    device = compute_device()
+    if device.type == "cpu":
+        return top_singular_triplets(W, k)  # block Krylov with a certificate (or its dense fallback)
+    # on a GPU: W moved for its decomposition only (float64 throughout), the triplets brought back
+    return svd_to(top_singular_triplets(W.to(device), k), torch.device("cpu"))
 
 
 class BaseWeights:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lora.errors import UserError
 from lora.fsio import atomic_path
-from lora.threads import analysis_workers, torch_threads
+from lora.threads import analysis_workers, process_group, torch_threads
 from lora_analysis.load.adapters import LoadedAdapter, module_layer, weight_type
 from lora_analysis.load.base import BaseWeights, CheckpointWeights, w_spectrum
 from lora_analysis.load.run import Run
@@ -377,7 +377,10 @@ def weight_tables(
                 f = a.factors[key]
                 _top(a, key, (f.B.shape[0], f.A.shape[1]), top)
             modules.setdefault((key, source), []).append(i)
-    bar = tqdm(total=len(modules), desc="base weights", unit="module", disable=not progress, dynamic_ncols=True)
+    # under torchrun the modules are split over the ranks (i::N) and every rank gathers every row (below)
+    rank, world = process_group()
+    jobs = list(modules.items())[rank::world]
+    bar = tqdm(total=len(jobs), desc="base weights", unit="module", disable=not progress, dynamic_ncols=True)
 
     def module_rows(job: tuple[tuple[str, object], list[int]]) -> dict[tuple[str, int, str], object]:
         (key, _), members = job
@@ -443,10 +446,16 @@ def weight_tables(
 
     try:
         done: dict = {}
-        for part in map_workers(module_rows, list(modules.items()), workers):
+        for part in map_workers(module_rows, jobs, workers):
             done.update(part)
     finally:
         bar.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, done)  # every rank gets every module's rows (rank 0 renders)
+        done = {key: rows for part in parts for key, rows in part.items()}
     result: dict[str, pd.DataFrame] = {}
     for name in ("table7", "dora", "spectra"):
         if name in tables:

@@ -9,8 +9,11 @@ layout the 7B route meets, in miniature, q/v only and all seven linear modules.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,8 @@ from lora_analysis import figures
 from lora_analysis.load.adapters import load_adapter_dir
 from lora_analysis.load.base import BaseWeights, CheckpointWeights
 from lora_analysis.tables.build import weight_tables
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +237,26 @@ def test_a_full_disk_for_the_cache_is_a_note_and_for_the_report_one_line(llama, 
     line = _one_line(err)
     assert line.endswith(": cannot write: no space left on device"), line
     assert not [p for p in small_tmpfs.rglob("*") if TEMP_MARK in p.name]
+
+
+def test_two_torchrun_processes_write_the_single_process_report(llama, tmp_path, capsys):
+    """``torchrun --nproc_per_node 2 -m lora_analysis.figures``: the weight matrices are split over the ranks and
+    gathered, rank 0 writes: every table equals the one-process report's, byte for byte (each module's rows are
+    computed by the same operations whichever process computes them), and the verdicts are the same."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--runs", str(llama["all"]), "--base", str(llama["ckpt"]), "--lazy-base", "--quiet"]
+    rc, err = _figures(capsys, llama["all"], one, *common[2:], "--spectral-cache", str(tmp_path / "c1"))
+    assert rc == 0, err
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "lora_analysis.figures", *common, "--spectral-cache", str(tmp_path / "c2"), "--out", str(two)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in (one / "tables").glob("*.csv"))
+    assert names == sorted(p.name for p in (two / "tables").glob("*.csv")) and "table7.csv" in names
+    for name in names:
+        assert (one / "tables" / name).read_bytes() == (two / "tables" / name).read_bytes(), name
+    assert _verdicts(one) == _verdicts(two)
+    # each rank decomposed its own share: the two caches hold every module once between them
+    assert len(list((tmp_path / "c2").rglob("*.safetensors"))) == len(list((tmp_path / "c1").rglob("*.safetensors")))
