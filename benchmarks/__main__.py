@@ -21,7 +21,7 @@ from lora.errors import ArgumentParser, UserError, run_cli
 from lora.fsio import write_json, write_text
 
 CASE_GROUPS = ("train_step", "merged_inference", "peak_memory", "svd_factored_vs_dense", "section7_7b_shaped",
-               "packed_sweep", "train_step_under_load", "main_job")
+               "packed_sweep", "train_step_under_load", "main_job", "report_7b")
 
 
 def _quiet() -> None:
@@ -37,7 +37,15 @@ def _quiet() -> None:
 
 def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseResult]]]]:
     """The cases to run, as (group, thunk) pairs; ``quick`` shrinks repetitions and sizes to a few minutes."""
-    from benchmarks import cases_load, cases_main, cases_packed, cases_svd, cases_train, memory
+    from benchmarks import (
+        cases_load,
+        cases_main,
+        cases_packed,
+        cases_report7b,
+        cases_svd,
+        cases_train,
+        memory,
+    )
 
     if quick:
         return [
@@ -49,6 +57,7 @@ def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseRes
             ("packed_sweep", lambda: cases_packed.packed_cases(ranks=(8, 64), seeds=(0, 1), reps=2)),
             ("train_step_under_load", lambda: cases_load.load_cases(reps=3)),
             ("main_job", lambda: [cases_main.main_job_case(quick=True)]),
+            ("report_7b", lambda: cases_report7b.report_cases(quick=True)),
         ]
     return [
         ("train_step", lambda: cases_train.train_step_cases(ranks=(8, 64), reps=9, warmup=2)),
@@ -64,6 +73,7 @@ def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseRes
          + cases_packed.packed_cases(batch=8, reps=3)),
         ("train_step_under_load", lambda: cases_load.load_cases(reps=9)),
         ("main_job", lambda: [cases_main.main_job_case()]),
+        ("report_7b", cases_report7b.report_cases),
     ]
 
 
@@ -410,8 +420,16 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.no_report:
         command = "python -m benchmarks" + (" --quick" if args.quick else "") + \
             (f" --cases {' '.join(args.cases)}" if args.cases else "")
-        write_text(args.out, render(results, machine=_machine(), started=started, load_start=load_start,
-                                    load_end=_load(), command=command, wall_s=wall))
+        from benchmarks.cases_report7b import SECTION, markdown_section, replace_section
+
+        text = render(results, machine=_machine(), started=started, load_start=load_start, load_end=_load(),
+                      command=command, wall_s=wall)
+        report7b = [c for c in results if c.name.startswith("report_7b")]
+        old = Path(args.out).read_text(encoding="utf-8") if Path(args.out).is_file() else ""
+        # the 7B report section is rewritten when its cases ran, else carried over from the file being replaced
+        block = markdown_section(report7b) if report7b else SECTION.search(old)
+        write_text(args.out, replace_section(text, block if isinstance(block, str) else
+                                             (block.group(0) if block else "")))
     return 0
 
 
