@@ -22,6 +22,7 @@ from torch import Tensor
 from lora_analysis.metrics.linalg import (
     DENSE_SVDVALS_MAX,
     SVD,
+    SpectralCertificate,
     factored_svd,
     top_singular,
     top_singular_triplets,
@@ -275,10 +276,12 @@ def _intruder_result(S: Tensor, max_cos: Tensor, is_intruder: Tensor, threshold:
     )
 
 
-# Lanczos steps, doubled at each undecided round: a decaying spectrum piles most of a spread z's mass near 0, where
-# the lowest Gauss node θ_1 ~ λ_max (π/2n)² carries the mass below it (w_1 ≈ 0.4 at n = 48 on σ_i = i^-0.6)
-_QUADRATURE_STEPS = 96
-_WEIGHT_ROUNDING = 1e-12  # float64 Lanczos with full reorthogonalisation: weights to ~1e-14 (48 steps x eps x d)
+# Lanczos steps at which the outside bound is evaluated (the run stops once every direction is decided); each step
+# is 2 products of W0 with the undecided directions, ~30-100 ms at d = 4096
+_LANCZOS_CHECKS = (32, 64, 128, 256)
+_WEIGHT_ROUNDING = 1e-12  # float64 Lanczos with full reorthogonalisation: weights to ~1e-14 (256 steps x eps x d)
+# the window half-widths δ tried, as multiples of ‖F‖ (each gives a valid bound; the smallest is kept): 10^2 … 10^8
+_DELTA_RATIOS = tuple(10.0 ** (e / 2) for e in range(4, 17))
 
 
 def _intruders_partial(W0: Tensor, W: Tensor, k: int, eps: float, side: str, w0_svd: SVD | None,
@@ -292,19 +295,21 @@ def _intruders_partial(W0: Tensor, W: Tensor, k: int, eps: float, side: str, w0_
     if bool((a > 0.05).any()):
         return None  # a near-tie in W0 + ΔW's top k: its vectors are not individually defined to decide on
     base = w0_svd if w0_svd is not None else top_singular_triplets(W0, max(64, 4 * k), dense_max=dense_max)
-    m0 = base.k
     decided: list[str | None] = [None] * k
     max_cos = Y.new_zeros(k)
     root2 = math.sqrt(2.0)
     while True:
-        cert = base.certificate
-        if cert is None:
+        if base.certificate is None:
             return None  # W0's top directions came from the dense fallback: the dense route is as cheap
+        base = _certified_prefix(base)
+        if base is None:
+            return None
+        cert = base.certificate
         X = base.U if side == "left" else base.V
         C = (Y.T @ X).abs()  # (k, m)
         max_cos = C.amax(dim=1)
         lower = C - root2 * (a[:, None] + cert.vector_sine[None, :])
-        head_up = (C + root2 * (a[:, None] + cert.vector_sine[None, :])).amax(dim=1)
+        head_up = _held_upper(C, a, cert).amax(dim=1)
         Z = Y - X @ (X.T @ Y)
         zn = torch.linalg.vector_norm(Z, dim=0)
         slack = float(cert.subspace_sine[-1]) + root2 * a  # |x_iᵀ X̃X̃ᵀỹ| ≤ s_m, ‖y − ỹ‖ ≤ √2 a
@@ -313,13 +318,14 @@ def _intruders_partial(W0: Tensor, W: Tensor, k: int, eps: float, side: str, w0_
                 decided[j] = "head"
             elif decided[j] is None and float(head_up[j]) < eps and float(zn[j] + slack[j]) < eps:
                 decided[j] = "norm"
-        todo = [j for j in range(k) if decided[j] is None]
+        # the outside bound can only show an intruder: not where a held direction may reach ε
+        todo = [j for j in range(k) if decided[j] is None and float(head_up[j]) < eps]
         if todo:
-            atom = _largest_atom(W0, Z[:, todo] / zn[todo].clamp(min=1e-300), side, cert.tail ** 2,
-                                 steps=min(_QUADRATURE_STEPS * base.k // m0, Y.shape[0] // 2))
+            need = (eps - slack[todo]) / zn[todo].clamp(min=1e-300)  # the bound on |x_iᵀ z|/‖z‖ that decides
+            outside = _outside_bound(W0, base, side, Z[:, todo] / zn[todo].clamp(min=1e-300), need,
+                                     max_steps=min(_LANCZOS_CHECKS[-1], (full - base.k) // 2))
             for t, j in enumerate(todo):
-                bound = float(zn[j]) * math.sqrt(min(float(atom[t]), 1.0)) + float(slack[j])
-                if float(head_up[j]) < eps and bound < eps:
+                if float(outside[t]) < float(need[t]):
                     decided[j] = "lanczos"
         if all(d is not None for d in decided):
             is_intruder = torch.tensor([d != "head" for d in decided])
@@ -330,37 +336,152 @@ def _intruders_partial(W0: Tensor, W: Tensor, k: int, eps: float, side: str, w0_
         base = top_singular_triplets(W0, m, dense_max=dense_max)
 
 
-def _largest_atom(W0: Tensor, Z: Tensor, side: str, upto: float, *, steps: int) -> Tensor:
-    """For each unit column ``z`` of ``Z (d, q)``: a bound on the largest atom ``(x_iᵀ z)²`` of z's spectral measure
-    w.r.t. ``M = W0 W0ᵀ`` (``W0ᵀ W0`` on the right) at eigenvalues ``≤ upto``, by the Chebyshev–Markov–Stieltjes
-    inequalities on the ``n``-point Gauss rule from ``n`` Lanczos steps (see :func:`intruder_dimensions`).
-    Independent Lanczos runs, batched: each step is one product of ``M`` with ``q`` columns."""
-    Wl, Wr = (W0, W0.T) if side == "left" else (W0.T, W0)  # M x = Wl (Wr x)
+# a held prefix of W0's directions is used up to the last i whose top-i subspace is certified to this sine (its
+# sine adds to every bound; past it, near-ties or the tail bound's slack leave the last few vectors undefined)
+_PREFIX_SINE = 1e-4
+
+
+def _certified_prefix(base: SVD) -> SVD | None:
+    """``base`` truncated to its top ``m' ≤ m`` with ``subspace_sine[m' − 1] ≤ _PREFIX_SINE`` (the truncated
+    certificate stays valid, :meth:`SpectralCertificate.truncate`); ``None`` if there is no such ``m'``."""
+    ok = torch.nonzero(base.certificate.subspace_sine <= _PREFIX_SINE).flatten()
+    return None if ok.numel() == 0 else base.truncate(int(ok[-1]) + 1)
+
+
+def _held_upper(C: Tensor, a: Tensor, cert: SpectralCertificate) -> Tensor:
+    """``(k, m)`` upper bounds on ``|x_iᵀ y_j|`` for the held ``i ≤ m``: the smaller of the single-vector bound
+    ``|x̃_iᵀỹ_j| + √2 (a_j + b_i)`` and a cluster bound. Inside a near-tie of W0 a single vector is not defined
+    (``b_i = 1``) but the cluster's subspace is: for ``i ∈ I = (p, q]`` with certified top-``p`` and top-``q``
+    subspaces (sines ``s_p``, ``s_q``; ``s_0 = 0``), ``|x_iᵀy| ≤ ‖X_Iᵀy‖`` and ``‖X_IX_Iᵀ − X̃_IX̃_Iᵀ‖ ≤ s_p + s_q``
+    (a difference of two nested projectors each within its sine), so ``|x_iᵀy| ≤ ‖X̃_Iᵀỹ‖ + s_p + s_q + √2 a_j``.
+    The cuts are the ``q`` with ``s_q ≤ _PREFIX_SINE``."""
+    root2 = math.sqrt(2.0)
+    single = C + root2 * (a[:, None] + cert.vector_sine[None, :])
+    s = cert.subspace_sine
+    cut = s <= _PREFIX_SINE  # a cluster ends at i where the top-i subspace is certified
+    cid = torch.cat([cut.new_zeros(1, dtype=torch.long), cut[:-1].long().cumsum(0)])  # cluster of each i
+    nc = int(cid[-1]) + 1
+    energy = C.new_zeros(C.shape[0], nc).index_add_(1, cid, C.square())  # ‖X̃_Iᵀỹ‖² per cluster
+    ends = torch.nonzero(cut).flatten()
+    s_end = s.new_ones(nc)  # an unfinished last cluster: no bound from its end
+    s_end[:ends.numel()] = s[ends][:nc]
+    s_start = torch.cat([s.new_zeros(1), s_end[:-1]])
+    cluster = energy.sqrt() + (s_start + s_end)[None, :] + root2 * a[:, None]
+    return torch.minimum(single, cluster[:, cid])
+
+
+def _outside_bound(W0: Tensor, base: SVD, side: str, Z: Tensor, need: Tensor, *, max_steps: int) -> Tensor:
+    """For each unit column ``z ⊥ X̃`` of ``Z (d, q)``: an upper bound on ``max_{i>m} |x_iᵀ z|`` over the unit
+    eigenvectors ``x_i`` of ``M = W0 W0ᵀ`` (``W0ᵀ W0`` for ``side="right"``) with eigenvalue ``λ_i ≤ τ²``, where
+    ``X̃ (d, m)`` are W0's held top-``m`` vectors on that side (``base``, certified) and ``τ = base.certificate.tail
+    ≥ σ_{m+1}``: every singular vector of W0 beyond the held ones is such an ``x_i``.
+
+    **The deflated operator.** With ``P = I − X̃X̃ᵀ`` and ``Λ = X̃ᵀ M X̃``, ``M = M' + F`` where ``M' = P M P +
+    X̃ Λ X̃ᵀ`` and ``F = P M X̃X̃ᵀ + X̃X̃ᵀ M P``. ``F`` maps ``range X̃`` into ``range P`` by ``A = P M X̃`` and back by
+    ``Aᵀ``, so ``‖F v‖² = ‖A X̃ᵀv‖² + ‖Aᵀ P v‖² ≤ ‖A‖² ‖v‖²``: ``‖F‖₂ = ‖P M X̃‖₂`` (the constant is 1). The
+    certificate's residual ``S`` (``‖s_i‖ ≤ residuals_i``) gives ``P M X̃ = P W0 S`` or ``P S Σ̃`` (depending on the
+    side and on which identity holds by construction, :class:`~lora_analysis.metrics.linalg.SpectralCertificate`),
+    so ``‖F‖ ≤ f = σ_{1,up} ‖residuals‖₂`` plus the rounding of the products (``2 d n eps σ_{1,up}²``, Lanczos'
+    backward error with full reorthogonalisation included).
+
+    **Davis–Kahan.** For an eigenpair ``M x = λ x`` let ``E`` be the spectral projector of ``M'`` onto its
+    eigenvalues outside ``[λ − δ, λ + δ]``: ``E (M' − λ) x = −E F x`` and ``‖E (M' − λ) x‖ ≥ δ ‖E x‖``, so
+    ``‖E x‖ ≤ ‖F‖/δ`` and ``|xᵀz| ≤ ‖(I − E) z‖ + ‖F‖/δ = sqrt(μ'([λ − δ, λ + δ])) + f/δ``, with ``μ'`` the spectral
+    measure of ``z`` under ``M'``. ``z ∈ range P``, an invariant subspace of ``M'`` on which ``M' = P M P``: ``μ'``
+    is z's measure under ``P M P``, whose spectrum on ``range P`` is W0's tail ``[λ_min, ~τ²]`` only (on the whole
+    ``M`` the Gauss nodes would spread over ``[λ_min, λ_1]`` and a couple of them carry most of a decaying tail's
+    mass).
+
+    **Chebyshev–Markov–Stieltjes.** ``n`` steps of float64 Lanczos (full reorthogonalisation) on ``P M P`` from
+    ``z`` give the Gauss rule ``(θ_l, w_l)`` of ``μ'``, and (Szegő, *Orthogonal Polynomials*, §3.41; Golub &
+    Meurant, *Matrices, Moments and Quadrature*, 2010, Thm 6.3) ``Σ_{j<l} w_j ≤ F(θ_l − 0) ≤ F(θ_l + 0) ≤
+    Σ_{j≤l} w_j`` for its distribution function ``F``. So ``μ'([a, b]) ≤ Σ_{j=l}^{u} w_j`` with ``θ_l`` the
+    largest node ``≤ a`` (none: from the first) and ``θ_u`` the smallest ``≥ b`` (none: to the last). For ``a``
+    between two nodes ``θ_l ≤ a < θ_{l+1}`` and ``b = a + 2δ`` the sum runs to the first node ``≥ θ_{l+1} + 2δ``:
+    the max of these over the node intervals that meet ``λ − δ``, ``λ ∈ [0, τ²]``, bounds every window. Every
+    ``δ > 0`` gives a bound; the smallest over ``δ = f·10^{2 … 8}`` is kept.
+
+    The bounds are evaluated at 32, 64, … Lanczos steps (up to ``max_steps``), and the run stops once every
+    column's bound is below its ``need``.
+
+    Returns:
+        ``(q,)`` float64 bounds (``inf`` where none could be given).
+    """
+    cert = base.certificate
+    X = base.U if side == "left" else base.V
+    Wa = W0 if side == "left" else W0.T  # M = Wa Waᵀ
     d, q = Z.shape
-    n = steps
-    Q = Z.new_zeros(n, d, q)
-    alpha = Z.new_zeros(n, q)
-    beta = Z.new_zeros(n, q)
-    x = Z
-    steps = n
-    for j in range(n):
+    eps64 = torch.finfo(torch.float64).eps
+    s_up = float(base.S[0] + cert.sigma_error[0])
+    f = s_up * float(torch.linalg.vector_norm(cert.residuals)) + 2 * d * max_steps * eps64 * s_up ** 2
+    if max_steps < 2 or f <= 0 or not math.isfinite(f):
+        return Z.new_full((q,), math.inf)
+    Xr = X.T.contiguous()  # (m, d)
+
+    def project(x: Tensor) -> Tensor:  # rows (q, d) ↦ rows of x P, twice: X̃'s component must stay at rounding
+        for _ in range(2):
+            x = x - (x @ X) @ Xr
+        return x
+
+    def operator(x: Tensor) -> Tensor:  # rows ↦ rows of P M P x
+        return project((x @ Wa) @ Wa.T)
+
+    theta_w = _lanczos_rules(operator, project(Z.T.contiguous()), need,
+                             lambda th, w: _window_bound(th, w, upto=cert.tail ** 2, f=f), max_steps=max_steps)
+    return theta_w
+
+
+def _lanczos_rules(operator, Z: Tensor, need: Tensor, bound_of, *, max_steps: int) -> Tensor:
+    """Batched float64 Lanczos with full reorthogonalisation on ``operator`` (rows ``(q, d)`` ↦ rows) from the unit
+    rows of ``Z (q, d)``, one independent run per row; at each of ``_LANCZOS_CHECKS`` (≤ ``max_steps``) the Gauss
+    rules ``(θ, w)`` (each ``(q, n)``, nodes ascending) go to ``bound_of``, and the run stops when every bound is
+    below ``need``. Returns the last bounds ``(q,)``."""
+    q, d = Z.shape
+    Q = Z.new_empty(max_steps, q, d)
+    alpha = Z.new_zeros(max_steps, q)
+    beta = Z.new_zeros(max_steps, q)
+    x = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True)
+    bound = Z.new_full((q,), math.inf)
+    checks = [c for c in _LANCZOS_CHECKS if c < max_steps] + [max_steps]
+    for j in range(max_steps):
         Q[j] = x
-        w = Wl @ (Wr @ x)
-        alpha[j] = (x * w).sum(0)
-        for _ in range(2):  # full reorthogonalisation, twice (per column)
-            w = w - torch.einsum("ldq,lq->dq", Q[:j + 1], torch.einsum("ldq,dq->lq", Q[:j + 1], w))
-        b = torch.linalg.vector_norm(w, dim=0)
-        if j == n - 1 or bool((b <= 1e-13 * alpha[: j + 1].abs().amax(0).clamp(min=1e-300)).any()):
-            steps = j + 1  # an invariant subspace: a shorter Gauss rule is still a Gauss rule
-            break
+        w = operator(x)
+        alpha[j] = (x * w).sum(1)
+        for _ in range(2):  # full reorthogonalisation, twice (per row)
+            w = w - torch.einsum("lq,lqd->qd", torch.einsum("lqd,qd->lq", Q[:j + 1], w), Q[:j + 1])
+        b = torch.linalg.vector_norm(w, dim=1)
+        n = j + 1
+        # an invariant subspace: the shorter Gauss rule is exact (its measure is the rule itself)
+        invariant = bool((b <= 1e-13 * alpha[:n].abs().amax(0).clamp(min=1e-300)).any())
+        if n in checks or invariant:
+            T = torch.diag_embed(alpha[:n].T)
+            if n > 1:
+                off = beta[:n - 1].T
+                T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+            theta, vecs = torch.linalg.eigh(T)  # (q, n), ascending
+            bound = bound_of(theta, vecs[:, 0, :].square())
+            if invariant or bool((bound < need).all()):
+                break
         beta[j] = b
-        x = w / b
-    T = torch.diag_embed(alpha[:steps].T)
-    if steps > 1:
-        off = beta[: steps - 1].T
-        T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-    theta, vecs = torch.linalg.eigh(T)  # (q, steps), ascending
-    w = vecs[:, 0, :].square()  # Gauss weights
-    pair = torch.cat([w[:, :1], w[:, :-1] + w[:, 1:], w[:, -1:]], dim=1)  # (−∞,θ_1], [θ_l,θ_l+1], [θ_n, ∞)
-    meets = torch.cat([torch.ones_like(theta[:, :1], dtype=torch.bool), theta <= upto], dim=1)
-    return torch.where(meets, pair, torch.zeros_like(pair)).amax(dim=1) + _WEIGHT_ROUNDING
+        x = w / b[:, None]
+    return bound
+
+
+def _window_bound(theta: Tensor, w: Tensor, *, upto: float, f: float) -> Tensor:
+    """``max_{λ ∈ [0, upto]} sqrt(μ([λ − δ, λ + δ])) + f/δ`` bounded from Gauss rules ``(θ, w)`` (each ``(q, n)``,
+    nodes ascending) by the Chebyshev–Markov–Stieltjes sums of :func:`_outside_bound`, minimised over ``δ``."""
+    q, n = theta.shape
+    deltas = theta.new_tensor(_DELTA_RATIOS) * f  # (g,)
+    g = deltas.shape[0]
+    C = torch.cat([w.new_zeros(q, 1), w.cumsum(1)], dim=1)  # Σ_{j<l} w_j
+    # piece l (0 … n): a ∈ [θ_{l−1}, θ_l) (θ_{−1} = −∞, θ_n = ∞); from node max(l−1, 0) to the first ≥ θ_l + 2δ
+    lo = torch.clamp(torch.arange(n + 1, device=theta.device) - 1, min=0)  # (n + 1,)
+    ends = theta[:, None, :] + 2 * deltas[None, :, None]  # (q, g, n)
+    hi = torch.searchsorted(theta[:, None, :].expand(q, g, n).contiguous(), ends.contiguous())  # first ≥ end
+    hi = torch.cat([hi, hi.new_full((q, g, 1), n - 1)], dim=2).clamp(max=n - 1)  # (q, g, n + 1)
+    mass = C.gather(1, (hi + 1).reshape(q, -1)).reshape(q, g, n + 1) - C[:, lo][:, None, :]
+    # piece l meets a = λ − δ ≤ upto − δ iff θ_{l−1} ≤ upto − δ (piece 0 always)
+    left = torch.cat([theta.new_full((q, 1), -math.inf), theta], dim=1)  # θ_{l−1}
+    meets = left[:, None, :] <= upto - deltas[None, :, None]
+    worst = torch.where(meets, mass, torch.zeros_like(mass)).amax(dim=2)  # (q, g)
+    return ((worst + _WEIGHT_ROUNDING).clamp(max=1).sqrt() + f / deltas[None, :]).amin(dim=1)
