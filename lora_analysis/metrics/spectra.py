@@ -13,7 +13,9 @@ bound on what lies outside W0's leading subspace for large W (:func:`intruder_di
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -408,27 +410,76 @@ def _outside_bound(W0: Tensor, base: SVD, side: str, Z: Tensor, need: Tensor, *,
         ``(q,)`` float64 bounds (``inf`` where none could be given).
     """
     cert = base.certificate
-    X = base.U if side == "left" else base.V
-    Wa = W0 if side == "left" else W0.T  # M = Wa Waᵀ
-    d, q = Z.shape
+    X, Xo = (base.U, base.V) if side == "left" else (base.V, base.U)  # this side's held vectors, the other's
+    Wa = W0 if side == "left" else W0.T  # M = Wa Waᵀ, Wa (d, n)
+    d, n = Wa.shape
+    q = Z.shape[1]
     eps64 = torch.finfo(torch.float64).eps
     s_up = float(base.S[0] + cert.sigma_error[0])
-    f = s_up * float(torch.linalg.vector_norm(cert.residuals)) + 2 * d * max_steps * eps64 * s_up ** 2
+    f = s_up * float(torch.linalg.vector_norm(cert.residuals)) + 2 * max(d, n) * max_steps * eps64 * s_up ** 2
     if max_steps < 2 or f <= 0 or not math.isfinite(f):
         return Z.new_full((q,), math.inf)
-    Xr = X.T.contiguous()  # (m, d)
+    upto = cert.tail ** 2
+    if d <= n:
+        rules = partial(_window_bound, upto=upto, f=f, low=None)
+        project, operator = _deflated(Wa, X)
+        return _lanczos_rules(operator, project(Z.T.contiguous()), need, rules, max_steps=max_steps)
+    # d > n: M has a kernel of dimension d − n (e.g. a tall W0's left side) that is no singular vector of W0
+    low = _gram_floor(Wa)
+    if low <= 0:
+        return Z.new_full((q,), math.inf)
+    U = Z.T @ Wa  # rows u = Waᵀ z: (v_iᵀu)² = λ_i (x_iᵀz)²
+    off = torch.linalg.vector_norm(U @ Xo, dim=1)  # ‖X̂ᵀu‖, ~rounding (Wa X̂ = X̃ Σ̃ and z ⊥ X̃)
+    un = torch.linalg.vector_norm(U, dim=1)
 
-    def project(x: Tensor) -> Tensor:  # rows (q, d) ↦ rows of x P, twice: X̃'s component must stay at rounding
+    def rules(theta: Tensor, w: Tensor) -> Tensor:
+        return un * _window_bound(theta, w, upto=upto, f=f, low=low) + off / math.sqrt(low)
+
+    project, operator = _deflated(Wa.T, Xo)  # the measure of P u/‖P u‖ (‖P u‖ ≤ ‖u‖)
+    return _lanczos_rules(operator, project(U), need, rules, max_steps=max_steps)
+
+
+def _deflated(Wa: Tensor, X: Tensor) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """``P`` and ``P Wa Waᵀ P`` on rows ``(q, d)`` (``P = I − X Xᵀ``, applied twice: X's component must stay at
+    rounding, or ``Wa Waᵀ`` amplifies it)."""
+    Xr = X.T.contiguous()
+
+    def project(x: Tensor) -> Tensor:
         for _ in range(2):
             x = x - (x @ X) @ Xr
         return x
 
-    def operator(x: Tensor) -> Tensor:  # rows ↦ rows of P M P x
-        return project((x @ Wa) @ Wa.T)
+    return project, lambda x: project((project(x) @ Wa) @ Wa.T)
 
-    theta_w = _lanczos_rules(operator, project(Z.T.contiguous()), need,
-                             lambda th, w: _window_bound(th, w, upto=cert.tail ** 2, f=f), max_steps=max_steps)
-    return theta_w
+
+def _gram_floor(Wa: Tensor) -> float:
+    """A lower bound on ``σ_min(Wa)² = λ_min(G)``, ``G = WaᵀWa`` (``Wa (d, n)``, ``d > n``), or 0: the largest
+    shift ``s`` for which float64 Cholesky of ``Ĝ − s I`` succeeds, minus the rounding. ``Ĝ`` (computed) is
+    within ``γ_d ‖Wa‖_F²`` of ``G`` and a completed Cholesky ``L Lᵀ = Ĝ − s I + E`` has ``|E| ≤ γ_{n+1} |L||Lᵀ|``,
+    ``‖E‖₂ ≤ γ_{n+1} ‖L‖_F² ≤ γ_{n+1} (tr Ĝ + ‖E‖)`` (Higham, *Accuracy and Stability*, Thm 10.3), so
+    ``λ_min(G) ≥ s − (γ_d + 2 γ_{n+1}) ‖Wa‖_F²``. The shifts try fractions of ``1/ρ``, ``ρ`` the Rayleigh quotient
+    of ``G⁻¹`` after 30 steps of inverse iteration (``≥ λ_min``, close to it)."""
+    d, n = Wa.shape
+    G = Wa.T @ Wa
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0:
+        return 0.0
+    x = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=G.dtype).to(G.device)
+    rho = 0.0
+    for _ in range(30):  # x ← G⁻¹ x by two triangular solves
+        x = x / torch.linalg.vector_norm(x)
+        y = torch.cholesky_solve(x, L)
+        rho = float((x * y).sum())
+        x = y
+    eps64 = torch.finfo(torch.float64).eps
+    fro = float(torch.diagonal(G).sum())
+    rounding = (d + 2 * (n + 1)) * eps64 / (1 - (d + n + 1) * eps64) * fro
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    for frac in (0.95, 0.7, 0.4, 0.1):
+        s = frac / rho
+        if int(torch.linalg.cholesky_ex(G - s * eye)[1]) == 0:
+            return max(s - rounding, 0.0)
+    return 0.0
 
 
 def _lanczos_rules(operator, Z: Tensor, need: Tensor, bound_of, *, max_steps: int) -> Tensor:
@@ -467,9 +518,13 @@ def _lanczos_rules(operator, Z: Tensor, need: Tensor, bound_of, *, max_steps: in
     return bound
 
 
-def _window_bound(theta: Tensor, w: Tensor, *, upto: float, f: float) -> Tensor:
+def _window_bound(theta: Tensor, w: Tensor, *, upto: float, f: float, low: float | None) -> Tensor:
     """``max_{λ ∈ [0, upto]} sqrt(μ([λ − δ, λ + δ])) + f/δ`` bounded from Gauss rules ``(θ, w)`` (each ``(q, n)``,
-    nodes ascending) by the Chebyshev–Markov–Stieltjes sums of :func:`_outside_bound`, minimised over ``δ``."""
+    nodes ascending) by the Chebyshev–Markov–Stieltjes sums of :func:`_outside_bound`, minimised over ``δ``.
+
+    With ``low`` (``≤ λ_min``, the measure of ``u = Waᵀz`` under ``G``, whose atoms are ``λ_i (x_iᵀz)²``): the
+    maximum over ``λ ∈ [low, upto]`` of the same divided by ``sqrt(λ)``, where ``λ ≥ max(low, θ_l + δ)`` on the
+    node interval ``[θ_l, θ_{l+1})`` of ``λ − δ``."""
     q, n = theta.shape
     deltas = theta.new_tensor(_DELTA_RATIOS) * f  # (g,)
     g = deltas.shape[0]
@@ -480,8 +535,12 @@ def _window_bound(theta: Tensor, w: Tensor, *, upto: float, f: float) -> Tensor:
     hi = torch.searchsorted(theta[:, None, :].expand(q, g, n).contiguous(), ends.contiguous())  # first ≥ end
     hi = torch.cat([hi, hi.new_full((q, g, 1), n - 1)], dim=2).clamp(max=n - 1)  # (q, g, n + 1)
     mass = C.gather(1, (hi + 1).reshape(q, -1)).reshape(q, g, n + 1) - C[:, lo][:, None, :]
-    # piece l meets a = λ − δ ≤ upto − δ iff θ_{l−1} ≤ upto − δ (piece 0 always)
-    left = torch.cat([theta.new_full((q, 1), -math.inf), theta], dim=1)  # θ_{l−1}
-    meets = left[:, None, :] <= upto - deltas[None, :, None]
-    worst = torch.where(meets, mass, torch.zeros_like(mass)).amax(dim=2)  # (q, g)
-    return ((worst + _WEIGHT_ROUNDING).clamp(max=1).sqrt() + f / deltas[None, :]).amin(dim=1)
+    value = (mass + _WEIGHT_ROUNDING).clamp(max=1).sqrt() + (f / deltas)[None, :, None]
+    left = torch.cat([theta.new_full((q, 1), -math.inf), theta], dim=1)[:, None, :]  # θ_{l−1}
+    # piece l meets a = λ − δ ≤ upto − δ iff θ_{l−1} ≤ upto − δ (and, with low, a ≥ low − δ iff θ_l > low − δ)
+    meets = left <= upto - deltas[None, :, None]
+    if low is not None:
+        right = torch.cat([theta, theta.new_full((q, 1), math.inf)], dim=1)[:, None, :]  # θ_l
+        meets = meets & (right > low - deltas[None, :, None])
+        value = value / torch.clamp(left + deltas[None, :, None], min=low).sqrt()
+    return torch.where(meets, value, torch.zeros_like(value)).amax(dim=2).amin(dim=1)
