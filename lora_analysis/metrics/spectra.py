@@ -186,6 +186,7 @@ def intruder_dimensions(
     side: Literal["left", "right"] = "left",
     w0_svd: SVD | None = None,
     dense_max: int | None = None,
+    w0_full: Callable[[], SVD] | None = None,
 ) -> IntruderResult:
     """Intruder dimensions (Shuttleworth et al., 2024): top-``k`` singular vectors ``y_j`` of ``W0 + ΔW`` with
     ``max_i |cos(y_j, x_i)| < threshold`` over all singular vectors ``x_i`` of ``W0``.
@@ -197,20 +198,19 @@ def intruder_dimensions(
     **Partial route** (``w0_svd`` holds W0's top ``m`` triplets with a certificate, or ``None`` above
     ``dense_max``: then W0's top ``max(64, 4k)`` by :func:`~lora_analysis.metrics.linalg.top_singular_triplets`).
     The ``y_j`` come from ``top_singular_triplets(W0 + ΔW, k)``; with the certificates' vector sines ``a_j`` (of
-    ``ỹ_j``), ``b_i`` (of ``x̃_i``), the subspace sine ``s_m`` of ``X̃_m`` and ``τ ≥ σ_{m+1}(W0)``:
+    ``ỹ_j``), ``b_i`` (of ``x̃_i``), the subspace sine ``s_m`` of ``X̃_m`` and ``τ ≥ σ_{m+1}(W0)`` (``m`` is cut to
+    the last index whose top-``m`` subspace is certified to ``_PREFIX_SINE``):
 
     1. head: ``|x_iᵀ y_j| ≥ |x̃_iᵀ ỹ_j| − √2 (a_j + b_i)`` (``‖x − x̃‖ ≤ √2 sin∠``): if that is ``≥ ε`` for some
-       ``i ≤ m``, ``y_j`` is not an intruder.
+       ``i ≤ m``, ``y_j`` is not an intruder. The upper bound on the held ``|x_iᵀ y_j|`` also uses clusters of
+       near-tied ``x_i`` (:func:`_held_upper`).
     2. rest: for ``i > m``, ``x_i ⊥ X_m``, so with ``z = (I − X̃_mX̃_mᵀ) ỹ``:
-       ``|x_iᵀ y| ≤ |x_iᵀ z| + s_m + √2 a_j``, and ``|x_iᵀ z| ≤ ‖z‖`` (decided by ``"norm"``) or, sharper,
-       ``(x_iᵀ z)² ≤ ‖z‖² · max`` over the Gauss nodes' intervals meeting ``[0, τ²]`` of ``w_l + w_{l+1}`` (``w_1``
-       below ``θ_1``, ``w_n`` above ``θ_n``): ``n`` steps of float64 Lanczos (full reorthogonalisation) on
-       ``M = W0 W0ᵀ`` (``W0ᵀ W0`` for ``side="right"``) from ``z/‖z‖`` give the Gauss rule ``(θ_l, w_l)`` of its
-       spectral measure, and by the Chebyshev–Markov–Stieltjes inequalities (Szegő, *Orthogonal Polynomials*,
-       §3.41; Golub & Meurant, *Matrices, Moments and Quadrature*, 2010, Thm 6.3) the measure's distribution
-       function lies between the rule's left and right sums at every node, so a single atom in
-       ``[θ_l, θ_{l+1}]`` weighs at most ``w_l + w_{l+1}``. If ``max(head upper bound, rest bound) < ε``,
-       ``y_j`` is an intruder (``"norm"`` / ``"lanczos"``).
+       ``|x_iᵀ y| ≤ |x_iᵀ z| + s_m + √2 a_j``, and ``|x_iᵀ z| ≤ ‖z‖`` (decided by ``"norm"``) or, sharper, a bound
+       from Gauss rules of z's spectral measure under the deflated ``P M P`` (``M = W0 W0ᵀ``, ``W0ᵀ W0`` for
+       ``side="right"``; ``P = I − X̃X̃ᵀ``) with Davis–Kahan windows for the difference to ``M`` and the
+       Chebyshev–Markov–Stieltjes inequalities (:func:`_outside_bound`, the proof there; on a side larger than
+       ``min(d_out, d_in)``, where ``M`` has a kernel, on the other side's Gram matrix). If ``max(head upper
+       bound, rest bound) < ε``, ``y_j`` is an intruder (``"norm"`` / ``"lanczos"``).
     3. undecided: W0's top ``2m`` (more head, smaller ``τ``), while ``2 (2m + 32) < min(d)``; then the dense route.
 
     The count is the dense count (up to the Lanczos tail bound's failure probability, 1e-9 per W0, in the
@@ -237,6 +237,9 @@ def intruder_dimensions(
             (input space; peft's count on a Conv1D).
         w0_svd: W0's full thin SVD (all ``min(d_out, d_in)`` triplets), or its top ``m`` with a certificate.
         dense_max: the size up to which dense SVDs are used (default ``DENSE_SVDVALS_MAX``).
+        w0_full: called (at most once) where the dense route needs W0's full thin SVD and ``w0_svd`` is not it;
+            a caller that memoises it (e.g. ``functools.cache(lambda: top_singular(W0))``) pays W0's dense SVD
+            once for every adapter of that W0. ``None``: ``top_singular(W0)``.
     """
     W0, dw = weight_and_delta_svd(W0, A, B, scaling=scaling, name="W0")
     full = min(W0.shape)
@@ -257,7 +260,15 @@ def intruder_dimensions(
         got = _intruders_partial(W0, W, k, threshold, side, w0_svd, dense_max)
         if got is not None:
             return got
-    base = top_singular(W0) if w0_svd is None or w0_svd.k != full else w0_svd
+    if w0_svd is not None and w0_svd.k == full:
+        base = w0_svd
+    elif w0_full is not None:
+        base = w0_full()
+        if base.k != full or base.U.shape[0] != W0.shape[0] or base.V.shape[0] != W0.shape[1]:
+            raise ValueError(f"w0_full() gave U {tuple(base.U.shape)}, V {tuple(base.V.shape)}: not the full SVD of "
+                             f"W0 {tuple(W0.shape)}")
+    else:
+        base = top_singular(W0)
     tuned = top_singular(W, k=k)
     X, Y = (base.U, tuned.U) if side == "left" else (base.V, tuned.V)
     max_cos = (Y.T @ X).abs().amax(dim=1)  # (k,)
@@ -493,6 +504,7 @@ def _lanczos_rules(operator, Z: Tensor, need: Tensor, bound_of, *, max_steps: in
     beta = Z.new_zeros(max_steps, q)
     x = Z / torch.linalg.vector_norm(Z, dim=1, keepdim=True)
     bound = Z.new_full((q,), math.inf)
+    frozen = torch.zeros(q, dtype=torch.bool, device=Z.device)  # rows whose Krylov space became invariant
     checks = [c for c in _LANCZOS_CHECKS if c < max_steps] + [max_steps]
     for j in range(max_steps):
         Q[j] = x
@@ -502,19 +514,21 @@ def _lanczos_rules(operator, Z: Tensor, need: Tensor, bound_of, *, max_steps: in
             w = w - torch.einsum("lq,lqd->qd", torch.einsum("lqd,qd->lq", Q[:j + 1], w), Q[:j + 1])
         b = torch.linalg.vector_norm(w, dim=1)
         n = j + 1
-        # an invariant subspace: the shorter Gauss rule is exact (its measure is the rule itself)
-        invariant = bool((b <= 1e-13 * alpha[:n].abs().amax(0).clamp(min=1e-300)).any())
-        if n in checks or invariant:
+        # an invariant subspace: the shorter Gauss rule is exact (its measure is the rule itself); that row's
+        # bound is final, and it goes on as zeros
+        invariant = (b <= 1e-13 * alpha[:n].abs().amax(0).clamp(min=1e-300)) & ~frozen
+        if n in checks or bool(invariant.any()):
             T = torch.diag_embed(alpha[:n].T)
             if n > 1:
                 off = beta[:n - 1].T
                 T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
             theta, vecs = torch.linalg.eigh(T)  # (q, n), ascending
-            bound = bound_of(theta, vecs[:, 0, :].square())
-            if invariant or bool((bound < need).all()):
+            bound = torch.where(frozen, bound, bound_of(theta, vecs[:, 0, :].square()))
+            frozen |= invariant
+            if bool((frozen | (bound < need)).all()):
                 break
-        beta[j] = b
-        x = w / b[:, None]
+        beta[j] = torch.where(frozen, torch.zeros_like(b), b)
+        x = torch.where(frozen[:, None], torch.zeros_like(w), w / b.clamp(min=1e-300)[:, None])
     return bound
 
 
