@@ -12,6 +12,7 @@ bound on what lies outside W0's leading subspace for large W (:func:`intruder_di
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,7 +242,7 @@ def intruder_dimensions(
             a caller that memoises it (e.g. ``functools.cache(lambda: top_singular(W0))``) pays W0's dense SVD
             once for every adapter of that W0. ``None``: ``top_singular(W0)``.
     """
-    W0, dw = weight_and_delta_svd(W0, A, B, scaling=scaling, name="W0")
+    W0, dw = weight_and_delta_svd(W0, A, B, scaling=scaling, name="W0", keep_device=True)  # work on W0's device
     full = min(W0.shape)
     if not 0 < k <= full:
         raise ValueError(f"k={k} must be in 1..{full} for W0 {tuple(W0.shape)}")
@@ -268,11 +269,23 @@ def intruder_dimensions(
             raise ValueError(f"w0_full() gave U {tuple(base.U.shape)}, V {tuple(base.V.shape)}: not the full SVD of "
                              f"W0 {tuple(W0.shape)}")
     else:
-        base = top_singular(W0)
-    tuned = top_singular(W, k=k)
+        base = top_singular(W0, keep_device=True)
+    base = _on_device(base, W0.device)
+    tuned = top_singular(W, k=k, keep_device=True)
     X, Y = (base.U, tuned.U) if side == "left" else (base.V, tuned.V)
     max_cos = (Y.T @ X).abs().amax(dim=1)  # (k,)
     return _intruder_result(tuned.S, max_cos, max_cos < threshold, threshold, side, ("dense",) * k, full)
+
+
+def _on_device(svd: SVD, device: torch.device) -> SVD:
+    """``svd`` (and its certificate's tensors) on ``device``: a W0 SVD cached on the CPU for a W0 on a GPU."""
+    if svd.U.device == device:
+        return svd
+    c = svd.certificate
+    if c is not None:
+        c = dataclasses.replace(c, residuals=c.residuals.to(device), sigma_error=c.sigma_error.to(device),
+                                subspace_sine=c.subspace_sine.to(device), vector_sine=c.vector_sine.to(device))
+    return SVD(svd.U.to(device), svd.S.to(device), svd.V.to(device), c)
 
 
 def _intruder_result(S: Tensor, max_cos: Tensor, is_intruder: Tensor, threshold: float, side: str,
@@ -307,7 +320,8 @@ def _intruders_partial(W0: Tensor, W: Tensor, k: int, eps: float, side: str, w0_
     a = Y.new_zeros(k) if tuned.certificate is None else tuned.certificate.vector_sine
     if bool((a > 0.05).any()):
         return None  # a near-tie in W0 + ΔW's top k: its vectors are not individually defined to decide on
-    base = w0_svd if w0_svd is not None else top_singular_triplets(W0, max(64, 4 * k), dense_max=dense_max)
+    base = _on_device(w0_svd, W0.device) if w0_svd is not None else top_singular_triplets(W0, max(64, 4 * k),
+                                                                                           dense_max=dense_max)
     decided: list[str | None] = [None] * k
     max_cos = Y.new_zeros(k)
     root2 = math.sqrt(2.0)
@@ -341,7 +355,7 @@ def _intruders_partial(W0: Tensor, W: Tensor, k: int, eps: float, side: str, w0_
                 if float(outside[t]) < float(need[t]):
                     decided[j] = "lanczos"
         if all(d is not None for d in decided):
-            is_intruder = torch.tensor([d != "head" for d in decided])
+            is_intruder = torch.tensor([d != "head" for d in decided], device=Y.device)
             return _intruder_result(tuned.S, max_cos, is_intruder, eps, side, tuple(decided), base.k)
         m = 2 * base.k
         if 2 * (m + 32) >= full:
