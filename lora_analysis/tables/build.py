@@ -50,6 +50,7 @@ from lora_analysis.metrics.linalg import (
     as_float64_matrix,
     factored_svd,
     right_singular_vectors,
+    top_singular,
 )
 from lora_analysis.metrics.projection import table7_rows
 from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
@@ -298,7 +299,8 @@ def _top(adapter: LoadedAdapter, key: str, shape: tuple[int, int], top: int | No
     return k
 
 
-def _spectra_row(adapter: LoadedAdapter, key: str, W: Tensor | None, w_svd: SVD | None, intruder_k: int) -> dict:
+def _spectra_row(adapter: LoadedAdapter, key: str, W: Tensor | None, w_svd: SVD | None, intruder_k: int,
+                 w0_full=None) -> dict:
     """One ``spectra`` row; ``n_intruders`` is -1 without ``W``."""
     f = adapter.factors[key]
     s = spectrum_summary(f.A, f.B, scaling=f.scaling, fraction=0.9)
@@ -307,7 +309,7 @@ def _spectra_row(adapter: LoadedAdapter, key: str, W: Tensor | None, w_svd: SVD 
         # a partial SVD decides only with its certificate (a dense fallback truncated to k has none)
         partial = w_svd is not None and w_svd.k < min(W.shape) and w_svd.certificate is None
         n_intr = intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=min(intruder_k, *W.shape),
-                                     w0_svd=None if partial else w_svd).count
+                                     w0_svd=None if partial else w_svd, w0_full=w0_full).count
     return {**_ids(key), "rank": f.rank, "seed": _seed(adapter), "stable_rank": s.stable_rank,
             "entropy_rank": s.effective_rank, "energy_rank_90": s.energy_rank, "dw_norm": s.frobenius,
             "n_intruders": n_intr}
@@ -401,6 +403,14 @@ def weight_tables(
         if count or drawn or (bw is not None and "table7" in tables and dense):
             svd = bw.spectrum(key, W, k) if bw is not None else w_spectrum(W, k)
         out: dict[tuple[str, int, str], object] = {}
+        full: list[SVD] = []
+
+        def w0_full(W: Tensor = W) -> SVD:
+            # W's dense SVD, for an intruder count its top directions cannot decide: once per W for every adapter
+            if not full:
+                full.append(top_singular(W))
+            return full[0]
+
         if "table7" in tables:
             deltas = [(f.A, f.B, f.scaling, f.rank if top is None else top)
                       for f in (adapters[i].factors[key] for i in members)]
@@ -426,7 +436,8 @@ def weight_tables(
                 out[("dora", i, key)] = {**_ids(key), "rank": f.rank, "seed": _seed(a), "d_out": shape[0],
                                          "d_in": shape[1], "top": kd, **d.as_dict()}
             if "spectra" in tables:
-                out[("spectra", i, key)] = _spectra_row(a, key, W if count else None, svd, intruder_k)
+                out[("spectra", i, key)] = _spectra_row(a, key, W if count else None, svd, intruder_k,
+                                                        w0_full=w0_full)
             if i in fig8:
                 ws = svd.truncate(n_w)
                 meta = {**_ids(key), "rank": f.rank, "seed": _seed(a)}
