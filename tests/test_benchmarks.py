@@ -130,3 +130,33 @@ def test_section7_quick_mode_is_exact_against_the_dense_route(tmp_path):
     assert set(acc["table7_rel_err_by_column"]) >= {"delta", "weight", "random", "dw_norm", "amplification"}
     assert acc["w_top_sv_max_rel_err"] < 1e-6
     assert case["table7_rows"] == 2 * 2 * 4  # 2 layers x {q, v} x (2 ranks x 2 seeds)
+
+
+def test_lowrank_resize_sides_agree_with_peft_and_dense_on_a_small_adapter(tmp_path):
+    """The three resize sides of ``resize_7b`` at d = 64 (one layer, q and v, r = 16 -> 8): ours, peft's
+    ``convert_to_lora`` and the dense float64 route give the same ΔW_8. Tolerances: ours is written in float32
+    (relative rounding ~6e-8 x √64) and peft runs its SVD in float32; the top-8 subspace moves by rounding / (relative
+    gap σ_8 − σ_9, ~1e-2 for these Gaussian factors), hence 1e-4. The same comparison against ΔW_7 must fail: it
+    differs by σ_8 / ‖ΔW_8‖_F, well above 1e-2."""
+    from benchmarks.cases_lowrank import (
+        PROJS,
+        _delta,
+        _dense_truncate,
+        _max_rel,
+        _resize_dense,
+        _resize_ours,
+        _resize_peft,
+    )
+    from benchmarks.cases_report7b import module_key, write_adapters
+    from lora.adapter_io import load_adapter
+
+    adapter = str(write_adapters(tmp_path, tmp_path, projs=PROJS, ranks=(16,), seeds=(0,), n_layers=1, d=64)[0])
+    keys = [module_key(0, p) for p in PROJS]
+    ours = _resize_ours(adapter, 1, keys)
+    peft_side, dense = _resize_peft(adapter, 1), _resize_dense(adapter, keys)
+    assert ours["modules"] == peft_side["modules"] == 2
+    assert _max_rel(ours["dw"], peft_side["dw"]) < 1e-4
+    assert _max_rel(ours["dw"], dense["dw"]) < 1e-4
+    f = load_adapter(adapter).factors[keys[0]]
+    rank7 = {keys[0]: _dense_truncate(f.scaling * _delta(f.A, f.B), 7)}
+    assert _max_rel(ours["dw"], rank7) > 1e-2
