@@ -21,7 +21,7 @@ from lora.errors import ArgumentParser, UserError, run_cli
 from lora.fsio import write_json, write_text
 
 CASE_GROUPS = ("train_step", "merged_inference", "peak_memory", "svd_factored_vs_dense", "section7_7b_shaped",
-               "packed_sweep", "train_step_under_load", "main_job", "report_7b")
+               "packed_sweep", "train_step_under_load", "main_job", "report_7b", "lowrank_7b")
 
 
 def _quiet() -> None:
@@ -39,6 +39,7 @@ def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseRes
     """The cases to run, as (group, thunk) pairs; ``quick`` shrinks repetitions and sizes to a few minutes."""
     from benchmarks import (
         cases_load,
+        cases_lowrank,
         cases_main,
         cases_packed,
         cases_report7b,
@@ -58,6 +59,7 @@ def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseRes
             ("train_step_under_load", lambda: cases_load.load_cases(reps=3)),
             ("main_job", lambda: [cases_main.main_job_case(quick=True)]),
             ("report_7b", lambda: cases_report7b.report_cases(quick=True)),
+            ("lowrank_7b", lambda: cases_lowrank.lowrank_cases(quick=True)),
         ]
     return [
         ("train_step", lambda: cases_train.train_step_cases(ranks=(8, 64), reps=9, warmup=2)),
@@ -74,6 +76,7 @@ def plan(quick: bool, threads: int) -> list[tuple[str, Callable[[], list[CaseRes
         ("train_step_under_load", lambda: cases_load.load_cases(reps=9)),
         ("main_job", lambda: [cases_main.main_job_case()]),
         ("report_7b", cases_report7b.report_cases),
+        ("lowrank_7b", cases_lowrank.lowrank_cases),
     ]
 
 
