@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lora.errors import UserError
+from lora.factored import factored_svd
 
 __all__ = ["DENSE_MAX", "Kept", "factored_svd", "energy_rank", "phi", "resize_factors", "top_svd", "totals",
            "truncate"]
@@ -45,22 +46,6 @@ DENSE_MAX = 1024  # a dense float64 SVD for matrices whose smaller side is at mo
 
 
 # ---------------------------------------------------------------------------------------------------------------- maths
-def factored_svd(A: Tensor, B: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD ``(U (d_out, k), S (k,), V (d_in, k))`` of ``ΔW = scaling · B @ A`` in float64, ``k = min(r, d_out,
-    d_in)``, from the QR of ``B`` and ``Aᵀ`` and the SVD of the ``k × k`` core, never forming ``ΔW``.
-
-    The same maths as ``lora_analysis.metrics.linalg.factored_svd`` (lora/ does not import lora_analysis).
-    A negative ``scaling`` goes into ``U``; ``S ≥ 0``.
-    """
-    A, B = A.detach().to(torch.float64), B.detach().to(torch.float64)
-    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-        raise ValueError(f"factored_svd: A {tuple(A.shape)} and B {tuple(B.shape)} do not form B @ A")
-    Q_B, R_B = torch.linalg.qr(B)  # (d_out, kb), (kb, r)
-    Q_A, R_A = torch.linalg.qr(A.T)  # (d_in, ka), (ka, r)
-    U_c, S, Vh_c = torch.linalg.svd((R_B @ R_A.T) * float(scaling), full_matrices=False)
-    return Q_B @ U_c, S, Q_A @ Vh_c.T
-
-
 def energy_rank(S: Tensor, fraction: float, total: float | None = None) -> int:
     """The smallest ``K ≥ 1`` with ``Σ_{i≤K} σ_i² ≥ fraction · total`` (``total``: ``Σ σ_i²`` unless given, e.g.
     ``‖ΔW‖_F²`` when ``S`` holds only the top values); ``len(S)`` if none reaches it. peft's ``convert_to_lora``

@@ -106,7 +106,8 @@ def test_analysis_layers_import_only_downwards(graph):
                 for t in targets if t.startswith("lora_analysis")], "lora/ must not import lora_analysis"
 
 
-PURE_LORA = {"lora.layers", "lora.dora"}  # the one ΔW and the one DoRA W′ formula of the project: pure torch
+# the project's one ΔW, DoRA W′ and factored-SVD formulas: pure torch
+PURE_LORA = {"lora.layers", "lora.dora", "lora.factored"}
 
 
 def test_metrics_are_pure(graph):

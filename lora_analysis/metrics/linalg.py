@@ -173,11 +173,10 @@ def factored_svd(A: Tensor, B: Tensor, *, scaling: float = 1.0) -> SVD:
     s = float(scaling)
     if s != s or s in (float("inf"), float("-inf")):
         raise ValueError(f"scaling must be finite, got {scaling}")
-    Q_B, R_B = torch.linalg.qr(B)  # (d_out, kb), (kb, r)
-    Q_A, R_A = torch.linalg.qr(A.T)  # (d_in, ka), (ka, r)
-    core = (R_B @ R_A.T) * s  # (kb, ka); small
-    U_c, S, Vh_c = torch.linalg.svd(core, full_matrices=False)
-    return SVD(Q_B @ U_c, S, Q_A @ Vh_c.T)
+    # the maths is lora.factored's (QR of B and Aᵀ, SVD of the small core), which lora.resize truncates with
+    from lora.factored import factored_svd as _factored
+
+    return SVD(*_factored(A, B, s))
 
 
 def weight_and_delta_svd(
