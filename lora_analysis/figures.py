@@ -19,6 +19,7 @@ from lora import rundir
 from lora.errors import UserError
 from lora.threads import process_group
 from lora_analysis.cli import check_output_dir, entry_point, new_parser
+from lora_analysis.load.adapters import module_layer
 from lora_analysis.load.base import BaseWeights
 from lora_analysis.load.run import Run, check_run_dir
 from lora_analysis.load.spectral_cache import SPECTRA_SUBDIR, SpectralCache
@@ -52,8 +53,25 @@ def build_parser():
     p.add_argument("--spectral-cache", default=None, metavar="DIR",
                    help=f"keep W's singular vectors here, so a second report on the same base computes no SVD of W "
                         f"(default: <runs>/{SPECTRA_SUBDIR} where the run directory is writable)")
+    p.add_argument("--fig8-layers", default="auto", metavar="auto|all|L,L,...",
+                   help="the layers whose W gets Figure 8 (W's top 10 %% of singular directions, the report's largest "
+                        "cost at 7B): auto (default) is every layer up to d = 1024 and 5 evenly spaced layers above "
+                        "(first and last included; the paper's Figure 8 shows one layer), all, or a comma list")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def parse_fig8_layers(text: str) -> str | list[int]:
+    """``--fig8-layers``: ``auto``, ``all`` or a comma list of layer indices (one-line error otherwise)."""
+    if text in ("auto", "all"):
+        return text
+    try:
+        layers = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        layers = []
+    if not layers or any(x < 0 for x in layers):
+        raise UserError(f"--fig8-layers {text!r}: expected auto, all or a comma list of layer indices (e.g. 0,15,31)")
+    return layers
 
 
 def spectral_cache_for(run_dir: Path, directory: str | None, *, quiet: bool) -> SpectralCache | None:
@@ -78,6 +96,7 @@ def _run(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     plt.switch_backend("Agg")  # the command only writes files
+    fig8_layers = parse_fig8_layers(args.fig8_layers)  # before any work
     run_dir = Path(args.runs) if args.runs is not None else rundir.default_run_dir()
     check_run_dir(run_dir, option="--runs")
     out = check_output_dir("--out", args.out)
@@ -91,7 +110,13 @@ def _run(argv: Sequence[str] | None = None) -> int:
         print(f"{run_dir}: {len(entries)} adapter(s): "
               + ", ".join(f"{e.path.relative_to(run_dir) if e.path != run_dir else '.'} ({e.weight_set}, r={e.rank})"
                           for e in entries))
-    written = analyse_and_render(run, out, quiet=args.quiet)
+    if isinstance(fig8_layers, list):  # every layer named must be adapted (loads the adapters, once, for the run)
+        adapted = sorted({module_layer(k) for e in run.index.entries for k in run.adapter(e).factors})
+        missing = [x for x in fig8_layers if x not in adapted]
+        if missing:
+            raise UserError(f"--fig8-layers: layer(s) {', '.join(map(str, missing))} not adapted in {run_dir}; "
+                            f"adapted layers: {', '.join(map(str, adapted))}")
+    written = analyse_and_render(run, out, quiet=args.quiet, fig8_layers=fig8_layers)
     if not args.quiet and process_group()[0] == 0:
         print(f"wrote {len(written)} files into {args.out}")
     return 0

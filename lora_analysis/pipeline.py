@@ -16,6 +16,7 @@ these and print; snapshots and full fine-tuning are sections the steps add where
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from lora.fsio import remove_stale_temps
@@ -35,7 +36,8 @@ COMMITTED_GZIPPED = ("phi", "fig8")  # tens of MB as CSV: committed gzipped, so 
 __all__ = ["Analysis", "Judgement", "analyse", "analyse_and_render", "judge", "render"]
 
 
-def analyse(run: Run, *, progress: bool = False, cache: bool = False, threads: int | None = 1) -> Analysis:
+def analyse(run: Run, *, progress: bool = False, cache: bool = False, threads: int | None = 1,
+            fig8_layers: str | Sequence[int] = "auto") -> Analysis:
     """Every table of ``run``: Section 7 (:func:`~lora_analysis.tables.build.analyse_run`), then, where the run
     has them, the tables of each training snapshot and the tidy ``dynamics`` table, and the full fine-tuning
     tables. W0 and its SVD come from the run's one base-weight source, so each W is read and decomposed once for
@@ -46,13 +48,14 @@ def analyse(run: Run, *, progress: bool = False, cache: bool = False, threads: i
             it there (notebooks); a read-only run is only read.
         threads: torch threads while computing (default 1, see :func:`~lora_analysis.tables.build.analyse_run`;
             ``None`` keeps torch's setting).
+        fig8_layers: the layers that get Figure 8 (:func:`~lora_analysis.tables.build.fig8_layers_for`).
     """
     if cache:
         cached = read_cache(run)
         if cached is not None:
             return cached
     with torch_threads(threads):  # one setting for every table: the numbers do not depend on the machine's cores
-        tables = analyse_run(run, progress=progress, threads=None)
+        tables = analyse_run(run, progress=progress, threads=None, fig8_layers=fig8_layers)
         per_step = snapshot_tables(run, progress=progress)
         full = full_finetune_tables(run, progress=progress)
     dynamics = dynamics_table(per_step)
@@ -96,7 +99,7 @@ def render(analysis: Analysis, judgement: Judgement, out_dir: str | os.PathLike,
 
 
 def analyse_and_render(run_dir: str | os.PathLike | Run, out_dir: str | os.PathLike, *, quiet: bool = True,
-                       validation: str | None = None) -> list[Path]:
+                       validation: str | None = None, fig8_layers: str | Sequence[int] = "auto") -> list[Path]:
     """Run directory -> tables -> verdicts -> figures, tables, REPORT.md, report.json in ``out_dir``.
 
     The run's analysis cache (for notebooks) is refreshed where the run directory is writable and holds a
@@ -107,7 +110,7 @@ def analyse_and_render(run_dir: str | os.PathLike | Run, out_dir: str | os.PathL
     holds the same table (at 7B the copies cost a second write of hundreds of MB).
     """
     run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
-    analysis = analyse(run, progress=not quiet)
+    analysis = analyse(run, progress=not quiet, fig8_layers=fig8_layers)
     if process_group()[0] != 0:
         return []  # under torchrun: this rank computed its share of the weight matrices; rank 0 writes everything
     if run.manifest is not None:

@@ -16,9 +16,9 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,8 @@ from lora_analysis.metrics.linalg import (
 
 if TYPE_CHECKING:
     from lora_analysis.load.spectral_cache import SpectralCache
+
+T = TypeVar("T")
 
 __all__ = ["BaseWeights", "CheckpointWeights"]
 
@@ -287,6 +289,29 @@ class BaseWeights:
         with self._lock:
             self._spectra[(key, fp)] = svd
         return svd
+
+    def memo(self, key: str, W: Tensor, parts: tuple, compute: Callable[[], T], dump: Callable[[T], dict],
+             load: Callable[[dict], T]) -> T:
+        """A per-adapter result on W (e.g. its intruder count), kept in the spectral cache under W's fingerprint
+        and the hash of ``parts`` (the adapter's factors and the parameters; :func:`~lora_analysis.load.
+        spectral_cache.factors_fingerprint`): ``compute()`` on a miss, then stored as ``dump(result)``; a hit is
+        ``load(stored)``. Without a spectral cache, ``compute()``."""
+        from lora_analysis.load.spectral_cache import factors_fingerprint
+
+        cache = self.spectral_cache
+        if cache is None:
+            return compute()
+        fp, delta = self._fingerprint(key, W), factors_fingerprint(*parts)
+        stored = cache.load_result(key, fp, delta)
+        if stored is not None:
+            try:
+                return load(stored)
+            except (KeyError, TypeError, ValueError) as exc:
+                print(f"note: {cache.result_path(key, fp, delta)}: damaged spectral cache entry ({exc}); "
+                      f"recomputed", file=sys.stderr)
+        value = compute()
+        cache.store_result(key, fp, delta, dump(value))
+        return value
 
     def w_svd(self, key: str, W: Tensor) -> SVD:
         """The full thin SVD of ``W`` (:meth:`spectrum` with every triplet)."""

@@ -14,6 +14,12 @@ fingerprint of W's content (:func:`content_fingerprint`), ``k``, and a checksum 
   place (:func:`lora.fsio.atomic_path`), so a reader sees the old file, the new one, or none; a killed writer's
   temporary is removed the next time the cache is opened. A damaged or truncated file (or one whose checksum,
   key, fingerprint or shapes do not match) is a ``note:`` and a miss: recomputed, never trusted.
+* Beside W's SVDs it keeps each adapter's **intruder count** on that W (:meth:`SpectralCache.load_result`,
+  ``<key>.<W fingerprint>.<ΔW fingerprint>.json``): the top-``k`` of W + ΔW and the bounds that decide it are
+  per adapter, seconds each at d = 4096, so a report rerun on the same adapters (a new output folder, another
+  figure option) recomputes none of them. The ΔW fingerprint hashes the float64 factors, the scaling and every
+  parameter of the count; the floats are stored as their shortest round-trip text, so a reloaded result is
+  bit-identical.
 * The cache is optional: a directory that cannot be created or written, or a disk that fills while a file is
   written, is one ``note:`` on stderr; the analysis goes on without storing (as the notebook cache,
   :mod:`lora_analysis.tables.cache`, does).
@@ -37,7 +43,7 @@ from lora.errors import UserError
 from lora.fsio import atomic_path, remove_stale_temps
 from lora_analysis.metrics.linalg import SVD
 
-__all__ = ["SPECTRA_SUBDIR", "SpectralCache", "content_fingerprint"]
+__all__ = ["SPECTRA_SUBDIR", "SpectralCache", "content_fingerprint", "factors_fingerprint"]
 
 SPECTRA_SUBDIR = "analysis/spectra"  # <run>/analysis/spectra: the default place, beside the notebook cache
 FORMAT = "1"
@@ -53,6 +59,20 @@ def content_fingerprint(W: Tensor) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tuple(t.shape)}:float64".encode())
     h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def factors_fingerprint(*parts: Tensor | float | int | str) -> str:
+    """A hash of tensors (shape, float64 values) and plain values, in order: an adapter's ``A``, ``B``, scaling and
+    the parameters of what was computed from them."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, Tensor):
+            t = part.detach().to(device="cpu", dtype=torch.float64).contiguous()
+            h.update(f"T{tuple(t.shape)}:".encode())
+            h.update(memoryview(t.numpy()).cast("B"))
+        else:
+            h.update(f"V{part!r};".encode())
     return h.hexdigest()
 
 
@@ -187,14 +207,18 @@ class SpectralCache:
         tensors.update(cert_tensors)
         meta = {"format": FORMAT, "key": key, "fingerprint": fingerprint, "k": str(svd.k),
                 "layout": json.dumps(layout), "certificate": json.dumps(cert_values), "checksum": _checksum(tensors)}
-        path = self.path(key, fingerprint)
         from safetensors.torch import save_file
 
+        return self._write(self.path(key, fingerprint), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def _write(self, path: Path, write) -> bool:
+        """``write(tmp)`` then rename onto ``path``; a full or read-only disk is one note (the cache is optional,
+        the analysis goes on) and no more writes in this process."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata=meta)
-        except (OSError, UserError) as exc:  # a full or read-only disk: the cache is optional, the analysis goes on
+                write(tmp)
+        except (OSError, UserError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             with self._lock:
                 first = self._off is None
@@ -205,3 +229,34 @@ class SpectralCache:
         with self._lock:
             self.writes += 1
         return True
+
+    def result_path(self, key: str, fingerprint: str, delta: str) -> Path:
+        return self.dir / f"{_SAFE.sub('_', key)}.{fingerprint}.{delta}.json"
+
+    def load_result(self, key: str, fingerprint: str, delta: str) -> dict | None:
+        """A stored per-adapter result (a JSON object) for W (``key``, ``fingerprint``) and ΔW (``delta``, from
+        :func:`factors_fingerprint`), or ``None``; a damaged file is a note and ``None``."""
+        path = self.result_path(key, fingerprint, delta)
+        if not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("format") != FORMAT or doc.get("key") != key or doc.get("fingerprint") != fingerprint \
+                    or doc.get("delta") != delta or not isinstance(doc.get("result"), dict):
+                raise ValueError("written for another weight or adapter")
+        except Exception as exc:
+            self._note(f"{path}: damaged spectral cache entry ({' '.join(str(exc).split())[:200]}); recomputed")
+            return None
+        with self._lock:
+            self.hits += 1
+        return doc["result"]
+
+    def store_result(self, key: str, fingerprint: str, delta: str, result: dict) -> bool:
+        """Write a per-adapter result (JSON-serialisable) atomically; a failure is the same one note as
+        :meth:`store`."""
+        if self._off is not None:
+            return False
+        text = json.dumps({"format": FORMAT, "key": key, "fingerprint": fingerprint, "delta": delta,
+                           "result": result})
+        return self._write(self.result_path(key, fingerprint, delta),
+                           lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -27,6 +27,7 @@ __all__ = [
     "WeightSVDCache",
     "as_float64_matrix",
     "factored_svd",
+    "gram_rows",
     "left_singular_vectors",
     "orthonormal_basis",
     "right_singular_vectors",
@@ -297,7 +298,7 @@ def _block_krylov(W: Tensor, k: int, *, block: int, seed: int, limit: int,
     in W's dtype and on W's device, ``block`` columns per step from a seeded Gaussian start (drawn on the CPU).
 
     Each new block is orthogonalised against all before it twice (classical Gram–Schmidt, then QR); ``G X`` is
-    one pass over W (:func:`_gram_rows`). The projected ``T = K G Kᵀ`` is kept in float64. At dimensions about
+    one pass over W (:func:`gram_rows`). The projected ``T = K G Kᵀ`` is kept in float64. At dimensions about
     12 % apart (``eigh`` of T is ``O(dim³)``; the checks add ~1/8) ``converged(T, R)`` decides whether to stop, with
     ``R`` the triangular factor of the next block ``(I − KᵀK) G X_last = Q R`` (``None`` at ``limit``): a Ritz
     vector ``Kᵀ c`` of T has the residual ``‖G Kᵀc − Kᵀ T c‖ = ‖R c_last‖`` (``c_last``: its last block's
@@ -319,7 +320,7 @@ def _block_krylov(W: Tensor, k: int, *, block: int, seed: int, limit: int,
     while True:
         b = X.shape[0]
         K[dim:dim + b] = X
-        GX = _gram_rows(W, X, out=GK[dim:dim + b])
+        GX = gram_rows(W, X, out=GK[dim:dim + b])
         C = GX @ K[:dim + b].T  # (G X)ᵀ K: the new columns of T and the first Gram–Schmidt pass below
         T[dim:dim + b, :dim + b] = C
         T[:dim, dim:dim + b] = C[:, :dim].T
@@ -346,6 +347,7 @@ def _block_krylov(W: Tensor, k: int, *, block: int, seed: int, limit: int,
 
 def top_singular_triplets(
     W: Tensor, k: int, *, rtol: float = 1e-10, block: int = 32, seed: int = 0, dense_max: int = DENSE_SVDVALS_MAX,
+    extra_rtol: float | None = None,
 ) -> SVD:
     """W's top-``k`` singular triplets in float64, by block Krylov with a :class:`SpectralCertificate`, or dense.
 
@@ -371,6 +373,7 @@ def top_singular_triplets(
         k: ``1 <= k <= min(d_out, d_in)``.
         rtol: residual target relative to ``σ_1``. block: columns per Krylov step. seed: of the random starts.
         dense_max: the size up to which the dense route is used.
+        extra_rtol: the same for the ``block`` extra Ritz pairs that tighten the tail bound (default 1e-5).
 
     Returns:
         :class:`SVD` with ``U (d_out, k)``, ``S (k,)``, ``V (d_in, k)`` float64 and the certificate.
@@ -385,6 +388,7 @@ def top_singular_triplets(
     n = Wn.shape[1]
 
     limit = n // 2
+    extra = _EXTRA_RTOL if extra_rtol is None else float(extra_rtol)
     seen: list[tuple[int, float]] = []  # (dim, log of the worst residual estimate over its target)
     last: dict[int, Tensor] = {}  # the last check's eigenvectors of T, by dim: reused for the Ritz vectors
 
@@ -399,7 +403,7 @@ def top_singular_triplets(
         top = theta[-p:].clamp(min=0)
         # the top k to rtol; the p − k extra pairs of the tail bound (see _certificate) to _EXTRA_RTOL, or their
         # residuals loosen the tail bound on σ_{k+1}
-        target = (top[-1] * top).sqrt() * torch.cat([top.new_full((p - k,), _EXTRA_RTOL), top.new_full((k,), rtol)])
+        target = (top[-1] * top).sqrt() * torch.cat([top.new_full((p - k,), extra), top.new_full((k,), rtol)])
         worst = float((est / target.clamp(min=1e-300)).max())
         if worst <= 1:
             return True
@@ -534,7 +538,7 @@ def _tail_bound(W: Tensor, V: Tensor, *, steps: int, failure: float, seed: int) 
 _GRAM_ROWS = 256  # rows of W per step of the Gram pass: 4 MiB of float32 at d = 4096, still in cache for Wᵢᵀ
 
 
-def _gram_rows(W: Tensor, X: Tensor, *, out: Tensor) -> Tensor:
+def gram_rows(W: Tensor, X: Tensor, *, out: Tensor) -> Tensor:
     """``out = X Wᵀ W`` (``X (b, n)`` rows, ``W (m, n)``): ``(G Xᵀ)ᵀ`` for ``G = WᵀW`` in one pass over W.
 
     ``Σ_i (X W_iᵀ) W_i`` over row blocks ``W_i``: each block is read from memory once and reused from cache for

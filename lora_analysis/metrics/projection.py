@@ -15,7 +15,7 @@ All functions are pure: tensors in, floats or frozen dataclasses out.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -223,6 +223,7 @@ def table7_rows(
     null_draws: int = 0,
     w_values: Tensor | None = None,
     rtol: float = 1e-7,
+    nulls: Mapping[int, RandomProjection] | None = None,
 ) -> list[Table7Row]:
     """Table 7 rows for every ΔW that adapts one ``W`` (all ranks and seeds of one module), batched (Section 7.3).
 
@@ -248,6 +249,9 @@ def table7_rows(
         rtol: tolerance of ``top_singular_values`` when ``w_values`` is not given (relative, on
             ``σ_1² + … + σ_k²``; 1e-7 on the sum is 5e-8 on W's column, a factor 20 inside the 1e-6 that Table 7 is
             checked to, and the stopping rule is conservative: 3e-10 measured on ``benchmarks``' bulk-edge W).
+        nulls: the sampled null per k where it is already known (``sampled_random_projection(W, k, n=null_draws,
+            seed=random_seed + 1)``, e.g. from a cache): those k's draws are not made again (at d = 4096 and
+            k = 64 they are a 4096 × 2112 GEMM, most of Table 7's cost).
 
     Returns:
         One :class:`Table7Row` per entry of ``deltas``, in order.
@@ -276,7 +280,9 @@ def table7_rows(
                          f"holding {w_values.shape[0]}")
     distinct = sorted(set(ks))
     rand = {k: _random_pairs(d_out, d_in, k, 1, random_seed) for k in distinct}
-    null = {k: _random_pairs(d_out, d_in, k, null_draws, random_seed + 1) for k in distinct} if null_draws else {}
+    known = dict(nulls or {})
+    null = {k: _random_pairs(d_out, d_in, k, null_draws, random_seed + 1) for k in distinct
+            if k not in known} if null_draws else {}
     # one GEMM: W @ [V_1 … V_n | V_rand(k) … | null V's of k …]
     Vs = [dw.V[:, :k] for dw, k in zip(dws, ks, strict=True)] + [rand[k][1][0] for k in distinct] + [v for k in null for v in null[k][1]]
     WV = W @ torch.cat(Vs, 1)
@@ -286,7 +292,7 @@ def table7_rows(
     for k in distinct:
         randoms[k] = _block_norms(WV[:, j:j + k], rand[k][0])[0]
         j += k
-    nulls = {}
+    nulls = {k: known[k] for k in distinct if k in known} if null_draws else {}
     for k in null:
         nulls[k] = _null_from(WV[:, j:j + k * null_draws], null[k][0])
         j += k * null_draws

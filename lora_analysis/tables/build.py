@@ -25,6 +25,7 @@ per weight matrix (:class:`lora_analysis.load.base.BaseWeights`) and shared by e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import sys
@@ -52,8 +53,8 @@ from lora_analysis.metrics.linalg import (
     right_singular_vectors,
     top_singular,
 )
-from lora_analysis.metrics.projection import table7_rows
-from lora_analysis.metrics.spectra import intruder_dimensions, spectrum_summary
+from lora_analysis.metrics.projection import RandomProjection, sampled_random_projection, table7_rows
+from lora_analysis.metrics.spectra import IntruderResult, intruder_dimensions, spectrum_summary
 from lora_analysis.metrics.subspace import (
     delta_directions,
     init_control,
@@ -74,6 +75,7 @@ __all__ = [
     "analyse_run",
     "compared_rank_pairs",
     "dora_table",
+    "fig8_layers_for",
     "fig8_table",
     "map_workers",
     "module_phi_grids",
@@ -109,6 +111,10 @@ NULL_DRAWS = 32  # random pairs per Table 7 row for the null's spread (the paper
 START_NULL_DRAWS = 16  # random B's per start for the start-only null of φ on ΔW (its mean: sd/4 of one draw)
 PHI_QUANTITIES = ("A", "A-A_init", "A_init", "B", "dW", "dW-top", "start_null", "start_null-top", "expected_random")
 FIG8_FRACTION = 0.1  # Figure 8 shows W's top directions up to about 10 % of d
+# Above the dense threshold W's top 10 % is the report's largest cost (≈ 9 s per 4096² W on one core, against ≈ 2 s
+# for the top 64 every other table needs), so Figure 8 is computed at this many evenly spaced layers there: the
+# paper's Figure 8 is one layer (the 48th of 96) and its per-layer Figures 6 and 7 four (1, 32, 64, 96)
+FIG8_LAYERS_LARGE = 5
 
 
 def _empty(name: str) -> pd.DataFrame:
@@ -299,17 +305,34 @@ def _top(adapter: LoadedAdapter, key: str, shape: tuple[int, int], top: int | No
     return k
 
 
+# bump when the intruder count or Table 7's sampled null changes what it stores: older cached results are then misses
+RESULT_CACHE_VERSION = "1"
+
+
 def _spectra_row(adapter: LoadedAdapter, key: str, W: Tensor | None, w_svd: SVD | None, intruder_k: int,
-                 w0_full=None) -> dict:
-    """One ``spectra`` row; ``n_intruders`` is -1 without ``W``."""
+                 w0_full=None, base: BaseWeights | None = None) -> dict:
+    """One ``spectra`` row; ``n_intruders`` is -1 without ``W``. With ``base`` and W above ``DENSE_SVDVALS_MAX``,
+    the intruder count is kept in its spectral cache (:meth:`BaseWeights.memo`): a rerun on the same adapters
+    recomputes none (each is seconds at d = 4096)."""
     f = adapter.factors[key]
     s = spectrum_summary(f.A, f.B, scaling=f.scaling, fraction=0.9)
     n_intr = -1
     if W is not None:
         # a partial SVD decides only with its certificate (a dense fallback truncated to k has none)
         partial = w_svd is not None and w_svd.k < min(W.shape) and w_svd.certificate is None
-        n_intr = intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=min(intruder_k, *W.shape),
-                                     w0_svd=None if partial else w_svd, w0_full=w0_full).count
+        w0 = None if partial else w_svd
+        k = min(intruder_k, *W.shape)
+
+        def count() -> IntruderResult:
+            return intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=k, threshold=0.5, side="left", w0_svd=w0,
+                                       w0_full=w0_full)
+
+        if base is None or min(W.shape) <= DENSE_SVDVALS_MAX:  # a dense count costs milliseconds: not kept
+            n_intr = count().count
+        else:
+            parts = ("intruders", RESULT_CACHE_VERSION, f.A, f.B, float(f.scaling), k, 0.5, "left",
+                     -1 if w0 is None else w0.k)
+            n_intr = base.memo(key, W, parts, count, IntruderResult.as_dict, IntruderResult.from_dict).count
     return {**_ids(key), "rank": f.rank, "seed": _seed(adapter), "stable_rank": s.stable_rank,
             "entropy_rank": s.effective_rank, "energy_rank_90": s.energy_rank, "dw_norm": s.frobenius,
             "n_intruders": n_intr}
@@ -322,6 +345,7 @@ def weight_tables(
     keys: Sequence[Iterable[str]] | None = None,
     tables: Collection[str] = WEIGHT_TABLES,
     fig8: Collection[int] = (),
+    fig8_layers: Collection[int] | None = None,
     intruders: bool = True,
     top: int | None = None,
     random_seed: int = 0,
@@ -352,6 +376,7 @@ def weight_tables(
         keys: per adapter, its module keys (default: all of each adapter's modules).
         tables: which of ``table7``, ``dora``, ``spectra``, ``fig8`` to compute.
         fig8: indices of the adapters that get Figure 8 (in this order in the table).
+        fig8_layers: the layers whose modules get Figure 8 (``None``: every layer; see :func:`fig8_layers_for`).
         intruders: count intruder dimensions in ``spectra`` (else ``n_intruders`` is -1).
         top, random_seed, null_draws: Table 7's (:func:`table7_tables`); ``random_seed`` also seeds Figure 8's
             random ``A`` (:func:`fig8_table`). intruder_k: :func:`spectra_table`'s. i_max, fig8_random:
@@ -392,7 +417,7 @@ def weight_tables(
         dense = min(shape) <= DENSE_SVDVALS_MAX
         n_w = min(i_max or max(1, round(FIG8_FRACTION * min(shape))), min(shape))
         count = "spectra" in tables and intruders
-        drawn = any(i in fig8 for i in members)
+        drawn = any(i in fig8 for i in members) and (fig8_layers is None or module_layer(key) in fig8_layers)
         # one request for the most triplets any table needs: Figure 8's n_w, Table 7's largest k (its "W" column),
         # and the intruder count's head (W's top max(64, 4k) left vectors, as intruder_dimensions takes alone);
         # below DENSE_SVDVALS_MAX every request is the full dense SVD
@@ -418,8 +443,16 @@ def weight_tables(
             # W's singular values from its SVD where it holds them (below DENSE_SVDVALS_MAX a plain mapping's
             # Table 7 has always taken them from svdvals, kept so); else table7_rows' own (block Krylov above it)
             w_values = svd.S if svd is not None and svd.k >= k_max and (bw is not None or not dense) else None
-            got = table7_rows(W, deltas, random_seed=module_seed(key, random_seed), null_draws=null_draws,
-                              w_values=w_values)
+            seed_m = module_seed(key, random_seed)
+            nulls = None
+            if bw is not None and not dense and null_draws >= 2:
+                # the sampled null is per W and k, not per adapter (a 4096 x 33k GEMM per k at 7B): kept in the
+                # spectral cache beside W's SVD, so a rerun or new adapters on this base draw it only once
+                nulls = {k: bw.memo(key, W, ("table7-null", RESULT_CACHE_VERSION, k, null_draws, seed_m + 1),
+                                    functools.partial(sampled_random_projection, W, k, n=null_draws, seed=seed_m + 1),
+                                    dataclasses.asdict, lambda d: RandomProjection(**d))
+                         for k in sorted({t for *_, t in deltas})}
+            got = table7_rows(W, deltas, random_seed=seed_m, null_draws=null_draws, w_values=w_values, nulls=nulls)
             for i, row in zip(members, got, strict=True):
                 a = adapters[i]
                 out[("table7", i, key)] = {**_ids(key), "rank": a.factors[key].rank, "seed": _seed(a),
@@ -437,8 +470,8 @@ def weight_tables(
                                          "d_in": shape[1], "top": kd, **d.as_dict()}
             if "spectra" in tables:
                 out[("spectra", i, key)] = _spectra_row(a, key, W if count else None, svd, intruder_k,
-                                                        w0_full=w0_full)
-            if i in fig8:
+                                                        w0_full=w0_full, base=bw)
+            if i in fig8 and drawn:
                 ws = svd.truncate(n_w)
                 meta = {**_ids(key), "rank": f.rank, "seed": _seed(a)}
                 grid = phi_weight_vs_delta(W, f.A, f.B, scaling=f.scaling, i_max=n_w, w_svd=ws)  # the metric owns it
@@ -474,8 +507,38 @@ def weight_tables(
                     if (name, i, key) in done]
             result[name] = pd.DataFrame(rows, columns=COLUMNS[name]) if rows else _empty(name)
     if "fig8" in tables:
-        result["fig8"] = concat_table("fig8", [fr for i in fig8 for key in ks_of[i] for fr in done[("fig8", i, key)]])
+        result["fig8"] = concat_table("fig8", [fr for i in fig8 for key in ks_of[i] for fr in done.get(("fig8", i, key), ())])
     return result
+
+
+def fig8_layers_for(adapters: Sequence[LoadedAdapter], keys: Sequence[Iterable[str]] | None = None,
+                    choice: str | Collection[int] = "auto") -> list[int] | None:
+    """The layers that get Figure 8 (``None``: every layer).
+
+    ``choice``: ``"all"``; a collection of layer indices (each must be adapted); or ``"auto"``: every layer while
+    every adapted W is at most ``DENSE_SVDVALS_MAX`` wide (W's full SVD is computed anyway), else
+    :data:`FIG8_LAYERS_LARGE` evenly spaced adapted layers, first and last included (e.g. 0, 8, 16, 23, 31 of 32).
+    Shapes come from the factors (``B (d_out, r)``, ``A (r, d_in)``): no W is read.
+    """
+    ks = [list(a.factors) if keys is None else list(keys[i]) for i, a in enumerate(adapters)]
+    layers = sorted({module_layer(k) for kk in ks for k in kk})
+    if isinstance(choice, str):
+        if choice == "all":
+            return None
+        if choice != "auto":
+            raise ValueError(f"fig8 layers: expected 'auto', 'all' or layer indices, got {choice!r}")
+        widths = [min(a.factors[k].B.shape[0], a.factors[k].A.shape[1]) for a, kk in zip(adapters, ks, strict=True)
+                  for k in kk]
+        if not widths or max(widths) <= DENSE_SVDVALS_MAX or len(layers) <= FIG8_LAYERS_LARGE:
+            return None
+        picks = np.linspace(0, len(layers) - 1, FIG8_LAYERS_LARGE).round().astype(int)
+        return sorted({layers[int(p)] for p in picks})
+    wanted = sorted({int(x) for x in choice})
+    missing = [x for x in wanted if x not in layers]
+    if missing or not wanted:
+        raise UserError(f"Figure 8 layers: layer(s) {', '.join(map(str, missing)) or '(none given)'} not adapted; "
+                        f"adapted layers: {', '.join(map(str, layers))}")
+    return wanted
 
 
 def fig8_table(
@@ -644,6 +707,7 @@ def analyse_run(
     intruders: bool = True,
     progress: bool = True,
     threads: int | None = 1,
+    fig8_layers: str | Collection[int] = "auto",
 ) -> dict[str, pd.DataFrame]:
     """Every Section 7 table of a run (:class:`~lora_analysis.load.run.Run`, or a directory opened here).
 
@@ -654,10 +718,12 @@ def analyse_run(
       largest rank (Figure 4; the empirical null of independent replicates); and the random Gaussian baseline.
       Adapters that record no seed (peft's) are replicates 0, 1, ... of their rank in name order (a note says so).
     * ``table7``, ``spectra``, ``singular_values``: every adapter; ``dora``: every DoRA adapter.
-    * ``fig8``: the ranks nearest 4, 8 and 64 at every seed, with a random A of each rank.
+    * ``fig8``: the ranks nearest 4, 8 and 64 at every seed, with a random A of each rank, at the layers of
+      :func:`fig8_layers_for` (every layer up to d = 1024; 5 evenly spaced ones above).
     * ``quality``: :func:`quality_table`.
 
     Args:
+        fig8_layers: ``"auto"``, ``"all"`` or layer indices (:func:`fig8_layers_for`).
         base: with a directory for ``run``: the ``--base`` override, or a :class:`BaseWeights` to share.
         ranks, seeds: restrict to these (each must exist in the run).
         intruders: count intruder dimensions (one dense SVD of W0 + ΔW per module and adapter).
@@ -672,7 +738,7 @@ def analyse_run(
     with torch_threads(threads):
         adapters = _select_adapters(run, ranks=ranks, seeds=seeds, weight_set=weight_set)
         return _section7_tables(run, adapters, layers=layers, ranks_compared=ranks_compared, fig8_ranks=fig8_ranks,
-                                intruders=intruders, progress=progress)
+                                intruders=intruders, progress=progress, fig8_layers=fig8_layers)
 
 
 def _select_adapters(run: Run, *, ranks, seeds, weight_set) -> dict[tuple[int, int], LoadedAdapter]:
@@ -711,7 +777,7 @@ def _select_adapters(run: Run, *, ranks, seeds, weight_set) -> dict[tuple[int, i
 
 
 def _section7_tables(run: Run, adapters: dict[tuple[int, int], LoadedAdapter], *, layers, ranks_compared,
-                     fig8_ranks, intruders, progress) -> dict[str, pd.DataFrame]:
+                     fig8_ranks, intruders, progress, fig8_layers="auto") -> dict[str, pd.DataFrame]:
     from tqdm import tqdm  # plain text bars: tqdm.auto warns without ipywidgets in a notebook
 
     def keys_of(a: LoadedAdapter) -> list[str]:
@@ -726,7 +792,9 @@ def _section7_tables(run: Run, adapters: dict[tuple[int, int], LoadedAdapter], *
     position = {rs: i for i, rs in enumerate(adapters)}
     fig8 = [position[(r, s)] for r in sorted({nearest_rank(present_r, r) for r in fig8_ranks}) for s in present_s
             if (r, s) in adapters]
-    for name, table in weight_tables(listed, run.base, keys=[keys_of(a) for a in listed], fig8=fig8,
+    keys = [keys_of(a) for a in listed]
+    for name, table in weight_tables(listed, run.base, keys=keys, fig8=fig8,
+                                     fig8_layers=fig8_layers_for(listed, keys, fig8_layers),
                                      intruders=intruders, progress=progress).items():
         out[name].append(table)
     for a in listed:

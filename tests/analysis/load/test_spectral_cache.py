@@ -200,3 +200,99 @@ def test_the_certificate_round_trips(tmp_path, monkeypatch):
         for f in dataclasses.fields(svd.certificate):
             a, b = getattr(svd.certificate, f.name), getattr(again.certificate, f.name)
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+# ---------------------------------------------------------------------------------------------- per-adapter results
+def _intruder_case(seed: int = 0):
+    """W (60 x 50) and a rank-3 ΔW whose σ₁ is 3x W's σ₁₀ (intruder dimensions), as at 7B."""
+    W = _w(seed, shape=(60, 50))
+    g = torch.Generator().manual_seed(100 + seed)
+    A, B = torch.randn(3, 50, generator=g, dtype=torch.float64), torch.randn(60, 3, generator=g, dtype=torch.float64)
+    B *= 3 * float(torch.linalg.svdvals(W)[9]) / float(torch.linalg.svdvals(B @ A)[0])
+    return W, A, B
+
+
+def _memo_count(bw: BaseWeights, W, A, B, calls: list, k: int = 10):
+    from lora_analysis.metrics.spectra import IntruderResult, intruder_dimensions
+
+    def compute():
+        calls.append(1)
+        return intruder_dimensions(W, A, B, scaling=1.0, k=k)
+
+    return bw.memo(KEY, W, ("intruders", A, B, 1.0, k), compute, IntruderResult.as_dict, IntruderResult.from_dict)
+
+
+def test_an_adapters_intruder_count_is_kept_and_read_back_bit_for_bit(tmp_path):
+    W, A, B = _intruder_case()
+    calls: list = []
+    first = _memo_count(BaseWeights(spectral_cache=SpectralCache(tmp_path)), W, A, B, calls)
+    assert first.count > 0 and len(calls) == 1 and len(list(tmp_path.glob("*.json"))) == 1
+    again = _memo_count(BaseWeights(spectral_cache=SpectralCache(tmp_path)), W.clone(), A.clone(), B.clone(), calls)
+    assert len(calls) == 1  # a hit: nothing recomputed
+    for name in ("singular_values", "max_cosine", "is_intruder"):
+        assert torch.equal(getattr(first, name), getattr(again, name)), name
+    assert (again.indices, again.decided_by, again.threshold, again.side) == \
+        (first.indices, first.decided_by, first.threshold, first.side)
+    B2 = B.clone()
+    B2[0, 0] += 1e-12  # another adapter: a miss, and both are kept
+    _memo_count(BaseWeights(spectral_cache=SpectralCache(tmp_path)), W, A, B2, calls)
+    _memo_count(BaseWeights(spectral_cache=SpectralCache(tmp_path)), W, A, B, calls, k=5)  # another parameter
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+    W2 = W.clone()
+    W2[1, 1] += 1e-12  # another base
+    _memo_count(BaseWeights(spectral_cache=SpectralCache(tmp_path)), W2, A, B, calls)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _empty])
+def test_a_damaged_result_is_a_note_and_recomputed(tmp_path, damage, capsys):
+    W, A, B = _intruder_case(1)
+    calls: list = []
+    ref = _memo_count(BaseWeights(spectral_cache=SpectralCache(tmp_path)), W, A, B, calls)
+    (path,) = tmp_path.glob("*.json")
+    damage(path)
+    capsys.readouterr()
+    got = _memo_count(BaseWeights(spectral_cache=SpectralCache(tmp_path)), W, A, B, calls)
+    err = capsys.readouterr().err
+    assert len(calls) == 2 and got.indices == ref.indices
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"note: {path}: damaged spectral cache entry"), err
+    _memo_count(BaseWeights(spectral_cache=SpectralCache(tmp_path)), W, A, B, calls)
+    assert len(calls) == 2  # rewritten whole
+
+
+def test_a_rerun_of_the_report_tables_recomputes_no_intruder_count_nor_table7_null(tmp_path, monkeypatch):
+    """weight_tables on a lazy LLaMA-layout base above the dense threshold (lowered to the test's size), then again
+    on a new BaseWeights with the same cache: every count read back, the spectra table identical."""
+    import numpy as np
+    import pandas as pd
+    from llama_checkpoint import peft_adapter, save_llama
+
+    import lora_analysis.tables.build as build
+    from lora_analysis.load.adapters import load_adapter_dir
+
+    ckpt = save_llama(tmp_path / "ckpt")
+    adapter = load_adapter_dir(peft_adapter(ckpt, tmp_path / "a", r=4, scale=3.0))
+    monkeypatch.setattr(build, "DENSE_SVDVALS_MAX", 8)  # below every W's width (q 32 x 32, v 16 x 32)
+    calls, nulls = [], []
+    real, real_null = build.intruder_dimensions, build.sampled_random_projection
+    monkeypatch.setattr(build, "intruder_dimensions", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(build, "sampled_random_projection", lambda *a, **kw: nulls.append(1) or real_null(*a, **kw))
+
+    def tables():
+        bw = BaseWeights(ckpt, lazy=True, spectral_cache=SpectralCache(tmp_path / "c"))
+        return build.weight_tables([adapter], bw, tables=("table7", "spectra"))
+
+    first = tables()
+    assert len(calls) == len(adapter.factors) == 4 and (first["spectra"]["n_intruders"] > 0).any()
+    assert len(nulls) == 4  # Table 7's sampled null: once per W (and k)
+    second = tables()
+    assert len(calls) == 4 and len(nulls) == 4
+    for name in ("table7", "spectra"):
+        pd.testing.assert_frame_equal(first[name], second[name])
+    # the kept null is the one table7_rows draws itself (same seeds, same pairs; GEMM blocking aside)
+    from lora_analysis.load.base import CheckpointWeights
+
+    plain = build.weight_tables([adapter], CheckpointWeights(ckpt), tables=("table7",))["table7"]  # inline draws
+    for c in ("random_mean", "random_sd", "delta", "random", "z"):
+        np.testing.assert_allclose(first["table7"][c], plain[c], rtol=1e-12, err_msg=c)
