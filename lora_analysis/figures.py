@@ -19,11 +19,11 @@ from lora import rundir
 from lora.errors import UserError
 from lora.threads import process_group
 from lora_analysis.cli import check_output_dir, entry_point, new_parser
-from lora_analysis.load.adapters import module_layer
 from lora_analysis.load.base import BaseWeights
 from lora_analysis.load.run import Run, check_run_dir
 from lora_analysis.load.spectral_cache import SPECTRA_SUBDIR, SpectralCache
 from lora_analysis.pipeline import analyse_and_render
+from lora_analysis.tables.build import adapted_layers
 
 __all__ = ["analyse_and_render", "build_parser", "main"]
 
@@ -111,7 +111,7 @@ def _run(argv: Sequence[str] | None = None) -> int:
               + ", ".join(f"{e.path.relative_to(run_dir) if e.path != run_dir else '.'} ({e.weight_set}, r={e.rank})"
                           for e in entries))
     if isinstance(fig8_layers, list):  # every layer named must be adapted (loads the adapters, once, for the run)
-        adapted = sorted({module_layer(k) for e in run.index.entries for k in run.adapter(e).factors})
+        adapted = adapted_layers([run.adapter(e) for e in run.index.entries])
         missing = [x for x in fig8_layers if x not in adapted]
         if missing:
             raise UserError(f"--fig8-layers: layer(s) {', '.join(map(str, missing))} not adapted in {run_dir}; "

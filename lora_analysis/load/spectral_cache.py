@@ -14,11 +14,12 @@ fingerprint of W's content (:func:`content_fingerprint`), ``k``, and a checksum 
   place (:func:`lora.fsio.atomic_path`), so a reader sees the old file, the new one, or none; a killed writer's
   temporary is removed the next time the cache is opened. A damaged or truncated file (or one whose checksum,
   key, fingerprint or shapes do not match) is a ``note:`` and a miss: recomputed, never trusted.
-* Beside W's SVDs it keeps each adapter's **intruder count** on that W (:meth:`SpectralCache.load_result`,
-  ``<key>.<W fingerprint>.<ΔW fingerprint>.json``): the top-``k`` of W + ΔW and the bounds that decide it are
-  per adapter, seconds each at d = 4096, so a report rerun on the same adapters (a new output folder, another
-  figure option) recomputes none of them. The ΔW fingerprint hashes the float64 factors, the scaling and every
-  parameter of the count; the floats are stored as their shortest round-trip text, so a reloaded result is
+* Beside W's SVDs it keeps results computed from W and a few parameters (:meth:`SpectralCache.load_result`,
+  ``<key>.<W fingerprint>.<parts fingerprint>.json``): each adapter's **intruder count** on that W (the top-``k``
+  of W + ΔW and the bounds that decide it: seconds per adapter at d = 4096) and **Table 7's sampled null** per k
+  (≈ 3 s per W), so a report rerun on the same adapters (a new output folder, another figure option) recomputes
+  none of them and new adapters on the base draw no null. The parts fingerprint hashes the float64 factors, the
+  scaling and every parameter; the floats are stored as their shortest round-trip text, so a reloaded result is
   bit-identical.
 * The cache is optional: a directory that cannot be created or written, or a disk that fills while a file is
   written, is one ``note:`` on stderr; the analysis goes on without storing (as the notebook cache,
@@ -238,6 +239,8 @@ class SpectralCache:
         :func:`factors_fingerprint`), or ``None``; a damaged file is a note and ``None``."""
         path = self.result_path(key, fingerprint, delta)
         if not path.is_file():
+            with self._lock:
+                self.misses += 1
             return None
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
@@ -246,6 +249,8 @@ class SpectralCache:
                 raise ValueError("written for another weight or adapter")
         except Exception as exc:
             self._note(f"{path}: damaged spectral cache entry ({' '.join(str(exc).split())[:200]}); recomputed")
+            with self._lock:
+                self.misses += 1
             return None
         with self._lock:
             self.hits += 1

@@ -401,7 +401,7 @@ def top_singular_triplets(
         p = min(k + block, T.shape[0])
         est = torch.linalg.vector_norm(R @ C[-R.shape[0]:, -p:], dim=0)  # ‖G Kᵀc − Kᵀc θ‖ per Ritz pair
         top = theta[-p:].clamp(min=0)
-        # the top k to rtol; the p − k extra pairs of the tail bound (see _certificate) to _EXTRA_RTOL, or their
+        # the top k to rtol; the p − k extra pairs of the tail bound (see _certificate) to extra_rtol, or their
         # residuals loosen the tail bound on σ_{k+1}
         target = (top[-1] * top).sqrt() * torch.cat([top.new_full((p - k,), extra), top.new_full((k,), rtol)])
         worst = float((est / target.clamp(min=1e-300)).max())

@@ -280,7 +280,7 @@ def table7_rows(
                          f"holding {w_values.shape[0]}")
     distinct = sorted(set(ks))
     rand = {k: _random_pairs(d_out, d_in, k, 1, random_seed) for k in distinct}
-    known = dict(nulls or {})
+    known = dict(nulls or {}) if null_draws else {}  # given by the caller: not drawn again
     null = {k: _random_pairs(d_out, d_in, k, null_draws, random_seed + 1) for k in distinct
             if k not in known} if null_draws else {}
     # one GEMM: W @ [V_1 … V_n | V_rand(k) … | null V's of k …]
@@ -292,12 +292,12 @@ def table7_rows(
     for k in distinct:
         randoms[k] = _block_norms(WV[:, j:j + k], rand[k][0])[0]
         j += k
-    nulls = {k: known[k] for k in distinct if k in known} if null_draws else {}
+    null_of = {k: known[k] for k in distinct if k in known}
     for k in null:
-        nulls[k] = _null_from(WV[:, j:j + k * null_draws], null[k][0])
+        null_of[k] = _null_from(WV[:, j:j + k * null_draws], null[k][0])
         j += k * null_draws
     w_norm = float(torch.linalg.matrix_norm(W))
-    return [_row(delta, float(torch.linalg.vector_norm(dw.S)), w_values, k, w_norm, randoms[k], nulls.get(k),
+    return [_row(delta, float(torch.linalg.vector_norm(dw.S)), w_values, k, w_norm, randoms[k], null_of.get(k),
                  d_out, d_in) for dw, k, delta in zip(dws, ks, deltas_norms, strict=True)]
 
 

@@ -74,6 +74,7 @@ __all__ = [
     "PAPER_RANK_PAIR",
     "analyse_run",
     "compared_rank_pairs",
+    "adapted_layers",
     "dora_table",
     "fig8_layers_for",
     "fig8_table",
@@ -321,16 +322,16 @@ def _spectra_row(adapter: LoadedAdapter, key: str, W: Tensor | None, w_svd: SVD 
         # a partial SVD decides only with its certificate (a dense fallback truncated to k has none)
         partial = w_svd is not None and w_svd.k < min(W.shape) and w_svd.certificate is None
         w0 = None if partial else w_svd
-        k = min(intruder_k, *W.shape)
+        k, threshold, side = min(intruder_k, *W.shape), 0.5, "left"  # the paper's and peft's ε, output side
 
         def count() -> IntruderResult:
-            return intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=k, threshold=0.5, side="left", w0_svd=w0,
-                                       w0_full=w0_full)
+            return intruder_dimensions(W, f.A, f.B, scaling=f.scaling, k=k, threshold=threshold, side=side,
+                                       w0_svd=w0, w0_full=w0_full)
 
         if base is None or min(W.shape) <= DENSE_SVDVALS_MAX:  # a dense count costs milliseconds: not kept
             n_intr = count().count
         else:
-            parts = ("intruders", RESULT_CACHE_VERSION, f.A, f.B, float(f.scaling), k, 0.5, "left",
+            parts = ("intruders", RESULT_CACHE_VERSION, f.A, f.B, float(f.scaling), k, threshold, side,
                      -1 if w0 is None else w0.k)
             n_intr = base.memo(key, W, parts, count, IntruderResult.as_dict, IntruderResult.from_dict).count
     return {**_ids(key), "rank": f.rank, "seed": _seed(adapter), "stable_rank": s.stable_rank,
@@ -511,6 +512,12 @@ def weight_tables(
     return result
 
 
+def adapted_layers(adapters: Sequence[LoadedAdapter], keys: Sequence[Iterable[str]] | None = None) -> list[int]:
+    """The transformer blocks the adapters' modules (``keys``, default all) sit in, ascending."""
+    ks = [list(a.factors) if keys is None else list(keys[i]) for i, a in enumerate(adapters)]
+    return sorted({module_layer(k) for kk in ks for k in kk})
+
+
 def fig8_layers_for(adapters: Sequence[LoadedAdapter], keys: Sequence[Iterable[str]] | None = None,
                     choice: str | Collection[int] = "auto") -> list[int] | None:
     """The layers that get Figure 8 (``None``: every layer).
@@ -521,7 +528,7 @@ def fig8_layers_for(adapters: Sequence[LoadedAdapter], keys: Sequence[Iterable[s
     Shapes come from the factors (``B (d_out, r)``, ``A (r, d_in)``): no W is read.
     """
     ks = [list(a.factors) if keys is None else list(keys[i]) for i, a in enumerate(adapters)]
-    layers = sorted({module_layer(k) for kk in ks for k in kk})
+    layers = adapted_layers(adapters, ks)
     if isinstance(choice, str):
         if choice == "all":
             return None
